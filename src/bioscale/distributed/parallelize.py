@@ -1,0 +1,160 @@
+"""``apply_*`` functions that make a single-device model trainable at scale, applied from outside the model.
+
+The training loop calls them in torchtitan's fixed order, because each step wraps what the previous one produced:
+
+1. (tensor parallel — not used by bioscale yet)
+2. (context parallel — ``bioscale.distributed.context_parallel``, a later addition)
+3. :func:`apply_ac` — activation checkpointing per transformer block (must wrap the plain block, before compile);
+4. :func:`apply_compile` — ``torch.compile`` per block (compiling blocks, not the whole model, keeps compile time
+   flat in depth and lets FSDP2's hooks sit between compiled regions);
+5. :func:`apply_fsdp` (on the ``meta`` model, before materialisation) or :func:`apply_ddp` (after it: DDP broadcasts
+   rank 0's real weights when it wraps).
+
+Every function takes explicit arguments, never the run config. The model contract they rely on: transformer blocks
+are reachable as ``model.layers`` (an ``nn.ModuleList``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+AC_MODES = ("none", "full", "selective")
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__} exposes no `layers` nn.ModuleList; bioscale models list their transformer "
+            "blocks there so parallelism can wrap them"
+        )
+    return layers
+
+
+def _selective_ac_policy():
+    """Save the outputs of matmuls and attention kernels; recompute the cheap pointwise ops and norms.
+
+    The expensive ops (whose recompute would cost a forward's worth of FLOPs) keep their outputs; everything between
+    them — activations, norms, residual adds, dropout — is recomputed in backward. This keeps most of full AC's memory
+    saving on the large elementwise tensors at a few percent of extra compute.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save_ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default}
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+        "_scaled_mm",  # float8 matmuls
+    ):
+        if hasattr(aten, name):
+            save_ops.add(getattr(aten, name).default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """Wrap each block of ``model.layers`` for activation checkpointing: ``"none"``, ``"full"`` or ``"selective"``.
+
+    Uses the non-reentrant ``checkpoint_wrapper`` (what torchtitan uses): it works with FSDP2 and ``torch.compile``,
+    and its state-dict hooks strip the wrapper's prefix, so checkpoints and exports keep the plain parameter names.
+    """
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpointing must be one of {', '.join(AC_MODES)}; got {mode!r}")
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    kwargs = {"preserve_rng_state": True}
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_ac_policy())
+    layers = _blocks(model)
+    for index, block in enumerate(layers):
+        layers[index] = checkpoint_wrapper(block, **kwargs)
+
+
+def apply_compile(model: nn.Module, *, fullgraph: bool = False) -> None:
+    """``torch.compile`` each transformer block in place.
+
+    ``nn.Module.compile`` (rather than replacing the block with ``torch.compile(block)``) keeps parameter names free
+    of ``_orig_mod.``, so checkpoints do not depend on whether compile was on. ``fullgraph`` defaults to False so an
+    attention backend with a data-dependent branch costs a graph break rather than a crash.
+    """
+    for block in _blocks(model):
+        block.compile(fullgraph=fullgraph)
+
+
+def apply_fsdp(
+    model: nn.Module,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard ``model`` with FSDP2: ``fully_shard`` each block, then the root (embeddings, final norm, head).
+
+    Call on the ``meta`` model, before ``to_empty``, so no rank ever holds the full weights. Sharding is over all
+    ranks of the default process group.
+
+    Args:
+        param_dtype: dtype for compute (all-gathered params), e.g. ``torch.bfloat16``; None keeps the stored dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps accumulation exact enough for bf16 compute.
+        reshard_after_forward: free gathered params after each block's forward (ZeRO-3); False keeps them (ZeRO-2).
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    layers = _blocks(model)
+    for index, block in enumerate(layers):
+        # The root's backward all-gathers the last block right after forward anyway, so resharding it is wasted work.
+        is_last = index == len(layers) - 1
+        fully_shard(block, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward and not is_last)
+    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+
+
+def apply_ddp(model: nn.Module, *, device: torch.device) -> DistributedDataParallel:
+    """Wrap a materialised ``model`` in DDP over the default process group; rank 0's weights are broadcast.
+
+    Buffers are not re-broadcast every forward (``broadcast_buffers=False``): bioscale's buffers (RoPE tables) are
+    computed identically on every rank by ``init_weights`` and never change.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model class under a DDP wrapper (FSDP2 modifies the model in place and needs no unwrapping)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Turn gradient communication on (the last micro-batch) or off (the others) for one backward.
+
+    Gradient accumulation only needs the reduced gradient once per optimizer step; skipping the all-reduce (DDP) or
+    reduce-scatter (FSDP2) for the other micro-batches saves that communication.
+    """
+    if isinstance(model, DistributedDataParallel):
+        with contextlib.nullcontext() if enabled else model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

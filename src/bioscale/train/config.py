@@ -1,0 +1,319 @@
+"""Typed configuration of a training run, and how a Hydra recipe plus ``key=value`` overrides become one.
+
+The dataclasses below are the schema and the single source of truth: they are registered in Hydra's ``ConfigStore``
+as ``bioscale_train``, every YAML recipe in ``bioscale/configs/`` starts from it (``defaults: [bioscale_train,
+_self_]``), and OmegaConf's struct mode then rejects any key the schema does not define, naming it. Recipes are
+composed with Hydra's compose API (:func:`load_config`), so Hydra neither changes the working directory nor takes over
+logging; the result is converted back to a :class:`TrainConfig` instance, checked by :func:`validate_config`, and
+written as ``config.yaml`` into the run directory by the trainer. Each component of the loop receives only its own
+sub-config (``cfg.optimizer``, ``cfg.checkpoint``, ...).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from bioscale.data.config import DataConfig
+
+SCHEMA_NAME = "bioscale_train"
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("bf16", "fp32")
+STRATEGIES = ("ddp", "fsdp2")
+AC_MODES = ("none", "full", "selective")
+PROFILER_MODES = ("nsys", "torch")
+SCHEDULER_KINDS = ("linear_warmup_linear_decay", "warmup_cosine")
+
+
+# Optional[...] rather than `X | None`: OmegaConf's structured-config type checker reads these annotations and
+# does not understand PEP 604 unions on Python 3.10.
+@dataclass
+class ModelConfig:
+    """Which model to build: a registered family (``esm2``, ``llama3``), a named size and config overrides."""
+
+    name: str = "esm2"
+    size: str = "debug"
+    # Passed to ``bioscale.models.build_config(name, size, **overrides)``; e.g. ``+model.overrides.num_hidden_layers=2``.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Attention backend key (``sdpa``, ``varlen``, ``flex``, ``te``); None keeps the model config's default.
+    attn_backend: Optional[str] = None
+    # Start from these weights (a ``save_pretrained`` directory, e.g. an earlier run's ``final_model``) instead of a
+    # random init. The architecture still comes from name/size/overrides and must match the stored weights.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW hyper-parameters. Weight decay applies to matrices only (not to biases and norm scales)."""
+
+    lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    # None: fused kernel on CUDA, the default (foreach) implementation on CPU.
+    fused: Optional[bool] = None
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: ESM-2's linear warmup then linear decay, or Llama's warmup then cosine."""
+
+    kind: str = "linear_warmup_linear_decay"
+    warmup_steps: int = 2000
+    # The learning rate at the last step, as a fraction of ``optimizer.lr`` (ESM-2 decays to 10 %).
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and when to write sharded checkpoints and the final export."""
+
+    # None: ``<run_dir>/checkpoints``.
+    ckpt_dir: Optional[str] = None
+    # Write a checkpoint every N steps (and at the last step); 0 writes none.
+    save_every_n_steps: int = 0
+    # Continue from the latest complete checkpoint in ``ckpt_dir`` (a fresh start if there is none).
+    resume_from_checkpoint: bool = False
+    # Export ``<ckpt_dir>/final_model`` (bioscale, Auto-loadable) and ``<ckpt_dir>/final_model_hf`` (plain transformers).
+    save_final_model: bool = True
+    keep_last_n: int = 2
+    # Write checkpoints in a background thread while training goes on (torch.distributed.checkpoint.async_save).
+    async_save: bool = False
+
+
+@dataclass
+class ProfilerConfig:
+    """Bracket steps ``start_step..end_step`` (inclusive) for Nsight Systems, or record a torch.profiler trace."""
+
+    enabled: bool = False
+    start_step: int = 10
+    end_step: int = 12
+    mode: str = "nsys"
+
+
+@dataclass
+class ParallelismConfig:
+    """Data parallelism across the ranks started by torchrun: replicated (``ddp``) or sharded (``fsdp2``)."""
+
+    strategy: str = "fsdp2"
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics every N steps to ``metrics.jsonl``, TensorBoard, optionally Weights & Biases, and a progress bar."""
+
+    log_every_n_steps: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "bioscale"
+    progress_bar: bool = True
+
+
+@dataclass
+class FP8Config:
+    """FP8 training of the ``nn.Linear`` layers in the selected blocks (torchao float8; needs an H100 or newer)."""
+
+    enabled: bool = False
+    recipe: str = "tensorwise"
+
+
+@dataclass
+class QuantStatsConfig:
+    """Statistics of FP8-quantised tensors, written to the run directory every ``freq`` steps."""
+
+    enabled: bool = False
+    freq: int = 10
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run. Top-level names are public (scripts outside the repository set them)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fp8_config: FP8Config = field(default_factory=FP8Config)
+    # 1-indexed transformer blocks to run in FP8; None means every block.
+    fp8_layers: Optional[list[int]] = None
+    quant_stats_config: QuantStatsConfig = field(default_factory=QuantStatsConfig)
+
+    num_train_steps: int = 100
+    # Mirrored into ``data.use_sequence_packing`` (the schema node interpolates it); set this one, not the data key.
+    use_sequence_packing: bool = False
+    # Micro-batches per optimizer step; the global batch is micro-batch x grad_acc_steps x data-parallel ranks.
+    grad_acc_steps: int = 1
+    # Context-parallel degree (a later feature); only 1 is accepted until bioscale.distributed.context_parallel exists.
+    cp_size: int = 1
+    # None: ``outputs/<config name>``, relative to the working directory.
+    run_dir: Optional[str] = None
+    seed: int = 42
+    device: str = "auto"
+    # bf16: FSDP2 mixed precision (bf16 params, fp32 reduction) on GPU, autocast otherwise; fp32: no casting.
+    dtype: str = "bf16"
+    # torch.compile each transformer block.
+    compile: bool = False
+    activation_checkpointing: str = "none"
+    max_grad_norm: float = 1.0
+    # Stop with an error after this many consecutive steps with a non-finite loss or gradient (each one is skipped).
+    nan_tolerance: int = 5
+
+
+def _schema_node() -> DictConfig:
+    node = OmegaConf.structured(TrainConfig)
+    # The top-level switch is the public one; the data loader reads its own copy.
+    node.data.use_sequence_packing = "${use_sequence_packing}"
+    return node
+
+
+def register_schema() -> None:
+    """Register :class:`TrainConfig` as the Hydra schema ``bioscale_train`` (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=_schema_node())
+
+
+def recipes_dir() -> Path:
+    """The folder of recipes shipped inside the package (``bioscale/configs``)."""
+    return Path(str(importlib.resources.files("bioscale") / "configs"))
+
+
+def list_recipes(config_dir: str | Path | None = None) -> dict[str, str]:
+    """Recipe name -> its one-line description (the first comment line of the YAML file)."""
+    folder = Path(config_dir) if config_dir is not None else recipes_dir()
+    recipes = {}
+    for path in sorted(folder.glob("*.yaml")):
+        description = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                description = line.lstrip("#").strip()
+                break
+        recipes[path.stem] = description
+    return recipes
+
+
+def load_config(
+    config_name: str, overrides: list[str] | None = None, *, config_dir: str | Path | None = None
+) -> TrainConfig:
+    """Compose recipe ``config_name`` with ``key=value`` overrides into a validated :class:`TrainConfig`.
+
+    Also resolves the derived defaults (``run_dir``, ``checkpoint.ckpt_dir``) so the saved ``config.yaml`` shows the
+    paths the run really used.
+
+    Raises:
+        ValueError: unknown recipe, unknown or mistyped key, a required value (``???``) left unset, or an invalid
+            value (see :func:`validate_config`).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    folder = Path(config_dir).resolve() if config_dir is not None else recipes_dir()
+    if not (folder / f"{config_name}.yaml").is_file():
+        known = ", ".join(list_recipes(folder)) or "none"
+        raise ValueError(f"no recipe {config_name!r} in {folder} (known recipes: {known})")
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base=None, job_name="bioscale_train"):
+            composed = compose(config_name=config_name, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's message names the offending key (e.g. "Could not override 'foo'", "Key 'bar' not in 'TrainConfig'").
+        raise ValueError(f"invalid configuration for recipe {config_name!r}: {_describe(err)}") from err
+    missing = sorted(OmegaConf.missing_keys(composed))
+    if missing:
+        raise ValueError(
+            f"recipe {config_name!r} needs a value for {', '.join(missing)}; pass it on the command line, "
+            f"e.g. {missing[0]}=<value>"
+        )
+    try:
+        cfg = OmegaConf.to_object(composed)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid configuration for recipe {config_name!r}: {_describe(err)}") from err
+    assert isinstance(cfg, TrainConfig), type(cfg)
+    if cfg.run_dir is None:
+        cfg.run_dir = str(Path("outputs") / config_name)
+    if cfg.checkpoint.ckpt_dir is None:
+        cfg.checkpoint.ckpt_dir = str(Path(cfg.run_dir) / "checkpoints")
+    validate_config(cfg)
+    return cfg
+
+
+def _describe(err: BaseException) -> str:
+    # Hydra wraps the OmegaConf error that names the key; show the whole chain, innermost last.
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err).strip()
+        if text and text not in parts:
+            parts.append(text)
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check values that the schema's types cannot express; raise ``ValueError`` naming the key."""
+    _choice("device", cfg.device, DEVICES)
+    _choice("dtype", cfg.dtype, DTYPES)
+    _choice("parallelism.strategy", cfg.parallelism.strategy, STRATEGIES)
+    _choice("activation_checkpointing", cfg.activation_checkpointing, AC_MODES)
+    _choice("profiler.mode", cfg.profiler.mode, PROFILER_MODES)
+    _choice("scheduler.kind", cfg.scheduler.kind, SCHEDULER_KINDS)
+    positive = {
+        "num_train_steps": cfg.num_train_steps,
+        "grad_acc_steps": cfg.grad_acc_steps,
+        "cp_size": cfg.cp_size,
+        "nan_tolerance": cfg.nan_tolerance,
+        "logging.log_every_n_steps": cfg.logging.log_every_n_steps,
+        "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
+        "quant_stats_config.freq": cfg.quant_stats_config.freq,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1; got {value}")
+    non_negative = {
+        "checkpoint.save_every_n_steps": cfg.checkpoint.save_every_n_steps,
+        "scheduler.warmup_steps": cfg.scheduler.warmup_steps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0; got {value}")
+    if cfg.optimizer.lr <= 0:
+        raise ValueError(f"optimizer.lr must be > 0; got {cfg.optimizer.lr}")
+    if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
+        raise ValueError(f"optimizer.betas must be two numbers in [0, 1); got {cfg.optimizer.betas}")
+    if not 0.0 <= cfg.scheduler.min_lr_ratio <= 1.0:
+        raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1]; got {cfg.scheduler.min_lr_ratio}")
+    if cfg.max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0; got {cfg.max_grad_norm}")
+    if cfg.profiler.enabled and not 1 <= cfg.profiler.start_step <= cfg.profiler.end_step:
+        raise ValueError(
+            "profiler.start_step and profiler.end_step must satisfy 1 <= start_step <= end_step; "
+            f"got {cfg.profiler.start_step}..{cfg.profiler.end_step}"
+        )
+    if cfg.fp8_layers is not None:
+        if not cfg.fp8_layers or any(layer < 1 for layer in cfg.fp8_layers):
+            raise ValueError(f"fp8_layers lists 1-indexed transformer blocks (>= 1); got {cfg.fp8_layers}")
+    if cfg.use_sequence_packing != cfg.data.use_sequence_packing:
+        raise ValueError(
+            f"use_sequence_packing={cfg.use_sequence_packing} conflicts with "
+            f"data.use_sequence_packing={cfg.data.use_sequence_packing}; set only the top-level use_sequence_packing"
+        )
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (what ``config.yaml`` in the run directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,105 @@
+"""Profile a window of training steps, for Nsight Systems or as a ``torch.profiler`` trace.
+
+``mode="nsys"``: the window ``start_step..end_step`` (inclusive) is bracketed by ``cudaProfilerStart/Stop``, so
+``nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop`` records only those steps, and every step
+and phase (``data``, ``forward``, ``backward``, ``optimizer``) is an NVTX range, so the timeline reads like the loop.
+``mode="torch"``: the same window is recorded by ``torch.profiler`` (CPU and CUDA activity, phases as
+``record_function`` labels) and written as a Chrome/Perfetto trace ``<run_dir>/profile/trace_rank<R>.json``.
+
+Outside the window every call here is a cheap no-op, so the loop calls the profiler unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROFILER_MODES = ("nsys", "torch")
+
+
+class StepProfiler:
+    """Start/stop profiling around steps ``start_step..end_step`` and label phases inside them."""
+
+    def __init__(
+        self, *, enabled: bool, mode: str, start_step: int, end_step: int, run_dir: str | Path, rank: int,
+        device: torch.device,
+    ) -> None:
+        if mode not in PROFILER_MODES:
+            raise ValueError(f"profiler.mode must be one of {', '.join(PROFILER_MODES)}; got {mode!r}")
+        self.enabled = enabled
+        self.mode = mode
+        self.start_step = start_step
+        self.end_step = end_step
+        self.trace_dir = Path(run_dir) / "profile"
+        self.rank = rank
+        self.cuda = device.type == "cuda"
+        self._active = False
+        self._torch_profiler: torch.profiler.profile | None = None
+        if enabled and mode == "nsys" and not self.cuda:
+            logger.warning("profiler.mode=nsys needs a CUDA device; profiling is off (use profiler.mode=torch on CPU)")
+            self.enabled = False
+
+    def _nvtx(self) -> bool:
+        return self.enabled and self.mode == "nsys" and self.cuda
+
+    def step_begin(self, step: int) -> None:
+        """Call at the top of each step; starts capture at ``start_step``."""
+        if not self.enabled or step != self.start_step:
+            return
+        self._active = True
+        if self.mode == "nsys":
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        else:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._torch_profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+            self._torch_profiler.__enter__()
+        logger.info("profiling steps %d..%d (%s)", self.start_step, self.end_step, self.mode)
+
+    def step_end(self, step: int) -> None:
+        """Call at the bottom of each step; stops capture after ``end_step``."""
+        if not self._active or step != self.end_step:
+            return
+        self._stop()
+
+    def close(self) -> None:
+        """Stop a capture the run ended inside of (fewer steps than ``end_step``)."""
+        if self._active:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._active = False
+        if self.mode == "nsys":
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            return
+        assert self._torch_profiler is not None
+        self._torch_profiler.__exit__(None, None, None)
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+        path = self.trace_dir / f"trace_rank{self.rank}.json"
+        self._torch_profiler.export_chrome_trace(str(path))
+        self._torch_profiler = None
+        logger.info("torch.profiler trace written to %s", path)
+
+    @contextlib.contextmanager
+    def range(self, name: str) -> Iterator[None]:
+        """Label a step or phase: an NVTX range (nsys) or a ``record_function`` block (torch) while capturing."""
+        if self._nvtx():
+            torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                torch.cuda.nvtx.range_pop()
+        elif self._active and self.mode == "torch":
+            with torch.profiler.record_function(name):
+                yield
+        else:
+            yield
