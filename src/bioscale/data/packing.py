@@ -1,0 +1,190 @@
+"""Sequence packing (THD): greedy packing of token sequences into micro-batches of a fixed token budget.
+
+Padding a protein batch to its longest member wastes most of the compute (lengths span 10…1,000+ residues), so the
+packed layout puts the sequences of a micro-batch end to end in one row ``input_ids [1, T]`` and tells the attention
+kernel where each starts with ``cu_seq_lens`` (flash-attention's varlen convention, as in ``transformers``). Packing
+is greedy and in order, so a stream can be packed on the fly and a resumed run packs identically. ``T`` may be
+padded up to a multiple (16 for FP8 GEMMs) by one extra segment of ``<pad>`` tokens that has its own ``cu_seq_lens``
+entry — attention-isolated from real tokens — and label -100. ``T`` never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # label value ignored by the loss (PyTorch cross_entropy's default ignore_index)
+PAD_TOKEN_ID = 1  # <pad> in both bioscale tokenizers (as in ESM-2)
+
+TokenIds = Sequence[int] | np.ndarray
+
+
+def check_pack_budget(max_tokens: int, pad_to_multiple_of: int | None, *, key: str = "max_tokens") -> None:
+    """Raises ``ValueError`` naming ``key`` unless padding to the multiple can never push ``T`` past the budget."""
+    if max_tokens < 1:
+        raise ValueError(f"{key} must be >= 1, got {max_tokens}")
+    if pad_to_multiple_of is not None:
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if max_tokens % pad_to_multiple_of:
+            raise ValueError(
+                f"{key}={max_tokens} must be a multiple of pad_to_multiple_of={pad_to_multiple_of}, so that padding "
+                f"a full micro-batch never exceeds the budget"
+            )
+
+
+def greedy_pack(
+    sequences: Iterable[np.ndarray], max_tokens: int, *, split_overflow: bool = False
+) -> Iterator[list[np.ndarray]]:
+    """Groups ``sequences`` in order into lists whose total length is at most ``max_tokens``.
+
+    A sequence that does not fit closes the current group and opens the next one; with ``split_overflow`` it is
+    instead cut so that its head fills the current group and its tail continues in the next (every group except
+    the last is then exactly full). Without it, a sequence longer than ``max_tokens`` raises ``ValueError``.
+    """
+    group: list[np.ndarray] = []
+    used = 0
+    for index, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        if split_overflow:
+            while used + n > max_tokens:
+                space = max_tokens - used
+                if space:
+                    group.append(seq[:space])
+                    seq = seq[space:]
+                    n -= space
+                yield group
+                group, used = [], 0
+        elif used + n > max_tokens:
+            if n > max_tokens:
+                raise ValueError(
+                    f"sequence {index} has {n} tokens, more than max_tokens={max_tokens}; crop it first "
+                    f"(the loader's input policy does) or pass split_overflow=True"
+                )
+            yield group
+            group, used = [], 0
+        if n:
+            group.append(seq)
+            used += n
+    if group:
+        yield group
+
+
+def collate_packed(
+    pieces: Sequence[TokenIds], *, pad_to_multiple_of: int | None = None, pad_token_id: int = PAD_TOKEN_ID
+) -> dict[str, torch.Tensor | int]:
+    """One packed micro-batch from ``pieces``: the THD keys of the model contract, labels = inputs (pad: -100).
+
+    Keys: ``input_ids``, ``position_ids`` (restart at 0 per segment), ``labels`` (all ``[1, T]`` int64),
+    ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32 ``[N + 1]``, the padding segment included), ``max_length_q`` =
+    ``max_length_k`` (python ints). The objective collators rewrite ``labels``.
+    """
+    arrays = [np.asarray(p, dtype=np.int64) for p in pieces]
+    lengths = [len(a) for a in arrays]
+    if not arrays or min(lengths) == 0:
+        raise ValueError(f"collate_packed needs at least one non-empty sequence, got lengths {lengths}")
+    num_real = sum(lengths)
+    num_pad = (-num_real) % pad_to_multiple_of if pad_to_multiple_of else 0
+    if num_pad:
+        arrays.append(np.full(num_pad, pad_token_id, dtype=np.int64))
+        lengths.append(num_pad)
+    input_ids = np.concatenate(arrays)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    # Positions restart at 0 per segment: position = index - start of its segment.
+    position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
+    labels = input_ids.copy()
+    if num_pad:
+        labels[num_real:] = IGNORE_INDEX
+    cu_t = torch.from_numpy(cu)
+    max_len = int(max(lengths))
+    return {
+        "input_ids": torch.from_numpy(input_ids)[None],
+        "position_ids": torch.from_numpy(position_ids)[None],
+        "cu_seq_lens_q": cu_t,
+        "cu_seq_lens_k": cu_t.clone(),
+        "max_length_q": max_len,
+        "max_length_k": max_len,
+        "labels": torch.from_numpy(labels)[None],
+    }
+
+
+def pack_sequences(
+    token_id_lists: Iterable[TokenIds],
+    max_tokens: int,
+    *,
+    pad_to_multiple_of: int | None = None,
+    split_overflow: bool = False,
+    pad_token_id: int = PAD_TOKEN_ID,
+) -> Iterator[dict[str, torch.Tensor | int]]:
+    """Greedily packs token sequences, in order, into micro-batches of at most ``max_tokens`` tokens.
+
+    Yields dicts with ``input_ids [1, T]``, ``position_ids [1, T]``, ``cu_seq_lens_q/k`` (int32 ``[N + 1]``),
+    ``max_length_q/k`` (ints) and ``labels [1, T]`` (the inputs, -100 on padding; pass the batch through
+    ``MLMCollator.apply`` or ``CLMCollator.apply`` for an objective's labels). With ``pad_to_multiple_of``, ``T``
+    is rounded up by a final ``<pad>`` segment (``max_tokens`` must then be a multiple of it, so ``T <= max_tokens``
+    always). ``split_overflow`` cuts a sequence that overflows the budget and continues it in the next micro-batch
+    as a new segment (positions restart at 0); otherwise it starts the next micro-batch.
+    """
+    check_pack_budget(max_tokens, pad_to_multiple_of)
+    arrays = (np.asarray(ids) for ids in token_id_lists)
+    for group in greedy_pack(arrays, max_tokens, split_overflow=split_overflow):
+        yield collate_packed(group, pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
+
+
+def pad_sequences(
+    sequences: Sequence[TokenIds], *, pad_token_id: int = PAD_TOKEN_ID, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A padded (BSHD) batch: ``input_ids`` and ``attention_mask`` ``[B, S]``, S = longest (rounded up to the
+    multiple), sequences left-aligned; ``labels`` = inputs with -100 on padding."""
+    if not sequences:
+        raise ValueError("pad_sequences needs at least one sequence")
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    width = int(lengths.max())
+    if pad_to_multiple_of:
+        width += (-width) % pad_to_multiple_of
+    input_ids = np.full((len(sequences), width), pad_token_id, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = seq
+    attention_mask = np.arange(width)[None, :] < lengths[:, None]
+    labels = np.where(attention_mask, input_ids, IGNORE_INDEX)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
+        "labels": torch.from_numpy(labels),
+    }
+
+
+def count_tokens(batch: dict[str, torch.Tensor | int], *, pad_token_id: int = PAD_TOKEN_ID) -> dict[str, int]:
+    """Token counts of a padded or packed batch, as python ints.
+
+    ``num_tokens``: all positions, padding included (what the GPU computes); ``num_real_tokens``: non-padding
+    positions (from ``attention_mask`` when present, else ``input_ids != pad_token_id``: packed batches only pad with
+    ``<pad>``); ``num_label_tokens``: ``labels != -100`` (the loss normaliser); ``num_sequences``: real sequences
+    (segments, for packed batches).
+    """
+    input_ids = batch["input_ids"]
+    assert isinstance(input_ids, torch.Tensor)
+    num_tokens = input_ids.numel()
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        num_real = int(mask.sum())
+        num_sequences = int((mask.sum(-1) > 0).sum()) if mask.dim() > 1 else 1
+    else:
+        num_real = int((input_ids != pad_token_id).sum())
+        cu = batch.get("cu_seq_lens_q")
+        num_sequences = 1
+        if isinstance(cu, torch.Tensor):
+            num_sequences = len(cu) - 1 - int(num_real < num_tokens)  # the last segment is padding if any
+    labels = batch.get("labels")
+    num_label = int((labels != IGNORE_INDEX).sum()) if isinstance(labels, torch.Tensor) else 0
+    return {
+        "num_tokens": num_tokens,
+        "num_real_tokens": num_real,
+        "num_label_tokens": num_label,
+        "num_sequences": num_sequences,
+    }

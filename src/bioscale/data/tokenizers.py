@@ -1,0 +1,175 @@
+"""Character-level tokenizers for proteins and DNA, and the fast lookup-table encoder the data loader uses.
+
+Both tokenizers are ``transformers`` fast tokenizers built with the ``tokenizers`` library, so they round-trip through
+``save_pretrained`` / ``AutoTokenizer.from_pretrained`` and travel with an exported model. The protein tokenizer
+reproduces ESM-2's alphabet id for id (the ``facebook/esm2_*`` checkpoints were trained with it); the nucleotide
+tokenizer mirrors its special-token layout (``<pad>`` is 1 in both). Because every regular token is one character,
+the training loader does not call the tokenizer per record: :class:`CharTokenEncoder` builds a 256-entry numpy lookup
+table from the tokenizer's own vocabulary, which is ~50x faster and gives identical ids (tested).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+TokenizerKind = Literal["protein", "nucleotide"]
+
+# ESM-2's alphabet (fair-esm ``Alphabet.from_architecture("ESM-1b")`` == HF ``facebook/esm2_t6_8M_UR50D`` vocab.txt).
+# The residue order is by frequency in UniRef, which is why ids are not alphabetical; ``.`` and ``-`` are the
+# insertion/gap symbols ESM kept from MSA work, and ``<null_1>`` pads the vocabulary to 33.
+PROTEIN_SPECIAL_TOKENS: tuple[str, ...] = ("<cls>", "<pad>", "<eos>", "<unk>")
+PROTEIN_RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO.-"
+PROTEIN_VOCAB: tuple[str, ...] = (*PROTEIN_SPECIAL_TOKENS, *PROTEIN_RESIDUES, "<null_1>", "<mask>")
+PROTEIN_MODEL_MAX_LENGTH = 1026  # ESM-2 positions: 1022 residues + <cls> + <eos> (+2 as in the HF checkpoint config)
+# The 20 standard amino acids: what the masked-LM "random token" replacement draws from.
+PROTEIN_CANONICAL = "LAGVSERTIDPKQNFYMHWC"
+
+# Nucleotides: the same special layout as ESM-2 (<bos> where ESM has <cls>), then <mask>, the four bases, N, and the
+# ten remaining IUPAC ambiguity codes. 20 tokens.
+NUCLEOTIDE_SPECIAL_TOKENS: tuple[str, ...] = ("<bos>", "<pad>", "<eos>", "<unk>", "<mask>")
+NUCLEOTIDE_RESIDUES = "ACGTNRYSWKMBDHV"
+NUCLEOTIDE_VOCAB: tuple[str, ...] = (*NUCLEOTIDE_SPECIAL_TOKENS, *NUCLEOTIDE_RESIDUES)
+NUCLEOTIDE_CANONICAL = "ACGT"
+
+# What the input policy maps an out-of-alphabet character to, per kind ("unknown residue" in each alphabet).
+UNKNOWN_RESIDUE: dict[str, str] = {"protein": "X", "nucleotide": "N"}
+
+
+def _char_level_tokenizer(
+    vocab: Sequence[str], special_tokens: Sequence[str], bos: str, eos: str, model_max_length: int, **special_kwargs: str
+) -> PreTrainedTokenizerFast:
+    """One token per character; whitespace dropped and lower case upper-cased by the normalizer; ``bos … eos``."""
+    ids = {token: i for i, token in enumerate(vocab)}
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    # Whitespace is dropped (ESM's tokenizer splits on it, so "M K V" == "MKV"), and lower case is upper-cased:
+    # ESM's own tokenizer maps "mkv" to <unk> <unk> <unk>, which is never what a caller means. The tokenizers library
+    # has no Uppercase normalizer, hence one Replace per letter (26 tiny rules, cost negligible).
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Replace(Regex(r"\s"), "")] + [normalizers.Replace(c, c.upper()) for c in string.ascii_lowercase]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} $B:1 {eos}:1",  # as ESM's build_inputs_with_special_tokens
+        special_tokens=[(bos, ids[bos]), (eos, ids[eos])],
+    )
+    tok.decoder = decoders.Fuse()  # "M","K","V" -> "MKV", no spaces
+    # Special tokens are matched before normalisation, so "<mask>" in a string is one token, never "<MASK>".
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special_tokens])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token=eos,
+        mask_token="<mask>",
+        model_max_length=model_max_length,
+        **special_kwargs,
+    )
+
+
+def protein_tokenizer() -> PreTrainedTokenizerFast:
+    """ESM-2's protein tokenizer: 33 tokens with ESM-2's exact ids, ``<cls> … <eos>`` around each sequence.
+
+    ``<cls>``=0, ``<pad>``=1, ``<eos>``=2, ``<unk>``=3, ``L A G V S E R T I D P K Q N F Y M H W C X B U Z O . -``
+    = 4…30, ``<null_1>``=31, ``<mask>``=32; ``model_max_length`` 1026. Lower-case input is upper-cased and
+    whitespace ignored (ESM's tokenizer gives ``<unk>`` for lower case; ids are otherwise identical).
+    """
+    return _char_level_tokenizer(
+        PROTEIN_VOCAB,
+        special_tokens=(*PROTEIN_SPECIAL_TOKENS, "<null_1>", "<mask>"),
+        bos="<cls>",
+        eos="<eos>",
+        model_max_length=PROTEIN_MODEL_MAX_LENGTH,
+        cls_token="<cls>",
+    )
+
+
+def nucleotide_tokenizer(model_max_length: int = 8192) -> PreTrainedTokenizerFast:
+    """Character-level DNA tokenizer: 20 tokens, ``<bos> … <eos>`` around each sequence.
+
+    ``<bos>``=0, ``<pad>``=1, ``<eos>``=2, ``<unk>``=3, ``<mask>``=4, ``A C G T N`` = 5…9 and the IUPAC codes
+    ``R Y S W K M B D H V`` = 10…19. Any case is accepted (upper-cased by the normalizer). Set a causal model's
+    ``vocab_size`` to ``len(tokenizer)`` (20).
+    """
+    return _char_level_tokenizer(
+        NUCLEOTIDE_VOCAB,
+        special_tokens=NUCLEOTIDE_SPECIAL_TOKENS,
+        bos="<bos>",
+        eos="<eos>",
+        model_max_length=model_max_length,
+        bos_token="<bos>",
+    )
+
+
+def get_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """The bioscale tokenizer named ``kind`` (``"protein"`` or ``"nucleotide"``)."""
+    if kind == "protein":
+        return protein_tokenizer()
+    if kind == "nucleotide":
+        return nucleotide_tokenizer()
+    raise ValueError(f"unknown tokenizer {kind!r}: expected 'protein' or 'nucleotide'")
+
+
+def canonical_token_ids(tokenizer: PreTrainedTokenizerBase, kind: str | None = None) -> list[int]:
+    """Ids the masked-LM collator draws its 10% random replacements from.
+
+    For the bioscale tokenizers these are the canonical residues (20 amino acids, or ACGT), so a random replacement
+    never injects rare symbols (``O``, ``-``, IUPAC codes) the model would otherwise learn to predict from noise.
+    For any other tokenizer: every non-special token.
+    """
+    vocab = tokenizer.get_vocab()
+    alphabet = {"protein": PROTEIN_CANONICAL, "nucleotide": NUCLEOTIDE_CANONICAL}.get(kind or "", "")
+    if alphabet and all(c in vocab for c in alphabet):
+        return sorted(vocab[c] for c in alphabet)
+    special = set(tokenizer.all_special_ids)
+    return sorted(i for i in vocab.values() if i not in special)
+
+
+class CharTokenEncoder:
+    """Encodes clean ASCII sequences with a 256-entry lookup table built from a character-level tokenizer.
+
+    ``encode(seq)`` equals ``tokenizer(seq)["input_ids"]`` (special tokens included) for any ASCII string without
+    whitespace, lower case included; it returns ``uint8`` ids (every vocabulary here has < 256 tokens), which keeps
+    shuffle buffers small. Pickles cheaply, so it crosses into data-loader workers instead of the tokenizer.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        vocab = tokenizer.get_vocab()
+        if len(vocab) > 256:
+            raise ValueError(f"CharTokenEncoder needs a vocabulary of at most 256 tokens, got {len(vocab)}")
+        special = set(tokenizer.all_special_tokens)
+        regular = {tok: i for tok, i in vocab.items() if tok not in special and not tok.startswith("<")}
+        long_tokens = [tok for tok in regular if len(tok) != 1]
+        if long_tokens:
+            raise ValueError(
+                f"CharTokenEncoder needs a character-level tokenizer; vocabulary has multi-character tokens "
+                f"{long_tokens[:5]}"
+            )
+        if tokenizer.unk_token_id is None:
+            raise ValueError("CharTokenEncoder needs a tokenizer with an unk token")
+        lut = np.full(256, tokenizer.unk_token_id, dtype=np.uint8)
+        for tok, i in regular.items():
+            if ord(tok) < 128:
+                lut[ord(tok)] = i
+                lut[ord(tok.lower())] = i  # the tokenizer's normalizer upper-cases
+        self.lut = lut
+        # Special tokens the tokenizer wraps a sequence in, found by encoding one residue with and without them.
+        probe = next(iter(regular))
+        core = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        assert len(core) == 1 and core[0] in full, (core, full)
+        at = full.index(core[0])
+        self.prefix = np.asarray(full[:at], dtype=np.uint8)
+        self.suffix = np.asarray(full[at + 1 :], dtype=np.uint8)
+        self.num_special = len(self.prefix) + len(self.suffix)
+
+    def encode(self, seq: str) -> np.ndarray:
+        """``uint8`` ids of ``seq`` with the tokenizer's special tokens around it."""
+        body = self.lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
+        return np.concatenate([self.prefix, body, self.suffix])
