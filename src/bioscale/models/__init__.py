@@ -1,0 +1,99 @@
+"""bioscale models: ESM-2 and Llama 3 as ``transformers`` models, the registry, and exact conversion.
+
+Importing this package registers the bioscale configs and models with the ``transformers`` Auto API, so
+``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` /
+``AutoModelForTokenClassification`` / ``AutoModelForSequenceClassification`` load a bioscale ``save_pretrained``
+directory without ``trust_remote_code``. :func:`from_hf` / :func:`to_hf` convert to and from the stock
+``transformers`` classes, both families, tensor for tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+
+from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs, attention_forward
+from bioscale.models.batch import input_validation, set_input_validation
+from bioscale.models.esm2 import (
+    Esm2Config,
+    Esm2ForMaskedLM,
+    Esm2ForSequenceClassification,
+    Esm2ForTokenClassification,
+    Esm2Model,
+)
+from bioscale.models.llama3 import Llama3Config, Llama3ForCausalLM, Llama3Model, shift_labels
+from bioscale.models.registry import (
+    ModelSpec,
+    build_config,
+    build_model,
+    get_model_spec,
+    list_models,
+    spec_for_config,
+    spec_for_hf_model_type,
+)
+
+
+def from_hf(hf_model: PreTrainedModel, **config_overrides: Any) -> PreTrainedModel:
+    """The bioscale model with exactly the weights of a ``transformers`` model (``EsmForMaskedLM``,
+    ``EsmForTokenClassification``, ``EsmModel``, ``LlamaForCausalLM``, ``LlamaModel``).
+
+    ``config_overrides`` set bioscale-only config fields, e.g. ``padded_vocab_size=64`` or ``attn_backend="varlen"``.
+    Raises ``ValueError`` for unsupported models or configs, naming the field.
+    """
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if model_type is None:
+        raise ValueError(f"{type(hf_model).__name__} is not a transformers PreTrainedModel")
+    return spec_for_hf_model_type(model_type).from_hf(hf_model, **config_overrides)
+
+
+def to_hf(model: PreTrainedModel) -> PreTrainedModel:
+    """The stock ``transformers`` model (``EsmForMaskedLM``, ``LlamaForCausalLM``, ...) with exactly ``model``'s
+    weights; its ``save_pretrained`` directory loads with plain ``transformers``, no bioscale needed."""
+    return spec_for_config(model.config).to_hf(model)
+
+
+def _register_auto_classes() -> None:
+    AutoConfig.register(Esm2Config.model_type, Esm2Config, exist_ok=True)
+    AutoConfig.register(Llama3Config.model_type, Llama3Config, exist_ok=True)
+    AutoModel.register(Esm2Config, Esm2Model, exist_ok=True)
+    AutoModel.register(Llama3Config, Llama3Model, exist_ok=True)
+    AutoModelForMaskedLM.register(Esm2Config, Esm2ForMaskedLM, exist_ok=True)
+    AutoModelForTokenClassification.register(Esm2Config, Esm2ForTokenClassification, exist_ok=True)
+    AutoModelForSequenceClassification.register(Esm2Config, Esm2ForSequenceClassification, exist_ok=True)
+    AutoModelForCausalLM.register(Llama3Config, Llama3ForCausalLM, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "AttentionInputs",
+    "Esm2Config",
+    "Esm2ForMaskedLM",
+    "Esm2ForSequenceClassification",
+    "Esm2ForTokenClassification",
+    "Esm2Model",
+    "Llama3Config",
+    "Llama3ForCausalLM",
+    "Llama3Model",
+    "ModelSpec",
+    "attention_forward",
+    "build_config",
+    "build_model",
+    "from_hf",
+    "get_model_spec",
+    "input_validation",
+    "list_models",
+    "set_input_validation",
+    "shift_labels",
+    "to_hf",
+]

@@ -1,0 +1,140 @@
+"""What the bioscale model families share: the ``PreTrainedModel`` base with explicit initialisation, and RMSNorm.
+
+Initialisation contract (torchtitan's, made to coexist with ``transformers``' loading):
+
+- ``model.init_weights()`` fills *every* parameter and buffer (RoPE tables included) from scratch. Call it after
+  building on ``meta`` and ``model.to_empty(device=...)``. With the same seed it gives the same weights; it is a no-op
+  while the parameters are still on ``meta``.
+- ``_init_weights(module)`` is the hook ``transformers`` calls while loading, for modules whose tensors were not all in
+  the checkpoint (and for non-persistent buffers such as ``inv_freq``). It initialises only the tensors of
+  ``module`` itself that carry no ``_is_hf_initialized`` mark, so it can never overwrite a loaded weight; buffers that
+  are pure functions of the config (RoPE) are always recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from bioscale.models.rotary import RotaryEmbedding
+
+# Keyword arguments that transformers' generate()/Trainer pass to every model and that bioscale models accept and
+# ignore. Anything else unknown is an error: a misspelt ``cu_seq_len_q`` must not silently turn a packed batch into
+# one long sequence.
+_IGNORED_KWARGS = frozenset(
+    {"cache_position", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch", "inputs_embeds"}
+)
+
+
+def reject_unknown_kwargs(model_name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for forward kwargs a bioscale model does not understand (and unsupported features)."""
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError(f"{model_name} does not support inputs_embeds; pass input_ids")
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"{model_name} does not return attention weights (fused attention kernels never form them)")
+    if kwargs.get("output_hidden_states"):
+        raise ValueError(f"{model_name} does not return per-layer hidden states; use the base model's last_hidden_state")
+    unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
+    if unknown:
+        raise ValueError(f"{model_name}.forward() got unexpected keyword arguments {unknown}")
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls will produce for activations like ``x`` (the autocast dtype when autocast is on)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 and cast back before the weight, as ``LlamaRMSNorm`` does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def _loaded(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or bool(getattr(tensor, "_is_hf_initialized", False))
+
+
+class BioscalePreTrainedModel(PreTrainedModel):
+    """Base of every bioscale model: explicit ``init_weights()`` and a loading-safe ``_init_weights`` hook.
+
+    Subclasses extend :meth:`_init_module` for parameters that are not ``nn.Linear`` / ``nn.Embedding`` / norms /
+    RoPE, and expose their transformer blocks as ``layers`` (an ``nn.ModuleList``).
+    """
+
+    supports_gradient_checkpointing = False  # activation checkpointing is applied from outside, per block
+    _supports_sdpa = True
+
+    @property
+    def initializer_range(self) -> float:
+        return float(getattr(self.config, "initializer_range", 0.02))
+
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer from scratch (no-op while the model is on ``meta``)."""
+        if any(t.device.type == "meta" for t in [*self.parameters(), *self.buffers()]):
+            return
+        for module in self.modules():
+            self._init_module(module, only_missing=False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' loading hook: only fill what loading did not (see the module docstring).
+        self._init_module(module, only_missing=True)
+
+    @torch.no_grad()
+    def _init_module(self, module: nn.Module, only_missing: bool) -> None:
+        """Initialise the tensors that belong to ``module`` itself (not its children)."""
+        std = self.initializer_range
+        if any(t.device.type == "meta" for t in module.parameters(recurse=False)):
+            return
+        if isinstance(module, nn.Linear):
+            if not (only_missing and _loaded(module.weight)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None and not (only_missing and _loaded(module.bias)):
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            if not (only_missing and _loaded(module.weight)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+                self._zero_padded_vocab_rows(module.weight)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None and not (only_missing and _loaded(module.weight)):
+                nn.init.ones_(module.weight)
+            if module.bias is not None and not (only_missing and _loaded(module.bias)):
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            if not (only_missing and _loaded(module.weight)):
+                module.reset_parameters()
+        elif isinstance(module, RotaryEmbedding):
+            module.reset_parameters()  # a pure function of the config: recomputing never loses information
+
+    def _zero_padded_vocab_rows(self, weight: torch.Tensor) -> None:
+        """Rows past ``config.vocab_size`` (vocabulary padding) are never looked up: keep them zero."""
+        vocab_size = self.config.vocab_size
+        if weight.shape[0] > vocab_size:
+            weight[vocab_size:].zero_()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        # None keeps transformers' tying machinery away: bioscale ties by reading the embedding weight in the head.
+        return None

@@ -1,0 +1,66 @@
+"""Token-level cross-entropy shared by the language-model and token-classification heads.
+
+Every head returns the loss *and* the number of label tokens it was computed over (``num_label_tokens``). With
+``loss_reduction="mean"`` (the default, what ``transformers`` returns) ``loss`` is the mean over label tokens; with
+``"sum"`` it is the sum, so a trainer can add sums and counts over gradient-accumulation micro-batches and
+data-parallel ranks and divide once by the global count — the normalisation masked LM needs, because the number of
+masked tokens differs from batch to batch (torchtitan normalises the same way). Positions whose label is
+:data:`IGNORE_INDEX` (-100) do not count. Logits are upcast to float32 for the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def check_loss_reduction(reduction: str) -> str:
+    """Return ``reduction`` if valid, else raise ``ValueError``."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``logits`` ``[..., V]`` against ``labels`` ``[...]``, ignoring :data:`IGNORE_INDEX`.
+
+    Returns:
+        ``(loss, num_label_tokens)``; ``loss`` is the mean (0 when there is no label token, rather than NaN) or the
+        sum, ``num_label_tokens`` an int64 scalar tensor (no host sync).
+    """
+    check_loss_reduction(reduction)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match the logits' leading shape {tuple(logits.shape[:-1])}"
+        )
+    labels = labels.to(logits.device)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1).long(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    num_label_tokens = (labels != IGNORE_INDEX).sum()
+    if reduction == "sum":
+        return loss_sum, num_label_tokens
+    return loss_sum / num_label_tokens.clamp(min=1), num_label_tokens
+
+
+def select_label_positions(hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``hidden_states`` ``[..., D]`` (and ``labels``) where a label is set: ``[N_label, D]``, ``[N_label]``.
+
+    Used to run an LM head only where the loss needs it. Boolean indexing costs one host sync (the count decides the
+    output shape).
+    """
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match the hidden states' leading shape "
+            f"{tuple(hidden_states.shape[:-1])}"
+        )
+    keep = labels != IGNORE_INDEX
+    return hidden_states[keep], labels[keep]
