@@ -170,13 +170,15 @@ class CheckpointManager:
         barrier()
         start = time.perf_counter()
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            future = dcp.async_save(
+                state, checkpoint_id=str(tmp), process_group=self._async_group, no_dist=not dist.is_initialized()
+            )
             # Newer torch returns a response object holding the upload future.
             future = getattr(future, "upload_completion", future)
             self._pending = (step, future)
             logger.info("checkpoint step %d staged in %.2fs, writing in the background", step, time.perf_counter() - start)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             self._finalize(step)
             logger.info("checkpoint step %d saved in %.2fs", step, time.perf_counter() - start)
 
@@ -222,4 +224,4 @@ class CheckpointManager:
         path = Path(path)
         if not is_complete(path):
             raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or .metadata)")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())

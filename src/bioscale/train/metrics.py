@@ -133,6 +133,7 @@ class MetricsLogger:
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
+        self._closed = False
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
@@ -195,8 +196,9 @@ class MetricsLogger:
 
     def close(self, *, plot: bool = True) -> Path | None:
         """Close the writers; draw ``loss.png`` from ``metrics.jsonl``. Returns the plot's path (or None)."""
-        if not self.enabled:
+        if not self.enabled or self._closed:
             return None
+        self._closed = True
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

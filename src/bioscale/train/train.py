@@ -1,0 +1,531 @@
+"""The training loop, in one function that reads top to bottom: ``train(cfg) -> summary``.
+
+setup (process group from torchrun's environment, run directory, seeds) → model on ``meta`` → FP8 conversion →
+parallelize (activation checkpointing → per-block compile → FSDP2) → materialise (``to_empty`` + ``init_weights``, or
+weights from ``model.init_from``) → DDP → AdamW + schedule → data → resume from the latest complete checkpoint → loop
+(gradient accumulation with communication only on the last micro-batch, loss normalised by the global number of label
+tokens, clipping, skip-and-count of non-finite steps, metrics, checkpoints, profiling) → final export → summary.
+
+Everything reusable lives in the library (``bioscale.distributed``, ``bioscale.train.checkpoint``/``metrics``/...);
+this file only composes it, so a reader sees the whole run on one screen per phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from bioscale.distributed import (
+    all_reduce_sum,
+    apply_ac,
+    apply_compile,
+    apply_ddp,
+    apply_fsdp,
+    barrier,
+    destroy_distributed,
+    grad_sync,
+    init_distributed,
+    unwrap_model,
+)
+from bioscale.train.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointManager,
+    ModelOptimizerState,
+    PickledState,
+    get_rng_state,
+    set_rng_state,
+)
+from bioscale.train.config import TrainConfig, config_to_yaml, validate_config
+from bioscale.train.export import export_final_model
+from bioscale.train.metrics import (
+    MetricsLogger,
+    compute_mfu,
+    effective_seq_len,
+    gpu_peak_flops,
+    peak_memory_gb,
+    perplexity,
+)
+from bioscale.train.optimizer import build_optimizer
+from bioscale.train.profiling import StepProfiler
+from bioscale.train.schedulers import build_lr_scheduler
+
+logger = logging.getLogger(__name__)
+
+# Training objective (data) -> model head (models registry).
+TASK_FOR_OBJECTIVE = {"mlm": "masked_lm", "clm": "causal_lm"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``nan_tolerance`` consecutive steps with a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainState:
+    """Counters that survive a restart (checkpointed with the scheduler)."""
+
+    step: int = 0
+    num_skipped_steps: int = 0
+    num_consecutive_bad_steps: int = 0
+    first_loss: float | None = None
+    min_loss: float | None = None
+
+
+def model_loss(model: nn.Module, batch: dict[str, Any], *, task: str) -> torch.Tensor:
+    """Sum of the token losses of one micro-batch (the caller divides by the global label count).
+
+    ESM's LM head runs only at masked positions (``logits_on_labels_only``): same loss, ~85 % less head compute.
+    """
+    extra = {"logits_on_labels_only": True} if task == "masked_lm" else {}
+    return model(**batch, loss_reduction="sum", **extra).loss
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training as configured; return the run summary (also written to ``<run_dir>/summary.json``).
+
+    Launch under ``torchrun --nproc_per_node=N`` for data parallelism; a plain process trains on one device.
+
+    Raises:
+        ValueError: an invalid configuration or input (message names the key or file).
+        NonFiniteLossError: ``nan_tolerance`` consecutive non-finite steps (the last good checkpoint is kept).
+    """
+    validate_config(cfg)
+    from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer
+    from bioscale.models import build_config, build_model, get_model_spec
+
+    # ---- 1. Setup: process group (NCCL on GPU, gloo on CPU), run directory, seeds --------------------------------
+    dist_info = init_distributed(cfg.device)
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = Path(cfg.checkpoint.ckpt_dir)
+    metrics: MetricsLogger | None = None
+    profiler: StepProfiler | None = None
+    try:
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        _check_unavailable_features(cfg)
+        # The same seed on every rank: DDP starts from rank 0's weights anyway, and FSDP2's sharded init draws from
+        # one stream. Per-rank streams (dropout) are seeded after init.
+        _seed_everything(cfg.seed)
+        use_fsdp = world_size > 1 and cfg.parallelism.strategy == "fsdp2"
+        use_ddp = world_size > 1 and cfg.parallelism.strategy == "ddp"
+        if world_size == 1 and dist_info.is_distributed:
+            logger.info("one rank: parallelism.strategy=%s has nothing to shard or replicate; training unwrapped",
+                        cfg.parallelism.strategy)
+        # bf16: FSDP2 keeps fp32 master weights and computes in bf16 on GPU; elsewhere autocast does the casting.
+        # On CPU gloo's collectives lack bf16 support worth relying on, so the sharded path stays fp32 there.
+        bf16 = cfg.dtype == "bf16"
+        fsdp_param_dtype = torch.bfloat16 if (bf16 and use_fsdp and device.type == "cuda") else None
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if bf16 and fsdp_param_dtype is None
+            else contextlib.nullcontext()
+        )
+
+        # ---- 2. Model on meta: no memory, no init cost, whatever the size ------------------------------------------
+        spec = get_model_spec(cfg.model.name)
+        overrides = dict(cfg.model.overrides)
+        if cfg.model.attn_backend is not None:
+            overrides["attn_backend"] = cfg.model.attn_backend
+        model_config = build_config(cfg.model.name, cfg.model.size, **overrides)
+        task = TASK_FOR_OBJECTIVE[cfg.data.objective]
+        model = build_model(model_config, task=task, device="meta")
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.info("model %s/%s (%s, %.1fM parameters), %d rank(s) on %s", cfg.model.name, cfg.model.size,
+                    type(model).__name__, num_params / 1e6, world_size, device)
+
+        # ---- 3. Converters (before parallelize: FSDP2 must shard the converted modules) ----------------------------
+        # Under FSDP2, tensorwise FP8 also all-gathers the weights in FP8 (half the traffic of bf16); their scales
+        # are then refreshed once per step, after the optimizer, in a single all-reduce.
+        fp8_all_gather = cfg.fp8_config.enabled and use_fsdp and cfg.fp8_config.recipe == "tensorwise"
+        if cfg.fp8_config.enabled:
+            from bioscale.precision.fp8 import apply_fp8, precompute_fp8_scales
+
+            apply_fp8(model, recipe=cfg.fp8_config.recipe, layers=cfg.fp8_layers, fsdp_float8_all_gather=fp8_all_gather)
+
+        # ---- 4. Parallelize, in torchtitan's order: (TP) → (CP) → activation checkpointing → compile → FSDP2 ----------
+        apply_ac(model, cfg.activation_checkpointing)
+        if cfg.compile:
+            apply_compile(model)
+        if use_fsdp:
+            apply_fsdp(model, param_dtype=fsdp_param_dtype, reduce_dtype=torch.float32)
+
+        # ---- 5. Materialise: allocate on the device (each rank only its shards) and initialise ----------------------
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_weights()
+        if cfg.model.init_from is not None:
+            _load_pretrained_weights(model, cfg.model.init_from)
+        if use_ddp:
+            model = apply_ddp(model, device=device)  # after materialising: DDP broadcasts rank 0's real weights
+        model.train()
+        _seed_everything(cfg.seed + rank)
+        quant_stats = None
+        if cfg.quant_stats_config.enabled:
+            attach_quant_stats = _import_optional(
+                "bioscale.precision.quant_stats", "attach_quant_stats", "quant_stats_config.enabled=true"
+            )
+            quant_stats = attach_quant_stats(model, run_dir=run_dir, freq=cfg.quant_stats_config.freq, rank=rank)
+
+        # ---- 6. Optimizer and learning-rate schedule ----------------------------------------------------------------
+        optimizer = build_optimizer(
+            model, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay, fused=cfg.optimizer.fused, device=device,
+        )
+        scheduler = build_lr_scheduler(
+            optimizer, kind=cfg.scheduler.kind, warmup_steps=cfg.scheduler.warmup_steps,
+            total_steps=cfg.num_train_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio,
+        )
+
+        # ---- 7. Data: an endless, resumable stream of micro-batches for this rank -----------------------------------
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        loader = build_dataloader(cfg.data, tokenizer, rank=rank, world_size=world_size)
+
+        # ---- 8. Resume from the latest complete checkpoint -----------------------------------------------------------
+        state = TrainState()
+        checkpointer = CheckpointManager(
+            ckpt_dir, rank=rank, keep_last_n=cfg.checkpoint.keep_last_n, async_save=cfg.checkpoint.async_save
+        )
+        stateful = {
+            "model_optim": ModelOptimizerState(model, optimizer),
+            "trainer": PickledState(
+                "trainer",
+                get=lambda: {"train_state": vars(state).copy(), "scheduler": scheduler.state_dict()},
+                set=lambda s: (vars(state).update(s["train_state"]), scheduler.load_state_dict(s["scheduler"])),
+            ),
+            # Per rank: its RNG streams and its position in its shard of the data.
+            "rank": PickledState(
+                f"rank_{rank}",
+                get=lambda: {"rng": get_rng_state(), "dataloader": loader.state_dict()},
+                set=lambda s: (set_rng_state(s["rng"]), loader.load_state_dict(s["dataloader"])),
+            ),
+        }
+        resumed_from = None
+        latest = checkpointer.latest()
+        if cfg.checkpoint.resume_from_checkpoint and latest is not None:
+            resumed_from, path = latest
+            _check_same_world_size(path, world_size)
+            checkpointer.load(path, stateful)
+            assert state.step == resumed_from, (state.step, resumed_from)
+            logger.info("resumed from %s (step %d)", path, resumed_from)
+        elif latest is not None and dist_info.is_main:
+            logger.warning("%s holds checkpoints of an earlier run (latest %s) that this run will overwrite as it "
+                           "reaches their steps; pass checkpoint.resume_from_checkpoint=true to continue it instead",
+                           ckpt_dir, latest[1].name)
+        data_iter = iter(loader)
+
+        metrics = MetricsLogger(
+            run_dir, enabled=dist_info.is_main, total_steps=cfg.num_train_steps, start_step=state.step,
+            tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+            progress_bar=cfg.logging.progress_bar, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+        )
+        profiler = StepProfiler(
+            enabled=cfg.profiler.enabled, mode=cfg.profiler.mode, start_step=cfg.profiler.start_step,
+            end_step=cfg.profiler.end_step, run_dir=run_dir, rank=rank, device=device,
+        )
+        peak_flops = gpu_peak_flops(device)
+        window = _Window()
+        last_record: dict[str, Any] = {}
+        start_time = time.perf_counter()
+
+        # ---- 9. The loop ------------------------------------------------------------------------------------------
+        while state.step < cfg.num_train_steps:
+            state.step += 1
+            step = state.step
+            profiler.step_begin(step)
+            step_start = time.perf_counter()
+            with profiler.range(f"step_{step}"):
+                with profiler.range("data"):
+                    micro_batches = [next(data_iter) for _ in range(cfg.grad_acc_steps)]
+                    counts = [count_tokens(batch, pad_token_id=tokenizer.pad_token_id) for batch in micro_batches]
+                    seq_len_sq_sum = sum(_sum_sq_seq_lens(b, c) for b, c in zip(micro_batches, counts))
+                    local_labels = sum(int(c["num_label_tokens"]) for c in counts)
+                    # The loss is the sum over every label token of the global batch divided by their global count:
+                    # an MLM micro-batch's masked-token count varies, so averaging per-micro-batch means would weight
+                    # tokens unequally (torchtitan's normalisation).
+                    global_labels = all_reduce_sum(torch.tensor(float(local_labels), device=device)).clamp(min=1.0)
+                    micro_batches = [_to_device(batch, device) for batch in micro_batches]
+                # DDP and FSDP2 average gradients over ranks; scaling by world_size turns that mean into the sum.
+                loss_scale = world_size / global_labels
+                loss_sum = torch.zeros((), device=device)
+                for index, batch in enumerate(micro_batches):
+                    with grad_sync(model, enabled=index == len(micro_batches) - 1):
+                        with profiler.range("forward"), autocast:
+                            micro_loss_sum = model_loss(model, batch, task=task)
+                        with profiler.range("backward"):
+                            (micro_loss_sum * loss_scale).backward()
+                    loss_sum += micro_loss_sum.detach().float()
+                with profiler.range("optimizer"):
+                    grad_norm = _clip_grad_norm(model, cfg.max_grad_norm)
+                    loss = all_reduce_sum(loss_sum) / global_labels
+                    loss_value, grad_norm_value = torch.stack([loss, grad_norm.float().to(device)]).tolist()
+                    lr = scheduler.get_last_lr()[0]
+                    if math.isfinite(loss_value) and math.isfinite(grad_norm_value):
+                        optimizer.step()
+                        if fp8_all_gather:
+                            precompute_fp8_scales(model)
+                        state.num_consecutive_bad_steps = 0
+                        if state.first_loss is None:
+                            state.first_loss = loss_value
+                        state.min_loss = min(loss_value, state.min_loss if state.min_loss is not None else math.inf)
+                    else:
+                        # Skip the update (the weights stay as they were) but consume the data and advance the
+                        # schedule, so the step <-> data <-> lr mapping of a resumed run stays the same.
+                        state.num_skipped_steps += 1
+                        state.num_consecutive_bad_steps += 1
+                        logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+                                       step, loss_value, grad_norm_value)
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+            step_time = time.perf_counter() - step_start
+            profiler.step_end(step)
+            if quant_stats is not None:
+                quant_stats.step(step)
+            if state.num_consecutive_bad_steps >= cfg.nan_tolerance:
+                checkpointer.close()
+                latest = checkpointer.latest()
+                raise NonFiniteLossError(
+                    f"{state.num_consecutive_bad_steps} consecutive steps (up to step {step}) had a non-finite loss "
+                    f"or gradient norm (nan_tolerance={cfg.nan_tolerance}); stopping. Last good checkpoint: "
+                    f"{latest[1] if latest else 'none'}. Lower optimizer.lr, raise scheduler.warmup_steps or check "
+                    "the data, then resume with checkpoint.resume_from_checkpoint=true."
+                )
+
+            window.add(
+                loss=loss_value,
+                num_label_tokens=float(global_labels),
+                num_tokens=sum(int(c["num_tokens"]) for c in counts),
+                num_real_tokens=sum(int(c["num_real_tokens"]) for c in counts),
+                seq_len_sq_sum=seq_len_sq_sum,
+                step_time=step_time,
+            )
+            if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
+                totals = all_reduce_sum(torch.tensor(
+                    [window.num_tokens, window.num_real_tokens, window.seq_len_sq_sum], dtype=torch.float64,
+                    device=device,
+                )).tolist()
+                tokens_per_sec = totals[0] / world_size / window.time
+                real_tokens_per_sec = totals[1] / world_size / window.time
+                seq_len = effective_seq_len(totals[2], totals[1])
+                flops_per_token = spec.flops_per_token(model_config, seq_len)
+                last_record = {
+                    "step": step,
+                    "loss": window.mean_loss(),
+                    "perplexity": perplexity(window.mean_loss()),
+                    "grad_norm": grad_norm_value,
+                    "lr": lr,
+                    "step_time": window.time / window.steps,
+                    "tokens_per_sec_per_gpu": tokens_per_sec,
+                    "real_tokens_per_sec_per_gpu": real_tokens_per_sec,
+                    "mfu": compute_mfu(flops_per_token, real_tokens_per_sec, peak_flops),
+                    "peak_mem_gb": peak_memory_gb(device),
+                    "num_label_tokens": int(window.num_label_tokens),
+                    "effective_seq_len": seq_len,
+                    "num_skipped_steps": state.num_skipped_steps,
+                }
+                metrics.log(last_record)
+                window = _Window()
+            metrics.advance(step)
+
+            if cfg.checkpoint.save_every_n_steps and (
+                step % cfg.checkpoint.save_every_n_steps == 0 or step == cfg.num_train_steps
+            ):
+                checkpointer.save(step, stateful)
+
+        # ---- 10. Final export and summary ---------------------------------------------------------------------------
+        checkpointer.close()
+        if quant_stats is not None:
+            quant_stats.close()
+        wall_time = time.perf_counter() - start_time
+        final_model_dir = ckpt_dir / "final_model"
+        final_model_hf_dir = ckpt_dir / "final_model_hf"
+        if cfg.checkpoint.save_final_model:
+            export_final_model(
+                model, model_config=model_config, task=task, tokenizer=tokenizer, out_dir=final_model_dir,
+                hf_out_dir=final_model_hf_dir, is_main=dist_info.is_main,
+            )
+        plot_path = metrics.close()
+        summary = {
+            "model": f"{cfg.model.name}/{cfg.model.size}",
+            "num_parameters": num_params,
+            "world_size": world_size,
+            "device": str(device),
+            "strategy": cfg.parallelism.strategy if world_size > 1 else "single",
+            "num_train_steps": cfg.num_train_steps,
+            "final_step": state.step,
+            "resumed_from_step": resumed_from,
+            "first_loss": state.first_loss,
+            "final_loss": last_record.get("loss"),
+            "min_loss": state.min_loss,
+            "num_skipped_steps": state.num_skipped_steps,
+            "wall_time_s": wall_time,
+            "tokens_per_sec_per_gpu": last_record.get("tokens_per_sec_per_gpu"),
+            "real_tokens_per_sec_per_gpu": last_record.get("real_tokens_per_sec_per_gpu"),
+            "mfu": last_record.get("mfu"),
+            "peak_mem_gb": peak_memory_gb(device),
+            "data_policy": _policy_stats(get_policy_stats, loader),
+            "run_dir": str(run_dir),
+            "metrics": str(run_dir / "metrics.jsonl"),
+            "plot": str(plot_path) if plot_path else None,
+            "final_model": str(final_model_dir) if cfg.checkpoint.save_final_model else None,
+            "final_model_hf": str(final_model_hf_dir) if cfg.checkpoint.save_final_model else None,
+        }
+        if dist_info.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+            logger.info("done: %d steps, final loss %s, summary in %s", state.step, summary["final_loss"],
+                        run_dir / "summary.json")
+        barrier()
+        return summary
+    finally:
+        if profiler is not None:
+            profiler.close()
+        if metrics is not None:
+            metrics.close(plot=False)
+        destroy_distributed()
+
+
+# ---- helpers that keep the loop above readable ----------------------------------------------------------------------
+
+
+class _Window:
+    """Sums over the steps since the last log line: global loss and label count, this rank's tokens and time."""
+
+    def __init__(self) -> None:
+        self.weighted_loss = 0.0
+        self.finite_labels = 0.0
+        self.num_label_tokens = 0.0
+        self.num_tokens = 0
+        self.num_real_tokens = 0
+        self.seq_len_sq_sum = 0.0
+        self.time = 0.0
+        self.steps = 0
+
+    def add(self, *, loss: float, num_label_tokens: float, num_tokens: int, num_real_tokens: int,
+            seq_len_sq_sum: float, step_time: float) -> None:
+        # A skipped step's loss is left out of the mean; its tokens still took the time.
+        if math.isfinite(loss):
+            self.weighted_loss += loss * num_label_tokens
+            self.finite_labels += num_label_tokens
+        self.num_label_tokens += num_label_tokens
+        self.num_tokens += num_tokens
+        self.num_real_tokens += num_real_tokens
+        self.seq_len_sq_sum += seq_len_sq_sum
+        self.time += step_time
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        """Label-token-weighted mean loss of the window's finite steps (the step's loss when logging every step)."""
+        return self.weighted_loss / self.finite_labels if self.finite_labels else math.nan
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _sum_sq_seq_lens(batch: dict[str, Any], counts: dict[str, int]) -> float:
+    """``sum(L_i^2)`` over the real sequences of a micro-batch (for the attention FLOPs in MFU)."""
+    if "cu_seq_lens_q" in batch:
+        # A packed batch's padding, if any, is one extra segment at the end.
+        lengths = batch["cu_seq_lens_q"].diff()[: counts["num_sequences"]]
+    elif batch.get("attention_mask") is not None:
+        lengths = batch["attention_mask"].sum(dim=-1)
+    else:
+        ids = batch["input_ids"]
+        lengths = torch.full((ids.shape[0],), ids.shape[-1])
+    return float((lengths.double() ** 2).sum())
+
+
+def _clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns the norm before clipping (a plain tensor, also under FSDP2)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    full_tensor = getattr(grad_norm, "full_tensor", None)  # a DTensor under FSDP2
+    return full_tensor() if full_tensor is not None else grad_norm
+
+
+def _load_pretrained_weights(model: nn.Module, path: str) -> None:
+    """Copy the weights of a ``save_pretrained`` folder into the (possibly sharded) ``model``."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model.init_from={path!r}: no *.safetensors weights in that folder")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = set_model_state_dict(
+        unwrap_model(model), state, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+    missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"model.init_from={path!r} does not match the configured model: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )
+
+
+def _check_unavailable_features(cfg: TrainConfig) -> None:
+    if cfg.cp_size > 1:
+        if importlib.util.find_spec("bioscale.distributed.context_parallel") is None:
+            raise ValueError(f"cp_size={cfg.cp_size}: context parallelism is not available yet; use cp_size=1")
+        raise ValueError(
+            f"cp_size={cfg.cp_size}: bioscale.distributed.context_parallel exists but this training loop does not "
+            "shard batches along the sequence yet; use cp_size=1"
+        )
+
+
+def _import_optional(module: str, name: str, switch: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{switch} needs {module}.{name}, which is not available: {err}") from err
+
+
+def _check_same_world_size(path: Path, world_size: int) -> None:
+    saved = json.loads((path / COMPLETE_MARKER).read_text()).get("world_size")
+    if saved is not None and saved != world_size:
+        raise ValueError(
+            f"checkpoint {path} was written by {saved} rank(s) but this run has {world_size}: the data-loader "
+            "positions are per rank, so resume with the same number of ranks"
+        )
+
+
+def _policy_stats(get_policy_stats: Any, loader: Any) -> Any:
+    stats = get_policy_stats(loader)
+    if hasattr(stats, "to_dict"):
+        return stats.to_dict()
+    if hasattr(stats, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(stats)
+    return stats
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
