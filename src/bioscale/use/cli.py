@@ -1,0 +1,234 @@
+"""``bioscale embed | finetune | generate | export``: argument parsing around :mod:`bioscale.use`.
+
+Each ``*_main(argv)`` parses its arguments, calls the library function and returns an exit code: 0 on success, 2
+for a usage or input error (printed as one ``bioscale <command>: error: ...`` line on stderr, no traceback), so
+scripts can tell bad input from a crash. Results go to stdout (``generate``: JSON) or to the output path; progress
+and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
+           "float32": "float32"}  # fmt: skip
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )  # fmt: skip
+
+
+def _dtype(name: str | None):  # -> torch.dtype | None
+    if name is None:
+        return None
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return getattr(torch, _DTYPES[name])
+
+
+def _run(command: str, body: Callable[[], int]) -> int:
+    """Run ``body``, turning a ``ValueError`` (bad input) into one error line and exit status 2."""
+    try:
+        return body()
+    except ValueError as err:
+        print(f"bioscale {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def embed_main(argv: list[str]) -> int:
+    """``bioscale embed MODEL INPUT -o OUT``."""
+    parser = argparse.ArgumentParser(
+        prog="bioscale embed",
+        description="Embed protein (ESM-2) or DNA (Llama) sequences from FASTA/parquet/CSV into parquet or .npy.",
+    )
+    parser.add_argument("model", help="checkpoint directory (bioscale or transformers) or Hub id")
+    parser.add_argument("input", help="FASTA (.fasta/.fa/.faa/.fna, optionally .gz), parquet or CSV file")
+    parser.add_argument("-o", "--output", required=True, help="OUT.parquet or OUT.npy (+ OUT.ids.txt)")
+    parser.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                        help="mean over residues (special tokens excluded) or the <cls> token")  # fmt: skip
+    parser.add_argument("--per-residue", action="store_true", help="also write one vector per residue")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget per forward")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="context in tokens incl. special tokens (default: the model's, ESM-2: 1024)")  # fmt: skip
+    parser.add_argument("--long-sequences", choices=("window", "truncate", "error"), default="window",
+                        help="policy for sequences longer than the context (default: overlapping windows)")  # fmt: skip
+    parser.add_argument("--window-overlap", type=int, default=None, help="residues shared by consecutive windows")
+    parser.add_argument("--batching", choices=("auto", "packed", "padded"), default="auto")
+    parser.add_argument("--sequence-column", default=None, help="parquet/CSV column holding sequences")
+    parser.add_argument("--id-column", default=None, help="parquet/CSV column holding ids")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_args(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from bioscale.use.embed import embed, write_embeddings
+
+        if not args.output.lower().endswith((".parquet", ".npy")):
+            raise ValueError(f"--output {args.output!r} must end in .parquet or .npy")
+        result = embed(
+            args.model,
+            args.input,
+            pooling=args.pooling,
+            per_residue=args.per_residue,
+            max_tokens_per_batch=args.max_tokens_per_batch,
+            max_length=args.max_length,
+            long_sequences=args.long_sequences,
+            window_overlap=args.window_overlap,
+            batching=args.batching,
+            device=args.device,
+            dtype=_dtype(args.dtype),
+            sequence_column=args.sequence_column,
+            id_column=args.id_column,
+            progress=not args.no_progress,
+        )
+        written = write_embeddings(result, args.output)
+        print(
+            f"embedded {len(result)} sequences ({int(result.lengths.sum())} residues, dim {result.pooled.shape[1]}; "
+            f"{result.num_windowed} windowed, {result.num_truncated} truncated) -> {', '.join(map(str, written))}",
+            file=sys.stderr,
+        )
+        return 0
+
+    return _run("embed", body)
+
+
+def finetune_main(argv: list[str]) -> int:
+    """``bioscale finetune --task TASK --model DIR --data FILE [--lora] [key=value ...]``."""
+    from bioscale.use.finetune import TASKS, list_finetune_recipes
+
+    recipes = list_finetune_recipes()
+    parser = argparse.ArgumentParser(
+        prog="bioscale finetune",
+        description="Fine-tune an ESM-2 head (full or LoRA) on labelled sequences; metrics on a held-out split.",
+        epilog="recipes:\n" + "\n".join(f"  {name}: {text}" for name, text in recipes.items())
+        + "\n\nany config key can be overridden as key=value, e.g. max_steps=200 lora.r=16 label_set=dssp3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--task", choices=TASKS, default=None, help="picks the recipe of the same name")
+    parser.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML file (default: --task's)")
+    parser.add_argument("--model", default=None, help="ESM-2 checkpoint directory or Hub id")
+    parser.add_argument("--data", default=None, help="parquet/CSV with sequence and label columns")
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        import dataclasses
+
+        from bioscale.use.finetune import finetune, load_finetune_config
+
+        recipe = args.recipe or args.task
+        if recipe is None:
+            raise ValueError("give --task (token_classification, sequence_classification, sequence_regression) or --recipe")
+        overrides = list(args.overrides)
+        for key, value in (("task", args.task), ("model", args.model), ("data", args.data),
+                           ("output_dir", args.output_dir), ("max_steps", args.max_steps), ("device", args.device)):  # fmt: skip
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        if args.lora:
+            overrides.append("lora.enabled=true")
+        config = load_finetune_config(recipe, overrides)
+        if args.print_config:
+            print(json.dumps(dataclasses.asdict(config), indent=2))
+            return 0
+        _setup_logging()
+        result = finetune(config)
+        print(json.dumps({"output_dir": str(result.output_dir), "metrics": result.metrics}, indent=2))
+        return 0
+
+    return _run("finetune", body)
+
+
+def generate_main(argv: list[str]) -> int:
+    """``bioscale generate MODEL --prompt ACGT... --max-new-tokens N``; prints JSON."""
+    parser = argparse.ArgumentParser(
+        prog="bioscale generate",
+        description="Continue DNA prompts with a causal (Llama 3) model; prints JSON with the generated bases.",
+    )
+    parser.add_argument("model", help="checkpoint directory (bioscale or transformers Llama) or Hub id")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="DNA prompt (repeat for a batch of prompts; '' starts from <bos>)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely bases")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default unless sampling options)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-stop-at-eos", action="store_true", help="forbid <eos>: exactly max-new-tokens bases")
+    _add_device_args(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from bioscale.use.generate import generate_dna
+
+        sampling = any(v is not None for v in (args.temperature, args.top_k, args.top_p)) or args.num_samples > 1
+        if args.greedy and sampling:
+            raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p/--num-samples > 1")
+        result = generate_dna(
+            args.model,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sampling,
+            temperature=args.temperature if args.temperature is not None else 1.0,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            stop_at_eos=not args.no_stop_at_eos,
+            device=args.device,
+            dtype=_dtype(args.dtype),
+        )
+        report = {
+            "model": args.model,
+            "decoding": "sample" if sampling else "greedy",
+            "samples": [s.as_dict() for s in result.samples],
+            "num_new_tokens": result.num_new_tokens,
+            "elapsed_s": round(result.elapsed_s, 4),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+        }
+        print(json.dumps(report, indent=2))
+        return 0
+
+    return _run("generate", body)
+
+
+def export_main(argv: list[str]) -> int:
+    """``bioscale export MODEL -o DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="bioscale export",
+        description="Write a bioscale model (or a fine-tuning output, LoRA merged) as a plain transformers "
+        "checkpoint that loads without bioscale (EsmForMaskedLM, LlamaForCausalLM, ...).",
+    )
+    parser.add_argument("model", help="bioscale checkpoint directory, fine-tuning output directory, or Hub id")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from bioscale.use.export import export_model
+
+        out = export_model(args.model, args.output)
+        config = json.loads((out / "config.json").read_text())
+        print(f"exported {config.get('architectures', ['?'])[0]} ({config.get('model_type')}) to {out}", file=sys.stderr)
+        return 0
+
+    return _run("export", body)

@@ -1,0 +1,236 @@
+"""Loading a model for use: a bioscale checkpoint, a plain ``transformers`` ESM/Llama checkpoint, or a Hub id.
+
+Every ``bioscale embed|finetune|generate|export`` command takes a MODEL argument and goes through
+:func:`load_model`, so they accept the same things and fail the same way: a local directory written by
+``save_pretrained`` (bioscale's ``final_model`` or a plain ``transformers`` ``EsmForMaskedLM`` / ``LlamaForCausalLM``
+such as ``final_model_hf``), or a Hub id (``facebook/esm2_t33_650M_UR50D``). Plain ``transformers`` checkpoints are
+converted exactly with :func:`bioscale.models.from_hf`; a head the checkpoint does not hold (a new classifier for
+fine-tuning) is initialised fresh on top of the loaded encoder. The tokenizer saved with the model is used when there
+is one, else the family's bioscale tokenizer (ESM-2's alphabet, or the nucleotide one), whose ids the model must fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Tasks a caller can ask for, per family.
+FAMILY_TASKS: dict[str, tuple[str, ...]] = {
+    "esm2": ("base", "masked_lm", "token_classification", "sequence_classification"),
+    "llama3": ("base", "causal_lm"),
+}
+# config.model_type -> (family, is a bioscale config)
+_MODEL_TYPES: dict[str, tuple[str, bool]] = {
+    "bioscale_esm2": ("esm2", True),
+    "bioscale_llama3": ("llama3", True),
+    "esm": ("esm2", False),
+    "llama": ("llama3", False),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for use and the tokenizer that goes with it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    family: str
+    source: str
+
+
+def family_of(config: PretrainedConfig) -> str:
+    """``"esm2"`` or ``"llama3"`` for a bioscale or ``transformers`` config (``ValueError`` otherwise)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model type {model_type!r}: bioscale uses ESM-2 ('bioscale_esm2' or transformers 'esm') and "
+            f"Llama 3 ('bioscale_llama3' or transformers 'llama') checkpoints"
+        )
+    return _MODEL_TYPES[model_type][0]
+
+
+def family_of_model(model: PreTrainedModel) -> str:
+    return family_of(model.config)
+
+
+def _resolve_source(source: str | Path) -> str:
+    """The string ``from_pretrained`` takes; ``ValueError`` for a path that does not exist or holds no model."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model path {text!r} is a file; expected a checkpoint directory (with config.json)")
+        if not (path / "config.json").is_file():
+            hint = ""
+            if (path / "adapter_config.json").is_file():
+                hint = " (it holds a LoRA adapter: load it with bioscale.use.load_finetuned)"
+            elif (path / "final_model").is_dir():
+                hint = f" (did you mean {str(path / 'final_model')!r}?)"
+            raise ValueError(f"model directory {text!r} has no config.json{hint}")
+        return str(path)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_like_path or not _HUB_ID.match(text):
+        raise ValueError(f"model path {text!r} does not exist")
+    return text  # a Hub id: from_pretrained downloads (or reads the local cache)
+
+
+def load_config(source: str | Path) -> PretrainedConfig:
+    """The model config of ``source`` (``ValueError`` naming it when it cannot be read)."""
+    import bioscale  # noqa: F401  (registers the bioscale config classes with AutoConfig)
+
+    resolved = _resolve_source(source)
+    try:
+        return AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a model config from {str(source)!r}: {err}") from err
+
+
+def load_model(
+    source: str | Path,
+    *,
+    task: str = "base",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load ``source`` as the bioscale model class for ``task``, with its tokenizer.
+
+    Args:
+        source: checkpoint directory or Hub id (bioscale or plain ``transformers`` ESM-2 / Llama).
+        task: ``"base"`` (the encoder / decoder without head), ``"masked_lm"``, ``"causal_lm"``,
+            ``"token_classification"`` or ``"sequence_classification"``. A head missing from the checkpoint is
+            initialised fresh (``config_overrides`` sets ``num_labels``, ``id2label``, ``problem_type``...).
+        device, dtype: where and in which dtype to put the weights (default: CPU, as saved).
+        config_overrides: config attributes to set before the model is built.
+
+    Raises:
+        ValueError: an unknown path, a directory without a model, an unsupported model type, or a task the family
+            has no head for.
+    """
+    config = load_config(source)
+    family = family_of(config)
+    if task not in FAMILY_TASKS[family]:
+        raise ValueError(f"task {task!r} is not available for {family} models; choose one of {FAMILY_TASKS[family]}")
+    resolved = _resolve_source(source)
+    overrides = dict(config_overrides or {})
+    is_bioscale = _MODEL_TYPES[config.model_type][1]
+    model = _load_bioscale(resolved, family, task, overrides) if is_bioscale else _load_converted(resolved, family, task, overrides)
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    tokenizer = load_tokenizer(resolved, family, model.config)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=str(source))
+
+
+def model_class(family: str, task: str) -> type[PreTrainedModel]:
+    """The bioscale class implementing ``task`` for ``family``."""
+    from bioscale import models
+
+    return models.get_model_spec(family).model_class(task)
+
+
+def saved_task(config: PretrainedConfig) -> str:
+    """The task a checkpoint was saved for, from ``config.architectures`` (``"base"`` when it names no head)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    name = architectures[0] if architectures else ""
+    for suffix, task in (
+        ("ForMaskedLM", "masked_lm"),
+        ("ForCausalLM", "causal_lm"),
+        ("ForTokenClassification", "token_classification"),
+        ("ForSequenceClassification", "sequence_classification"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return "base"
+
+
+def _load_bioscale(resolved: str, family: str, task: str, overrides: dict[str, Any]) -> PreTrainedModel:
+    if task == "base" and not overrides:
+        # Load the class the checkpoint was saved as and keep its base model: loading a head checkpoint into the
+        # bare base class works too, but transformers then reports every head tensor as unexpected.
+        stored = saved_task(load_config(resolved))
+        if stored in FAMILY_TASKS[family] and stored != "base":
+            model = model_class(family, stored).from_pretrained(resolved)
+            return getattr(model, model.base_model_prefix)
+    # from_pretrained maps between "esm.*"-prefixed head checkpoints and bare base models both ways, and initialises
+    # a head that is not in the checkpoint through the model's loading-safe _init_weights hook.
+    return model_class(family, task).from_pretrained(resolved, **overrides)
+
+
+def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, Any]) -> PreTrainedModel:
+    """A plain ``transformers`` checkpoint: load it with ``transformers``, convert exactly with ``from_hf``."""
+    import transformers
+
+    from bioscale import models
+
+    hf_classes = {
+        ("esm2", "token_classification"): "EsmForTokenClassification",
+        ("esm2", "masked_lm"): "EsmForMaskedLM",
+        ("esm2", "base"): "EsmModel",
+        ("llama3", "causal_lm"): "LlamaForCausalLM",
+        ("llama3", "base"): "LlamaModel",
+    }
+    if (family, task) in hf_classes:
+        hf_cls = getattr(transformers, hf_classes[(family, task)])
+        hf_model = hf_cls.from_pretrained(resolved, **overrides)
+        return models.from_hf(hf_model)
+    # No exact transformers counterpart (bioscale's sequence head pools the mean, ESM's reads <cls>): convert the
+    # encoder and put a freshly initialised bioscale head on it.
+    encoder = models.from_hf(transformers.EsmModel.from_pretrained(resolved))
+    config = encoder.config
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = model_class(family, task)(config)
+    base = getattr(model, model.base_model_prefix)
+    missing, unexpected = base.load_state_dict(encoder.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    assert not [k for k in missing if "contact_head" not in k], missing
+    return model
+
+
+def load_tokenizer(source: str, family: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with ``source``, else the family's bioscale tokenizer; checked against the vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokenizer: PreTrainedTokenizerBase | None = None
+    path = Path(source)
+    has_files = path.is_dir() and any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    )
+    if has_files or not path.exists():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            if has_files:
+                raise ValueError(f"cannot load the tokenizer saved in {source!r}: {err}") from err
+            tokenizer = None  # a Hub repo without tokenizer files: fall back below
+    if tokenizer is None:
+        tokenizer = default_tokenizer(family)
+        logger.info("no tokenizer saved with %s; using the bioscale %s tokenizer", source, family)
+    check_tokenizer_fits(tokenizer, config, source)
+    return tokenizer
+
+
+def default_tokenizer(family: str) -> PreTrainedTokenizerBase:
+    """bioscale's tokenizer for ``family``: ESM-2's protein alphabet or the nucleotide tokenizer."""
+    from bioscale.data.tokenizers import nucleotide_tokenizer, protein_tokenizer
+
+    return protein_tokenizer() if family == "esm2" else nucleotide_tokenizer()
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, source: str) -> None:
+    """``ValueError`` when the tokenizer can produce ids the model has no embedding for."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= config.vocab_size:
+        raise ValueError(
+            f"the tokenizer of {source!r} has token id {largest} but the model's vocab_size is {config.vocab_size}; "
+            "the tokenizer does not belong to this model"
+        )
