@@ -1,0 +1,88 @@
+"""Packing (THD) and padding (BSHD): every token exactly once, consistent metadata, the budget, isolated padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bioscale.data import IGNORE_INDEX, count_tokens, pack_sequences, pad_sequences
+
+
+def random_token_lists(n: int, seed: int, high: int = 300) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # values 4..32 with a unique "serial" per sequence so each token can be traced back to its sequence and offset
+    return [rng.integers(4, 33, size=int(rng.integers(1, high))) for _ in range(n)]
+
+
+def unpack(batch) -> list[np.ndarray]:
+    ids = batch["input_ids"][0].numpy()
+    cu = batch["cu_seq_lens_q"].numpy()
+    return [ids[a:b] for a, b in zip(cu[:-1], cu[1:])]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("multiple", [None, 16])
+@pytest.mark.parametrize("max_tokens", [320, 1024])
+def test_every_token_once_and_budget(split, multiple, max_tokens):
+    seqs = random_token_lists(200, seed=max_tokens + bool(split))
+    batches = list(pack_sequences(seqs, max_tokens=max_tokens, pad_to_multiple_of=multiple, split_overflow=split))
+    pieces: list[np.ndarray] = []
+    for b in batches:
+        T = b["input_ids"].shape[1]
+        assert b["input_ids"].shape == b["position_ids"].shape == b["labels"].shape == (1, T)
+        assert b["input_ids"].dtype == b["position_ids"].dtype == b["labels"].dtype == torch.int64
+        cu = b["cu_seq_lens_q"]
+        assert cu.dtype == torch.int32 and torch.equal(cu, b["cu_seq_lens_k"])
+        assert cu[0] == 0 and cu[-1] == T and bool((cu[1:] > cu[:-1]).all())
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        assert b["max_length_q"] == b["max_length_k"] == max(lengths)
+        assert T <= max_tokens, "budget exceeded"
+        if multiple:
+            assert T % multiple == 0
+        # positions restart at 0 in every segment
+        expected_pos = np.concatenate([np.arange(n) for n in lengths])
+        assert np.array_equal(b["position_ids"][0].numpy(), expected_pos)
+        segs = unpack(b)
+        num_real = sum(len(s) for s in segs)
+        counts = count_tokens(b)
+        if counts["num_real_tokens"] < T:  # padding: exactly one final segment of <pad>, label -100, own segment
+            pad = segs.pop()
+            assert (pad == 1).all() and len(pad) < (multiple or 1)
+            assert (b["labels"][0, -len(pad):] == IGNORE_INDEX).all()
+            num_real -= len(pad)
+        assert counts == {"num_tokens": T, "num_real_tokens": num_real, "num_label_tokens": num_real,
+                          "num_sequences": len(segs)}
+        pieces += segs
+    if split:  # every batch but the last is full (apart from padding to the multiple)
+        assert all(count_tokens(b)["num_real_tokens"] == max_tokens for b in batches[:-1])
+        rebuilt = np.concatenate(pieces)
+        assert np.array_equal(rebuilt, np.concatenate(seqs))
+    else:
+        assert len(pieces) == len(seqs)
+        for got, want in zip(pieces, seqs):
+            assert np.array_equal(got, want)
+
+
+def test_greedy_is_in_order_and_closes_on_overflow():
+    seqs = [np.full(n, 5) for n in (3, 4, 2, 6, 1)]
+    sizes = [[len(s) for s in unpack(b)] for b in pack_sequences(seqs, max_tokens=8)]
+    assert sizes == [[3, 4], [2, 6], [1]]
+    sizes = [[len(s) for s in unpack(b)] for b in pack_sequences(seqs, max_tokens=8, split_overflow=True)]
+    assert sizes == [[3, 4, 1], [1, 6, 1]]  # 16 tokens: exactly two full micro-batches
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="sequence 1 has 9 tokens, more than max_tokens=8"):
+        list(pack_sequences([[5, 5], [5] * 9], max_tokens=8))
+    with pytest.raises(ValueError, match="max_tokens=100 must be a multiple of pad_to_multiple_of=16"):
+        list(pack_sequences([[5]], max_tokens=100, pad_to_multiple_of=16))
+
+
+def test_pad_sequences_and_counts():
+    seqs = [[0, 5, 6, 2], [0, 7, 2], [0, 2]]
+    b = pad_sequences(seqs, pad_token_id=1, pad_to_multiple_of=8)
+    assert b["input_ids"].tolist() == [[0, 5, 6, 2, 1, 1, 1, 1], [0, 7, 2, 1, 1, 1, 1, 1], [0, 2, 1, 1, 1, 1, 1, 1]]
+    assert b["attention_mask"].sum(1).tolist() == [4, 3, 2]
+    assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert count_tokens(b) == {"num_tokens": 24, "num_real_tokens": 9, "num_label_tokens": 9, "num_sequences": 3}
