@@ -16,14 +16,18 @@ from bioscale.pipeline.artifacts import (
     write_artifact,
 )
 from bioscale.pipeline.curate import curate
+from bioscale.pipeline.stages import evaluate, run_pipeline, train_stage
 
 __all__ = [
     "Artifact",
     "ArtifactMetadata",
     "LineageEntry",
     "curate",
+    "evaluate",
     "load_artifact",
     "read_artifact",
+    "run_pipeline",
     "trace_lineage",
+    "train_stage",
     "write_artifact",
 ]

@@ -104,7 +104,9 @@ class ArtifactMetadata(BaseModel):
     def path(self, artifact_dir: str | Path, role: str) -> Path:
         """Absolute path of the file or directory stored under ``paths[role]``."""
         if role not in self.paths:
-            raise ValueError(f"{self.kind} artifact {artifact_dir} has no field 'paths.{role}' (has: {sorted(self.paths)})")
+            raise ValueError(
+                f"{self.kind} artifact {artifact_dir} has no field 'paths.{role}' (has: {sorted(self.paths)})"
+            )
         return Path(artifact_dir).resolve() / self.paths[role]
 
     def describe(self, artifact_dir: str | Path) -> dict[str, Any]:
@@ -274,7 +276,9 @@ def read_artifact(
     if verify:
         actual = content_id(root, metadata)
         if actual != metadata.id:
-            raise ValueError(f"artifact {root}: field 'id' is {metadata.id} but the content hashes to {actual} (modified?)")
+            raise ValueError(
+                f"artifact {root}: field 'id' is {metadata.id} but the content hashes to {actual} (modified since?)"
+            )
     return metadata
 
 
@@ -317,7 +321,8 @@ def trace_lineage(artifact_dir: str | Path) -> list[tuple[LineageEntry, Artifact
             parent = read_artifact(entry.path, expected_kind=entry.kind)
             if parent.id != entry.id:
                 raise ValueError(
-                    f"lineage of {artifact_dir}: artifact {entry.path} now has id {parent.id}, but {entry.id} was consumed"
+                    f"lineage of {artifact_dir}: artifact {entry.path} now has id {parent.id}, "
+                    f"but {entry.id} was consumed"
                 )
             result.append((entry, parent))
             visit(parent)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bioscale.eval.splits import is_held_out
 from bioscale.pipeline.artifacts import (
     Artifact,
     ArtifactMetadata,
@@ -36,10 +37,8 @@ _POLICY_KIND = {"protein": "protein", "dna": "nucleotide"}
 
 
 def split_of(sequence: str, *, seed: int, validation_fraction: float) -> str:
-    """``"validation"`` or ``"train"`` for ``sequence``, from a keyed hash: a pure function of (sequence, seed)."""
-    key = seed.to_bytes(8, "little", signed=True)
-    value = int.from_bytes(hashlib.blake2b(sequence.encode(), digest_size=8, key=key).digest(), "little")
-    return "validation" if value < validation_fraction * 2.0**64 else "train"
+    """``"validation"`` or ``"train"`` for ``sequence``: a pure function of (sequence, seed), see eval/splits.py."""
+    return "validation" if is_held_out(sequence, seed=seed, fraction=validation_fraction) else "train"
 
 
 @dataclass
@@ -233,7 +232,7 @@ def curate(
         "validation_fraction": validation_fraction,
         "max_records": max_records,
         "shard_size": shard_size,
-        "split": "blake2b(sequence, key=seed) < validation_fraction * 2^64",
+        "split": "blake2b(sequence, key=seed) / 2^64 < validation_fraction",
     }
     metadata = ArtifactMetadata(
         kind="dataset",

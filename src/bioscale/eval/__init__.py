@@ -1,0 +1,36 @@
+"""Evaluation that measures biology: language-model quality on held-out sequences and a secondary-structure probe.
+
+- :func:`masked_lm_perplexity` (proteins, fixed seeded masking) and :func:`causal_lm_nll` (DNA, bits per base);
+- :func:`secondary_structure_probe`: Q3/Q8 of a linear probe on frozen per-residue embeddings, next to a
+  randomly initialised model, the residue identity alone and the majority class;
+- :func:`write_report` / :func:`plot_training_curves`: a Markdown + HTML report and a PNG of the training curves.
+
+The pipeline's eval stage (:func:`bioscale.pipeline.evaluate`) composes these; they also work on any model.
+"""
+
+from bioscale.eval.perplexity import causal_lm_nll, fixed_mlm_masking, masked_lm_perplexity
+from bioscale.eval.report import ReportSection, plot_training_curves, read_metrics_jsonl, write_report
+from bioscale.eval.secondary_structure import (
+    SecondaryStructureData,
+    fit_linear_probe,
+    load_secondary_structure,
+    residue_embeddings,
+    secondary_structure_probe,
+)
+from bioscale.eval.splits import is_held_out
+
+__all__ = [
+    "ReportSection",
+    "SecondaryStructureData",
+    "causal_lm_nll",
+    "fit_linear_probe",
+    "fixed_mlm_masking",
+    "is_held_out",
+    "load_secondary_structure",
+    "masked_lm_perplexity",
+    "plot_training_curves",
+    "read_metrics_jsonl",
+    "residue_embeddings",
+    "secondary_structure_probe",
+    "write_report",
+]

@@ -1,0 +1,505 @@
+"""The train and eval stages, and the whole data → train → eval pipeline, as Python functions.
+
+Each stage reads its input artifact (validated, kind checked), does its work through the library (the training loop
+of :mod:`bioscale.train`, the measurements of :mod:`bioscale.eval`), and writes an artifact whose lineage names what
+it consumed. The commands in cli.py are thin wrappers around these functions; tests and notebooks call them directly.
+
+- :func:`train_stage`: a dataset artifact → a model artifact. Picks the recipe for the modality (``L0_sanity`` for
+  proteins, ``L0_sanity_llama3`` for DNA), applies the scale's overrides, points ``data.source`` at the dataset's
+  train shards and runs the training loop with its run directory inside the artifact.
+- :func:`evaluate`: a model artifact (or any checkpoint directory) → an evaluation artifact: masked-LM perplexity or
+  per-token NLL / bits per base on the dataset's validation split (or ``data``), the same for a randomly initialised
+  model of the same shape, the secondary-structure probe for proteins, and a Markdown/HTML report with the curves.
+- :func:`run_pipeline`: all three in sequence, under one output directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bioscale.pipeline.artifacts import (
+    Artifact,
+    ArtifactMetadata,
+    LineageEntry,
+    Modality,
+    Scale,
+    lineage_entry,
+    load_artifact,
+    read_artifact,
+    source_lineage_entry,
+    write_artifact,
+)
+from bioscale.pipeline.curate import curate
+from bioscale.pipeline.scales import get_preset
+
+logger = logging.getLogger(__name__)
+
+PORTER6_FILENAME = "porter6_secondary_structure_sample.parquet"
+# Keys the train stage sets itself: overriding them would break the artifact's layout or its lineage.
+_RESERVED_TRAIN_KEYS = ("data.source", "run_dir", "checkpoint.ckpt_dir", "checkpoint.save_final_model")
+_FAMILY_MODALITY = {"esm2": "protein", "llama3": "dna"}
+_HYDRA_PLAIN = re.compile(r"^[\w./:\-]+$")
+
+
+def default_out(stage: str, scale: str, seed: int, root: str | Path = "outputs") -> Path:
+    """``outputs/<stage>/<UTC time>-<scale>-seed<seed>``, made unique with a counter if it already exists."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / stage / f"{stamp}-{scale}-seed{seed}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output directory {out} is not empty; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _hydra_value(value: str | Path) -> str:
+    """A path as a Hydra override value: quoted when it holds characters the override grammar would parse."""
+    text = str(value)
+    if _HYDRA_PLAIN.match(text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_stage(
+    dataset: Artifact | str | Path,
+    *,
+    out: str | Path,
+    scale: Scale = "tiny",
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Artifact:
+    """Train a model on a dataset artifact's train split; write a model artifact at ``out`` and return it.
+
+    Args:
+        dataset: the dataset artifact (directory or :class:`Artifact`).
+        scale: picks the recipe overrides (model size, steps) from :mod:`bioscale.pipeline.scales`.
+        seed: the run's seed (model init and data order).
+        overrides: Hydra ``key=value`` overrides applied last (e.g. ``num_train_steps=500``, ``dtype=bf16``);
+            ``data.source``, ``run_dir`` and ``checkpoint.*dir`` are set by the stage and cannot be overridden.
+        device: ``cpu``, ``cuda`` or ``auto`` (default: the recipe's).
+
+    Raises:
+        ValueError: an invalid or wrong-kind dataset artifact, a reserved or invalid override.
+    """
+    from bioscale.train.config import load_config
+    from bioscale.train.train import train
+
+    data = load_artifact(dataset, "dataset")
+    modality = data.metadata.modality
+    if modality is None:
+        raise ValueError(f"dataset artifact {data.path}: field 'modality' is not set (expected 'protein' or 'dna')")
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in _RESERVED_TRAIN_KEYS:
+            raise ValueError(f"override {item!r}: {key} is set by the train stage (it points into the artifacts)")
+    preset = get_preset(scale)
+    recipe = preset.recipe[modality]
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    run_dir = (out / "run").resolve()
+    stage_overrides = [
+        *preset.train_overrides[modality],
+        f"data.source={_hydra_value(data.file('train'))}",
+        f"seed={seed}",
+        f"data.seed={seed}",
+        f"run_dir={_hydra_value(run_dir)}",
+        f"checkpoint.ckpt_dir={_hydra_value(run_dir / 'checkpoints')}",
+        "checkpoint.save_final_model=true",
+    ]
+    if device is not None:
+        stage_overrides.append(f"device={device}")
+    all_overrides = [*stage_overrides, *overrides]
+    cfg = load_config(recipe, all_overrides)
+    logger.info("training recipe %s on %s (%d steps) into %s", recipe, data.file("train"), cfg.num_train_steps, run_dir)
+    summary = train(cfg)
+
+    paths = {
+        "model": "run/checkpoints/final_model",
+        "metrics": "run/metrics.jsonl",
+        "config": "run/config.yaml",
+        "summary": "run/summary.json",
+    }
+    optional = {"model_hf": "run/checkpoints/final_model_hf", "loss_plot": "run/loss.png"}
+    paths.update({role: rel for role, rel in optional.items() if (out / rel).exists()})
+    metrics = {
+        key: summary.get(key)
+        for key in (
+            "first_loss", "final_loss", "min_loss", "final_step", "num_parameters", "num_skipped_steps",
+            "wall_time_s", "tokens_per_sec_per_gpu", "real_tokens_per_sec_per_gpu", "mfu", "peak_mem_gb", "device",
+            "world_size", "data_policy",
+        )
+        if key in summary
+    }
+    metadata = ArtifactMetadata(
+        kind="model",
+        modality=modality,
+        paths=paths,
+        metrics=json.loads(json.dumps(metrics, default=str)),
+        config={
+            "recipe": recipe,
+            "overrides": all_overrides,
+            "model": {"name": cfg.model.name, "size": cfg.model.size},
+            "num_train_steps": cfg.num_train_steps,
+            "max_seq_length": cfg.data.max_seq_length,
+            "dtype": cfg.dtype,
+        },
+        lineage=[lineage_entry(data.path, data.metadata)],
+        seed=seed,
+        scale=scale,
+    )
+    metadata = write_artifact(out, metadata)
+    return Artifact(path=out.resolve(), metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def find_shared_file(name: str) -> Path | None:
+    """``name`` in the shared data folder: ``$BIOSCALE_SHARED_DATA``, ``./../shared/data`` or beside the checkout."""
+    candidates = []
+    if os.environ.get("BIOSCALE_SHARED_DATA"):
+        candidates.append(Path(os.environ["BIOSCALE_SHARED_DATA"]))
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")  # <repo>/../shared/data
+    for folder in candidates:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def random_init_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A model of the same class and config with fresh random weights (seeded; the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(copy.deepcopy(model.config))
+        init_weights = getattr(fresh, "init_weights", None)
+        if callable(init_weights):
+            init_weights()
+    param = next(model.parameters())
+    return fresh.to(device=param.device, dtype=param.dtype).eval()
+
+
+def _read_sequences(spec: str | Path, modality: Modality, *, limit: int | None) -> tuple[list[str], dict[str, int]]:
+    """Sequences of any source the data layer opens, with its input policy applied (no cropping: eval chunks)."""
+    from bioscale.data.policy import InputPolicy
+    from bioscale.data.sources import iter_sequences, open_source
+
+    try:
+        source = open_source(str(spec))
+    except FileNotFoundError as err:
+        raise ValueError(f"evaluation data {spec}: {err}") from err
+    policy = InputPolicy("protein" if modality == "protein" else "nucleotide", unknown_residues="map")
+    sequences = []
+    for _, sequence in iter_sequences(source, policy):
+        sequences.append(sequence)
+        if limit is not None and len(sequences) >= limit:
+            break
+    if not sequences:
+        raise ValueError(f"evaluation data {spec}: no sequence left after the input policy ({policy.stats.as_dict()})")
+    return sequences, policy.stats.as_dict()
+
+
+def _dataset_of(model_artifact: Artifact) -> Artifact | None:
+    for entry in model_artifact.metadata.lineage:
+        if entry.kind == "dataset":
+            try:
+                return load_artifact(entry.path, "dataset")
+            except ValueError as err:
+                raise ValueError(
+                    f"model artifact {model_artifact.path}: its field 'lineage' names dataset {entry.path}, which "
+                    f"cannot be read ({err}); pass --data to evaluate on another file"
+                ) from err
+    return None
+
+
+def _resolve_model(model: Artifact | str | Path) -> tuple[Path, Artifact | None, LineageEntry]:
+    """The checkpoint directory to load, the model artifact (if it is one), and its lineage record.
+
+    Accepts a model artifact, or a plain checkpoint directory (``config.json`` inside: a ``final_model``, a converted
+    ``transformers`` checkpoint), which is then recorded as a source in the lineage.
+    """
+    path = model.path if isinstance(model, Artifact) else Path(model)
+    if isinstance(model, Artifact) or (path / "metadata.json").is_file() or not (path / "config.json").is_file():
+        artifact = load_artifact(model, "model")
+        return artifact.file("model"), artifact, lineage_entry(artifact.path, artifact.metadata)
+    return path.resolve(), None, source_lineage_entry(path)
+
+
+def evaluate(
+    model: Artifact | str | Path,
+    *,
+    out: str | Path,
+    data: str | Path | None = None,
+    scale: Scale = "tiny",
+    seed: int = 0,
+    secondary_structure: str | Path | bool | None = None,
+    max_sequences: int | None = -1,
+    probe_max_iter: int | None = None,
+    random_baseline: bool = True,
+    device: str | None = None,
+    bf16: bool = False,
+    overwrite: bool = False,
+) -> Artifact:
+    """Evaluate a model; write an evaluation artifact (metrics, report.md/html, curves PNG) at ``out`` and return it.
+
+    Args:
+        model: a model artifact, or any checkpoint directory (bioscale or ``transformers`` ESM-2 / Llama).
+        data: FASTA/parquet (any source the data layer opens) to evaluate on; default: the validation split of the
+            dataset artifact in the model's lineage.
+        secondary_structure: the Porter6 parquet for the probe (proteins only); ``None`` looks for
+            ``porter6_secondary_structure_sample.parquet`` in the shared data folder and skips the probe, with a
+            note in the report and metrics, when it is absent; ``False`` disables the probe.
+        max_sequences: evaluate at most this many sequences (``-1``: the scale's cap, ``None``: all).
+        probe_max_iter: L-BFGS iterations of the probe (default: the scale's).
+        random_baseline: also evaluate a randomly initialised model of the same config (seeded by ``seed``).
+        device: ``cpu``/``cuda``/``auto``; ``bf16`` runs the forward passes under bf16 autocast (GPU).
+    """
+    from bioscale.eval.batching import resolve_device
+    from bioscale.eval.perplexity import causal_lm_nll, masked_lm_perplexity
+    from bioscale.eval.report import ReportSection, plot_training_curves, write_report
+    from bioscale.eval.secondary_structure import load_secondary_structure, secondary_structure_probe
+    from bioscale.use.loading import family_of, load_model
+    from bioscale.use.loading import load_config as load_model_config
+
+    preset = get_preset(scale)
+    if max_sequences == -1:
+        max_sequences = preset.eval_max_sequences
+    probe_max_iter = preset.probe_steps if probe_max_iter is None else probe_max_iter
+    model_dir, artifact, model_lineage = _resolve_model(model)
+    lineage = [model_lineage]
+
+    # ---- the model -----------------------------------------------------------------------------------------------
+    torch_device = resolve_device(device)
+    family = family_of(load_model_config(model_dir))
+    modality: Modality = _FAMILY_MODALITY[family]  # type: ignore[assignment]
+    if artifact is not None and artifact.metadata.modality not in (None, modality):
+        raise ValueError(
+            f"model artifact {artifact.path}: field 'modality' is {artifact.metadata.modality!r} but the checkpoint "
+            f"is a {family} model"
+        )
+    loaded = load_model(model_dir, task="masked_lm" if modality == "protein" else "causal_lm", device=torch_device)
+    trained, tokenizer = loaded.model, loaded.tokenizer
+    # Score with the context the model was trained on (the recipe's data.max_seq_length); a plain checkpoint gets the
+    # family's usual one.
+    trained_length = artifact.metadata.config.get("max_seq_length") if artifact is not None else None
+    max_length = int(trained_length or (1024 if modality == "protein" else 8192))
+    autocast_dtype = torch.bfloat16 if bf16 else None
+
+    # ---- the evaluation sequences ----------------------------------------------------------------------------------
+    notes: list[str] = []
+    if data is not None:
+        sequences, policy_counts = _read_sequences(data, modality, limit=max_sequences)
+        lineage.append(source_lineage_entry(data))
+        data_label = str(data)
+    else:
+        if artifact is None:
+            raise ValueError(f"{model_dir} is not a model artifact, so it has no validation split: pass --data PATH")
+        dataset = _dataset_of(artifact)
+        if dataset is None:
+            raise ValueError(f"model artifact {artifact.path}: field 'lineage' names no dataset; pass --data PATH")
+        if not dataset.metadata.metrics.get("validation_sequences", 1):
+            raise ValueError(f"dataset artifact {dataset.path}: the validation split is empty; pass --data PATH")
+        sequences, policy_counts = _read_sequences(dataset.file("validation"), modality, limit=max_sequences)
+        data_label = f"validation split of {dataset.path}"
+
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    models: dict[str, torch.nn.Module] = {"trained": trained}
+    if random_baseline:
+        models["random_init"] = random_init_like(trained, seed)
+
+    # ---- language-model quality ------------------------------------------------------------------------------------
+    lm_metrics: dict[str, dict[str, Any]] = {}
+    for name, candidate in models.items():
+        logger.info("scoring %d sequences with the %s model", len(sequences), name)
+        if modality == "protein":
+            lm_metrics[name] = masked_lm_perplexity(
+                candidate, sequences, tokenizer, max_length=max_length, seed=seed, device=torch_device,
+                autocast_dtype=autocast_dtype,
+            )
+        else:
+            lm_metrics[name] = causal_lm_nll(
+                candidate, sequences, tokenizer, max_length=max_length, device=torch_device,
+                autocast_dtype=autocast_dtype,
+            )
+
+    # ---- secondary structure ---------------------------------------------------------------------------------------
+    ss_metrics: dict[str, Any] | None = None
+    if modality != "protein":
+        notes.append("Secondary-structure probe: not applicable to DNA models.")
+    elif secondary_structure is False:
+        notes.append("Secondary-structure probe: disabled.")
+    else:
+        if isinstance(secondary_structure, (str, Path)):
+            ss_path: Path | None = Path(secondary_structure)
+        else:
+            ss_path = find_shared_file(PORTER6_FILENAME)
+        if ss_path is None:
+            notes.append(
+                f"Secondary-structure probe: skipped, {PORTER6_FILENAME} not found (set BIOSCALE_SHARED_DATA or pass "
+                f"--ss-data)."
+            )
+        else:
+            ss_data = load_secondary_structure(ss_path, max_proteins=preset.ss_max_proteins, seed=seed)
+            ss_metrics = secondary_structure_probe(
+                models, tokenizer, ss_data, max_length=max_length, max_iter=probe_max_iter, device=torch_device,
+                autocast_dtype=autocast_dtype,
+            )
+            lineage.append(source_lineage_entry(ss_path))
+
+    # ---- report ----------------------------------------------------------------------------------------------------
+    paths: dict[str, str] = {}
+    curves = None
+    if artifact is not None and "metrics" in artifact.metadata.paths:
+        curves = plot_training_curves(artifact.file("metrics"), out / "training_curves.png", title="training")
+    if curves is not None:
+        paths["training_curves"] = curves.name
+    sections = _report_sections(
+        ReportSection, modality, lm_metrics, ss_metrics, notes, model_dir, artifact, data_label, len(sequences), curves
+    )
+    md_path, html_path = write_report(out, f"bioscale evaluation ({modality}, scale {scale})", sections)
+    paths.update(report_md=md_path.name, report_html=html_path.name)
+
+    metrics: dict[str, Any] = {
+        "language_model": lm_metrics,
+        "secondary_structure": ss_metrics,
+        "num_sequences": len(sequences),
+        "data": data_label,
+        "data_policy": policy_counts,
+        "notes": notes,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    paths["metrics"] = "metrics.json"
+    metadata = ArtifactMetadata(
+        kind="evaluation",
+        modality=modality,
+        paths=paths,
+        metrics=metrics,
+        config={
+            "model": str(model_dir),
+            "data": str(data) if data is not None else None,
+            "max_length": max_length,
+            "max_sequences": max_sequences,
+            "probe_max_iter": probe_max_iter,
+            "random_baseline": random_baseline,
+            "bf16": bf16,
+            "device": str(torch_device),
+        },
+        lineage=lineage,
+        seed=seed,
+        scale=scale,
+    )
+    metadata = write_artifact(out, metadata)
+    return Artifact(path=out.resolve(), metadata=metadata)
+
+
+def _report_sections(
+    section_cls, modality, lm_metrics, ss_metrics, notes, model_dir, artifact, data_label, num_sequences, curves
+) -> list:
+    sections = []
+    provenance = [f"Model: {model_dir}"]
+    if artifact is not None:
+        provenance.append(f"Model artifact: {artifact.path} (id {artifact.metadata.id})")
+        for entry in artifact.metadata.lineage:
+            provenance.append(f"Trained on {entry.kind} {entry.path} (id {entry.id})")
+    provenance.append(f"Evaluated on: {data_label} ({num_sequences} sequences)")
+    sections.append(section_cls("Provenance", paragraphs=provenance))
+    if modality == "protein":
+        header = ["model", "perplexity", "NLL / masked token", "accuracy", "masked tokens"]
+        rows = [
+            [name, m["perplexity"], m["nll_per_token"], m["accuracy"], m["num_masked_tokens"]]
+            for name, m in lm_metrics.items()
+        ]
+        title = "Masked-LM perplexity (fixed seeded masking, 15%)"
+    else:
+        header = ["model", "bits / base", "NLL / token", "perplexity", "accuracy", "bases"]
+        rows = [
+            [name, m["bits_per_base"], m["nll_per_token"], m["perplexity"], m["accuracy"], m["num_tokens"]]
+            for name, m in lm_metrics.items()
+        ]
+        title = "Causal-LM likelihood"
+    sections.append(section_cls(title, header=header, rows=rows))
+    if ss_metrics is not None:
+        rows = [
+            [name, ss_metrics[name]["q3"], ss_metrics[name]["q8"]]
+            for name in (*[k for k in lm_metrics], "residue_identity", "majority")
+        ]
+        sections.append(
+            section_cls(
+                "Secondary structure (linear probe on frozen embeddings)",
+                paragraphs=[
+                    f"Probe trained on {ss_metrics['num_train_proteins']} proteins "
+                    f"({ss_metrics['num_train_residues']} residues), tested on {ss_metrics['num_test_proteins']} "
+                    f"({ss_metrics['num_test_residues']} residues), split by sequence. 'residue_identity' is the same "
+                    "probe on a one-hot code of the amino acid; 'majority' predicts the most frequent class."
+                ],
+                header=["features", "Q3", "Q8"],
+                rows=rows,
+            )
+        )
+    if curves is not None:
+        sections.append(section_cls("Training curves", image=curves.name))
+    if notes:
+        sections.append(section_cls("Notes", paragraphs=notes))
+    return sections
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the whole pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_pipeline(
+    source: str | Path | None = None,
+    *,
+    out: str | Path,
+    kind: Modality = "protein",
+    scale: Scale = "tiny",
+    seed: int = 0,
+    curate_kwargs: dict[str, Any] | None = None,
+    train_overrides: Sequence[str] = (),
+    eval_kwargs: dict[str, Any] | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Artifact]:
+    """Curate → train → evaluate under ``out/{data,model,eval}``; return the three artifacts by stage name."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output directory {out} is not empty; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    dataset = curate(source, out=out / "data", kind=kind, scale=scale, seed=seed, **(curate_kwargs or {}))
+    model = train_stage(dataset, out=out / "model", scale=scale, seed=seed, overrides=train_overrides, device=device)
+    evaluation = evaluate(model, out=out / "eval", scale=scale, seed=seed, device=device, **(eval_kwargs or {}))
+    return {"data": dataset, "model": model, "eval": evaluation}
+
+
+__all__ = ["default_out", "evaluate", "read_artifact", "run_pipeline", "train_stage"]
