@@ -28,7 +28,9 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns on every call without a process group ("assuming the intent is to save in a single process"),
+    # which is exactly our intent in a single process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
+        yield
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step}"
 
@@ -170,15 +181,17 @@ class CheckpointManager:
         barrier()
         start = time.perf_counter()
         if self.async_save:
-            future = dcp.async_save(
-                state, checkpoint_id=str(tmp), process_group=self._async_group, no_dist=not dist.is_initialized()
-            )
+            with _quiet_single_process():
+                future = dcp.async_save(
+                    state, checkpoint_id=str(tmp), process_group=self._async_group, no_dist=not dist.is_initialized()
+                )
             # Newer torch returns a response object holding the upload future.
             future = getattr(future, "upload_completion", future)
             self._pending = (step, future)
             logger.info("checkpoint step %d staged in %.2fs, writing in the background", step, time.perf_counter() - start)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             self._finalize(step)
             logger.info("checkpoint step %d saved in %.2fs", step, time.perf_counter() - start)
 
@@ -224,4 +237,5 @@ class CheckpointManager:
         path = Path(path)
         if not is_complete(path):
             raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or .metadata)")
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())

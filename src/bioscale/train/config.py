@@ -172,6 +172,9 @@ def _schema_node() -> DictConfig:
     node = OmegaConf.structured(TrainConfig)
     # The top-level switch is the public one; the data loader reads its own copy.
     node.data.use_sequence_packing = "${use_sequence_packing}"
+    # Every recipe names its data. A recipe's `???` must stay missing, and merging `???` over a default keeps the
+    # default (OmegaConf's merge rule), so the schema itself has no default source.
+    node.data.source = "???"
     return node
 
 

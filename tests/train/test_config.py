@@ -1,0 +1,115 @@
+"""Recipes compose into validated TrainConfigs; unknown keys, bad values and missing required values fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from bioscale.train.config import TrainConfig, config_to_yaml, list_recipes, load_config
+
+RECIPES = ("L0_sanity", "L0_sanity_llama3", "L1_esm2_650M", "L1_esm2_3B", "L1_llama3_1B", "L2_esm2_650M_uniref")
+
+
+def test_every_public_recipe_ships_and_composes():
+    assert set(RECIPES) <= set(list_recipes())
+    for name in RECIPES:
+        overrides = ["data.source=/data/uniref50"] if name == "L2_esm2_650M_uniref" else []
+        cfg = load_config(name, overrides)
+        assert isinstance(cfg, TrainConfig)
+        assert cfg.run_dir == f"outputs/{name}"
+        assert cfg.checkpoint.ckpt_dir == f"outputs/{name}/checkpoints"
+        assert list_recipes()[name], f"{name}.yaml needs a one-line description as its first comment"
+
+
+def test_recipe_families_match_their_objectives():
+    assert load_config("L0_sanity").data.objective == "mlm"
+    llama = load_config("L0_sanity_llama3")
+    assert (llama.model.name, llama.data.objective, llama.data.tokenizer) == ("llama3", "clm", "nucleotide")
+    assert llama.scheduler.kind == "warmup_cosine"
+    assert load_config("L1_esm2_650M").scheduler.kind == "linear_warmup_linear_decay"
+
+
+def test_overrides_reach_nested_and_top_level_keys():
+    cfg = load_config(
+        "L0_sanity",
+        ["num_train_steps=7", "optimizer.lr=0.5", "fp8_layers=[1,2]", "+model.overrides.num_hidden_layers=3",
+         "checkpoint.ckpt_dir=/tmp/x", "parallelism.strategy=ddp"],
+    )
+    assert cfg.num_train_steps == 7
+    assert cfg.optimizer.lr == 0.5
+    assert cfg.fp8_layers == [1, 2]
+    assert cfg.model.overrides == {"num_hidden_layers": 3}
+    assert cfg.checkpoint.ckpt_dir == "/tmp/x"
+    assert cfg.parallelism.strategy == "ddp"
+
+
+def test_use_sequence_packing_mirrors_into_data():
+    assert load_config("L0_sanity", ["use_sequence_packing=true"]).data.use_sequence_packing is True
+    assert load_config("L0_sanity", ["use_sequence_packing=false"]).data.use_sequence_packing is False
+    with pytest.raises(ValueError, match="set only the top-level use_sequence_packing"):
+        load_config("L0_sanity", ["use_sequence_packing=false", "data.use_sequence_packing=true"])
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("no_such_key=1", "no_such_key"),
+        ("optimizer.lrr=0.1", "lrr"),
+        ("data.sorce=x", "sorce"),
+        ("num_train_steps=many", "num_train_steps"),
+    ],
+)
+def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
+    with pytest.raises(ValueError, match=named):
+        load_config("L0_sanity", [override])
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("parallelism.strategy=zero3", "parallelism.strategy"),
+        ("device=tpu", "device"),
+        ("activation_checkpointing=some", "activation_checkpointing"),
+        ("grad_acc_steps=0", "grad_acc_steps"),
+        ("scheduler.kind=step", "scheduler.kind"),
+        ("fp8_layers=[0]", "fp8_layers"),
+        ("data.objective=mask", "data.objective"),
+    ],
+)
+def test_invalid_values_are_rejected_by_name(override, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        load_config("L0_sanity", [override])
+
+
+def test_required_data_source_of_L2_fails_clearly():
+    with pytest.raises(ValueError, match=r"data\.source"):
+        load_config("L2_esm2_650M_uniref")
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ValueError, match="L0_sanity"):
+        load_config("L0_sanityy")
+
+
+def test_saved_yaml_round_trips(tmp_path):
+    cfg = load_config("L0_sanity", ["num_train_steps=3"])
+    (tmp_path / "config.yaml").write_text(config_to_yaml(cfg))
+    (tmp_path / "copy.yaml").write_text("defaults:\n  - bioscale_train\n  - _self_\n" + config_to_yaml(cfg))
+    again = load_config("copy", config_dir=tmp_path)
+    assert again == cfg
+
+
+def test_cli_help_lists_recipes(capsys):
+    from bioscale.train.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        assert name in out
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    from bioscale.train.cli import main
+
+    assert main(["--config-name", "L0_sanity", "bogus_key=1"]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    assert main([]) == 2
