@@ -21,10 +21,12 @@ KV-cache decoding always uses ``sdpa``. In every case no query attends to a key 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -203,6 +205,26 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 }
 
 
+# ---- Hook for context parallelism (bioscale.distributed.context_parallel) ------------------------------------------
+# Under context parallelism the batch a model sees is one rank's shard of longer sequences (global positions, queries
+# attending to keys held by other ranks); only the sharding code knows the global layout, so while it is active it
+# builds the AttentionInputs itself. Outside that context the builders below behave as documented.
+_ATTENTION_INPUTS_OVERRIDE: contextvars.ContextVar[Callable[..., AttentionInputs] | None] = contextvars.ContextVar(
+    "bioscale_attention_inputs_override", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_inputs_override(build: Callable[..., AttentionInputs]) -> Iterator[None]:
+    """While active, :func:`padded_attention_inputs` and :func:`packed_attention_inputs` return
+    ``build(backend=..., causal=..., dropout_p=..., device=...)`` instead of their own metadata."""
+    token = _ATTENTION_INPUTS_OVERRIDE.set(build)
+    try:
+        yield
+    finally:
+        _ATTENTION_INPUTS_OVERRIDE.reset(token)
+
+
 def check_backend_name(name: str) -> str:
     """Return ``name`` if it is a registered backend, else raise ``ValueError`` listing the valid ones."""
     if name not in ATTENTION_BACKENDS:
@@ -228,6 +250,8 @@ def padded_attention_inputs(
     their outputs are never read.
     """
     check_backend_name(backend)
+    if (override := _ATTENTION_INPUTS_OVERRIDE.get()) is not None:
+        return override(backend=backend, causal=causal, dropout_p=dropout_p, device=device)
     kv_length = past_length + query_length
     key_valid = attention_mask.bool() if attention_mask is not None else None
     if backend == "flex" and past_length == 0:
@@ -276,6 +300,8 @@ def packed_attention_inputs(
     """
     check_backend_name(backend)
     device = cu_seqlens.device
+    if (override := _ATTENTION_INPUTS_OVERRIDE.get()) is not None:
+        return override(backend=backend, causal=causal, dropout_p=dropout_p, device=device)
     if backend == "flex":
         _check_no_dropout("flex", dropout_p)
         return AttentionInputs(backend="flex", causal=causal, block_mask=_document_block_mask(sequence_ids, causal))
