@@ -23,6 +23,7 @@ to resume under a different layout rather than silently repeat or skip data.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -225,7 +226,10 @@ class BioscaleDataLoader(StatefulDataLoader):
     (pickle it, e.g. ``torch.save``); save one per rank."""
 
     def __init__(self, dataset: SequenceDataset, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, deprecated in recent torch: noise in every run, nothing to act on
+            warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            super().__init__(dataset, batch_size=None, **kwargs)
         self._bioscale_meta = {
             "version": _STATE_VERSION,
             "rank": dataset.rank,
