@@ -1,0 +1,105 @@
+"""Bad inputs fail with a ValueError that says what is wrong; value checks can be switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_test_utils import esm_padded_batch, llama_padded_batch, pack
+
+from bioscale.models import input_validation
+from bioscale.models.esm2 import Esm2Config, Esm2ForMaskedLM
+from bioscale.models.llama3 import Llama3Config, Llama3ForCausalLM
+
+
+@pytest.fixture(scope="module")
+def esm() -> Esm2ForMaskedLM:
+    config = Esm2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    return Esm2ForMaskedLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama() -> Llama3ForCausalLM:
+    config = Llama3Config(vocab_size=21, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    return Llama3ForCausalLM(config).eval()
+
+
+def _packed() -> dict:
+    return pack(*esm_padded_batch([6, 4, 5]))
+
+
+def _with(batch: dict, **changes: object) -> dict:
+    return {**batch, **changes}
+
+
+BAD_PACKED = [
+    ("cu_seq_lens int64", lambda b: _with(b, cu_seq_lens_q=b["cu_seq_lens_q"].long(), cu_seq_lens_k=None), "must be int32"),
+    ("cu_seq_lens short", lambda b: _with(b, cu_seq_lens_q=torch.tensor([0, 6, 10, 14], dtype=torch.int32), cu_seq_lens_k=None), "does not end at the number of tokens \\(15\\)"),
+    ("cu_seq_lens not from 0", lambda b: _with(b, cu_seq_lens_q=torch.tensor([1, 6, 10, 15], dtype=torch.int32), cu_seq_lens_k=None), "does not start at 0"),
+    ("cu_seq_lens decreasing", lambda b: _with(b, cu_seq_lens_q=torch.tensor([0, 10, 6, 15], dtype=torch.int32), cu_seq_lens_k=None), "not non-decreasing"),
+    ("cu_seq_lens 2-D", lambda b: _with(b, cu_seq_lens_q=b["cu_seq_lens_q"][None], cu_seq_lens_k=None), "1-D tensor"),
+    ("q/k differ", lambda b: _with(b, cu_seq_lens_k=torch.tensor([0, 5, 10, 15], dtype=torch.int32)), "cu_seq_lens_k differs"),
+    ("max_length too small", lambda b: _with(b, max_length_q=3, max_length_k=3), "longer than max_length_q \\(3\\)"),
+    ("positions disagree", lambda b: _with(b, position_ids=torch.arange(15)[None]), "position_ids do not restart"),
+    ("batch of 2", lambda b: _with(b, input_ids=b["input_ids"].expand(2, -1), position_ids=None), "must be \\[1, T\\] or \\[T\\]"),
+    ("padding mask", lambda b: _with(b, attention_mask=torch.ones_like(b["input_ids"])), "attention_mask must be None for packed"),
+    ("max_length alone", lambda b: {"input_ids": b["input_ids"], "max_length_q": 6}, "without cu_seq_lens"),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "message"), BAD_PACKED, ids=[c[0] for c in BAD_PACKED])
+def test_bad_packed_metadata_raises(esm: Esm2ForMaskedLM, case: str, mutate, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        esm(**mutate(_packed()))
+
+
+def test_packed_looking_positions_without_cu_seq_lens_raise(esm: Esm2ForMaskedLM) -> None:
+    batch = _packed()
+    with pytest.raises(ValueError, match="cu_seq_lens_q/k were not given"):
+        esm(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+@pytest.mark.parametrize("bad_id", [-1, 33])
+def test_token_ids_outside_vocabulary_raise(esm: Esm2ForMaskedLM, bad_id: int) -> None:
+    input_ids, attention_mask = esm_padded_batch([6, 4])
+    input_ids[0, 2] = bad_id
+    with pytest.raises(ValueError, match="token ids"):
+        esm(input_ids=input_ids, attention_mask=attention_mask)
+    batch = pack(input_ids, attention_mask)
+    with pytest.raises(ValueError, match="token ids"):
+        esm(**batch)
+
+
+def test_wrong_shapes_and_dtypes_raise(esm: Esm2ForMaskedLM, llama: Llama3ForCausalLM) -> None:
+    input_ids, attention_mask = esm_padded_batch([6, 4])
+    with pytest.raises(ValueError, match="int64 or int32"):
+        esm(input_ids=input_ids.float())
+    with pytest.raises(ValueError, match="shape"):
+        esm(input_ids=input_ids[None])
+    with pytest.raises(ValueError, match="attention_mask must be \\[B, S\\]"):
+        esm(input_ids=input_ids, attention_mask=attention_mask[:1])
+    with pytest.raises(ValueError, match="position_ids shape"):
+        esm(input_ids=input_ids, position_ids=torch.arange(3)[None])
+    with pytest.raises(ValueError, match="labels shape"):
+        esm(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids[:, :3])
+    with pytest.raises(ValueError, match="loss_reduction"):
+        esm(input_ids=input_ids, labels=input_ids, loss_reduction="avg")
+    ids, mask = llama_padded_batch([5, 3])
+    with pytest.raises(ValueError, match="logits_to_keep cannot be combined"):
+        llama(input_ids=ids, attention_mask=mask, labels=ids, logits_to_keep=1)
+
+
+def test_unknown_keyword_arguments_raise(esm: Esm2ForMaskedLM) -> None:
+    batch = _packed()
+    batch["cu_seq_len_q"] = batch.pop("cu_seq_lens_q")  # a typo must not silently unpack the batch
+    with pytest.raises(ValueError, match="unexpected keyword arguments \\['cu_seq_len_q'\\]"):
+        esm(**batch)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        esm(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+def test_value_checks_can_be_switched_off(esm: Esm2ForMaskedLM) -> None:
+    batch = _with(_packed(), position_ids=torch.arange(15)[None])  # only a value check catches this
+    with input_validation(False):
+        esm(**batch)  # no error: the caller vouches for its data
+    with pytest.raises(ValueError, match="position_ids do not restart"):
+        esm(**batch)
