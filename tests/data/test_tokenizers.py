@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer, EsmTokenizer
@@ -50,13 +53,16 @@ def test_round_trip_decode_and_save_load(tmp_path):
     for tok, text in ((protein_tokenizer(), "MKVLAXBUZO.-"), (nucleotide_tokenizer(), "ACGTNRYSWKMBDHV")):
         ids = tok(text)["input_ids"]
         assert tok.decode(ids, skip_special_tokens=True) == text
-        tok.save_pretrained(tmp_path / type(tok).__name__ / str(len(tok)))
-        loaded = AutoTokenizer.from_pretrained(tmp_path / type(tok).__name__ / str(len(tok)))
+        tok.save_pretrained(tmp_path / str(len(tok)))
+        config = json.loads((tmp_path / str(len(tok)) / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # resolvable by transformers 4.x and 5.x
+        loaded = AutoTokenizer.from_pretrained(tmp_path / str(len(tok)))
         assert loaded.get_vocab() == tok.get_vocab()
         assert loaded(text.lower())["input_ids"] == ids
         assert loaded.all_special_ids == tok.all_special_ids
         assert (loaded.pad_token_id, loaded.mask_token_id, loaded.eos_token_id) == (1, tok.mask_token_id, 2)
         assert loaded.model_max_length == tok.model_max_length
+        assert pickle.loads(pickle.dumps(tok))(text)["input_ids"] == ids
         padded = loaded(["A", text], padding=True)["input_ids"]
         assert padded[0][3:] == [loaded.pad_token_id] * (len(text) - 1)
 

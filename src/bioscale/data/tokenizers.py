@@ -41,6 +41,20 @@ NUCLEOTIDE_CANONICAL = "ACGT"
 UNKNOWN_RESIDUE: dict[str, str] = {"protein": "X", "nucleotide": "N"}
 
 
+class _PortableTokenizerFast(PreTrainedTokenizerFast):
+    """``PreTrainedTokenizerFast`` that saves ``"tokenizer_class": "PreTrainedTokenizerFast"`` in every version.
+
+    ``save_pretrained`` writes ``type(self).__name__``; in transformers 5 the fast class is ``TokenizersBackend``
+    (``PreTrainedTokenizerFast`` is an alias of it), a name transformers 4.x cannot resolve, so a tokenizer saved
+    with an exported model on a v5 machine would not load on a v4.56 one. ``PreTrainedTokenizerFast`` resolves
+    in both (tested for v5). The class adds no behaviour; only its name is pinned.
+    """
+
+
+# Only __name__ (what save_pretrained writes); __qualname__ stays, so pickle still finds the class in this module.
+_PortableTokenizerFast.__name__ = "PreTrainedTokenizerFast"
+
+
 def _char_level_tokenizer(
     vocab: Sequence[str], special_tokens: Sequence[str], bos: str, eos: str, model_max_length: int, **special_kwargs: str
 ) -> PreTrainedTokenizerFast:
@@ -62,7 +76,7 @@ def _char_level_tokenizer(
     tok.decoder = decoders.Fuse()  # "M","K","V" -> "MKV", no spaces
     # Special tokens are matched before normalisation, so "<mask>" in a string is one token, never "<MASK>".
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special_tokens])
-    return PreTrainedTokenizerFast(
+    return _PortableTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         unk_token="<unk>",
