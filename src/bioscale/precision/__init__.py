@@ -14,12 +14,13 @@ from bioscale.precision.fp8 import (
     fp8_layer_names,
     precompute_fp8_scales,
 )
-from bioscale.precision.quant_stats import QuantStats, cast_stats
+from bioscale.precision.quant_stats import QuantStats, attach_quant_stats, cast_stats
 
 __all__ = [
     "FP8_RECIPES",
     "QuantStats",
     "apply_fp8",
+    "attach_quant_stats",
     "cast_stats",
     "check_fp8_hardware",
     "fp8_block_indices",

@@ -131,23 +131,28 @@ def cast_stats(
     float8_dtype: torch.dtype,
     reduce_dim: int | None = None,
     round_scales_to_power_of_2: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Statistics of casting ``x`` to ``float8_dtype`` with a dynamic scale, as a float64 vector (see STAT_FIELDS).
+    """Statistics of casting ``x`` to ``float8_dtype``, as a float64 vector laid out as :data:`STAT_FIELDS`.
 
-    ``x`` is viewed as 2-D ``[-1, x.shape[-1]]``. Underflow counts non-zero values that become 0 in the cast;
-    saturation counts values whose scaled magnitude is beyond what rounding could bring back to the FP8 maximum
-    (see :func:`_saturation_threshold`). With dynamic scaling nothing saturates except through the power-of-two
-    rounding or non-finite values, which are counted separately. Pure tensor ops and no host sync, so it can run
-    inside a compiled graph.
+    ``x`` is viewed as 2-D ``[-1, x.shape[-1]]``. The scale is torchao's dynamic scale (``fp8_max / amax`` per tensor,
+    or per slice along ``reduce_dim``) unless ``scale`` is given (e.g. a delayed or precomputed scale; broadcastable
+    to the 2-D view). Underflow counts non-zero values that become 0 in the cast; saturation counts values whose
+    scaled magnitude is beyond what rounding could bring back to the FP8 maximum (see
+    :func:`_saturation_threshold`), so a dynamic scale never saturates a finite value; non-finite values are counted
+    on their own. Pure tensor ops and no host sync, so it can run inside a compiled graph.
     """
     x2d = x.reshape(-1, x.shape[-1]).float()
     magnitude = x2d.abs()
     amax = magnitude.amax() if reduce_dim is None else magnitude.amax(dim=reduce_dim, keepdim=True)
     fp8_max = torch.finfo(float8_dtype).max
-    # torchao computes the scale in float64 and stores it in float32 (amax_to_scale); match it bit for bit.
-    scale = (fp8_max / amax.double().clamp(min=_AMAX_EPS)).float()
-    if round_scales_to_power_of_2:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    if scale is None:
+        # torchao computes the scale in float64 and stores it in float32 (amax_to_scale); match it bit for bit.
+        scale = (fp8_max / amax.double().clamp(min=_AMAX_EPS)).float()
+        if round_scales_to_power_of_2:
+            scale = torch.exp2(torch.floor(torch.log2(scale)))
+    else:
+        scale = scale.to(device=x2d.device, dtype=torch.float32)
     scaled = x2d * scale
     cast = scaled.clamp(-fp8_max, fp8_max).to(float8_dtype).float()
     nonzero = x2d != 0
@@ -207,7 +212,11 @@ def _forward_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
     # sharing it; the only guard this adds is on the flag.
     if not getattr(module, _ACTIVE):
         return None
-    input_stats = _stats_for(args[0], cast_specs(module.config)["input"])
+    x = args[0]
+    if torch.is_autocast_enabled():
+        # Float8Linear.forward casts its input to the (CUDA) autocast dtype before the FP8 cast; measure that tensor.
+        x = x.to(torch.get_autocast_dtype("cuda"))
+    input_stats = _stats_for(x, cast_specs(module.config)["input"])
     return _StatsProbe.apply(output, getattr(module, _PROBE), input_stats, module.config)
 
 
@@ -237,7 +246,8 @@ class QuantStats:
         model: the model after :func:`~bioscale.precision.fp8.apply_fp8` (a DDP wrapper is fine).
         freq: record on steps where ``step % freq == 0``.
         output_dir: where ``quant_stats.jsonl`` is appended (the run directory); None keeps records in memory only.
-        writer: optional ``torch.utils.tensorboard.SummaryWriter``.
+        writer: optional ``torch.utils.tensorboard.SummaryWriter`` (tags ``fp8/<layer>/<role>/<metric>``).
+        rank: this process's rank (default: from ``torch.distributed``); only rank 0 writes.
     """
 
     FILENAME = "quant_stats.jsonl"
@@ -249,11 +259,14 @@ class QuantStats:
         freq: int,
         output_dir: str | Path | None = None,
         writer: Any | None = None,
+        rank: int | None = None,
     ) -> None:
         if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
             raise ValueError(f"quant_stats_config.freq must be an integer >= 1; got {freq!r}")
         self.freq = freq
         self.writer = writer
+        self._owns_writer = False
+        self.rank = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
         self.path = Path(output_dir) / self.FILENAME if output_dir is not None else None
         self._layers: dict[str, nn.Module] = {}
         self._handles: list[Any] = []
@@ -327,16 +340,29 @@ class QuantStats:
         if missing:
             log.warning("quant stats at step %d: no data for %d tensors (e.g. %s/%s)", step, len(missing), *missing[0])
         device = next(iter(self._layers.values())).weight.device
-        table = torch.full((len(keys), len(STAT_FIELDS)), float("nan"), dtype=torch.float64, device=device)
-        table[:, _FIRST_COUNT:] = 0
+        # Rows without data hold the identities of the reductions (-inf for maxima, +inf for minima, 0 for counts),
+        # so they neither poison the reduction over ranks nor pass for real values (they are written as null).
+        table = torch.zeros((len(keys), len(STAT_FIELDS)), dtype=torch.float64, device=device)
+        table[:, [_AMAX, _SCALE_MAX]] = -math.inf
+        table[:, _SCALE_MIN] = math.inf
         for row, key in enumerate(keys):
             if key in self._pending:
                 table[row] = _reduce_rows(torch.stack(self._pending[key]).to(device))
         self._pending.clear()
         table = _reduce_over_ranks(table)
         records = _to_records(step, keys, self._layers, table.tolist())
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if self.rank == 0:
             self._write(step, records)
+        return records
+
+    def step(self, step: int) -> list[dict[str, Any]] | None:
+        """For loops that report only after a step: ``end_step(step)``, then ``begin_step(step + 1)``.
+
+        Call after the optimizer step of ``step`` (so the weights read for ``step + 1`` are the ones it will use).
+        The first step of a run is only recorded if :meth:`begin_step` was called for it.
+        """
+        records = self.end_step(step)
+        self.begin_step(step + 1)
         return records
 
     @contextlib.contextmanager
@@ -364,6 +390,7 @@ class QuantStats:
 
     def close(self) -> None:
         """Remove the hooks and the per-layer state (the model runs as if QuantStats never existed)."""
+        self._recording = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -372,6 +399,8 @@ class QuantStats:
                 if hasattr(module, attribute):
                     delattr(module, attribute)
         self._layers.clear()
+        if self._owns_writer and self.writer is not None:
+            self.writer.close()
 
 
 def _reduce_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -403,7 +432,7 @@ def _to_records(
 ) -> list[dict[str, Any]]:
     records = []
     for (name, role), row in zip(keys, rows):
-        # NaN marks a tensor that produced no data this step; JSON has no NaN, so it becomes null.
+        # A non-finite entry marks a tensor without data this step (or an overflowed amax); JSON has no inf/NaN.
         values = {field: (value if math.isfinite(value) else None) for field, value in zip(STAT_FIELDS, row)}
         spec = next(
             spec for group in cast_specs(layers[name].config).values() for spec in group if spec.role == role
@@ -427,3 +456,27 @@ def _to_records(
             }
         )
     return records
+
+
+def attach_quant_stats(
+    model: nn.Module,
+    *,
+    run_dir: str | Path,
+    freq: int,
+    rank: int | None = None,
+    tensorboard: bool = True,
+) -> QuantStats:
+    """A :class:`QuantStats` that writes ``<run_dir>/quant_stats.jsonl`` and, on rank 0 when ``tensorboard``,
+    TensorBoard scalars into ``<run_dir>/tensorboard`` (next to the trainer's own event files)."""
+    rank = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    writer = None
+    if tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but a stripped environment should still train
+            log.warning("quant stats: tensorboard is not installed; writing %s only", QuantStats.FILENAME)
+        else:
+            writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), filename_suffix=".quant_stats")
+    quant_stats = QuantStats(model, freq=freq, output_dir=run_dir, writer=writer, rank=rank)
+    quant_stats._owns_writer = writer is not None
+    return quant_stats
