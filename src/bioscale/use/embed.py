@@ -103,7 +103,8 @@ def tokenize_residues(
 
     Residues outside the vocabulary become ``<unk>``; a warning reports how many sequences contain one.
     """
-    encoded = tokenizer(list(sequences), add_special_tokens=False)["input_ids"]
+    # verbose=False: sequences longer than model_max_length are expected here (they are windowed afterwards).
+    encoded = tokenizer(list(sequences), add_special_tokens=False, verbose=False)["input_ids"]
     unk = tokenizer.unk_token_id
     num_with_unknown = 0
     for record_id, sequence, token_ids in zip(ids, sequences, encoded):

@@ -39,7 +39,7 @@ from bioscale.models.loss import IGNORE_INDEX
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.embed import default_device, resolve_batching, special_affixes, tokenize_residues
 from bioscale.use.inputs import read_table
-from bioscale.use.loading import LoadedModel, load_model
+from bioscale.use.loading import LoadedModel, load_config, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -520,6 +520,8 @@ def finetune(
     batching = resolve_batching(config.batching, device, autocast_dtype or torch.float32)
     task = config.task
 
+    if loaded is None:
+        load_config(config.model)  # fail on a bad model path before reading the data
     data = read_labelled(config.data, config.sequence_column, config.label_column, task)
     if config.val_data is not None:
         val_data = read_labelled(config.val_data, config.sequence_column, config.label_column, task)
@@ -608,7 +610,10 @@ def finetune(
     )
     rng = np.random.default_rng(config.seed)
     lengths = [len(e.token_ids) for e in train_examples]
-    history: list[dict[str, float]] = []
+    # Step 0: the untrained head's validation metrics, the baseline every later number is read against.
+    initial = evaluate(model, val_examples, **eval_kwargs)  # type: ignore[arg-type]
+    history: list[dict[str, float]] = [{"step": 0.0, **{f"val_{k}": v for k, v in initial.items()}}]
+    logger.info("step 0  validation %s", _format_metrics(initial))
     epoch_batches: list[list[int]] = []
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     for step in range(1, config.max_steps + 1):

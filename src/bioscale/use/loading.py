@@ -123,7 +123,17 @@ def load_model(
     resolved = _resolve_source(source)
     overrides = dict(config_overrides or {})
     is_bioscale = _MODEL_TYPES[config.model_type][1]
-    model = _load_bioscale(resolved, family, task, overrides) if is_bioscale else _load_converted(resolved, family, task, overrides)
+    load_task = task
+    if task == "base" and not overrides:
+        # Load the class the checkpoint was saved as and keep its base model: loading a head checkpoint into the
+        # bare base class works too, but transformers then reports every head tensor as unexpected.
+        stored = saved_task(config)
+        if stored in FAMILY_TASKS[family]:
+            load_task = stored
+    load = _load_bioscale if is_bioscale else _load_converted
+    model = load(resolved, family, load_task, overrides)
+    if load_task != task:
+        model = getattr(model, model.base_model_prefix)
     model.to(device=device, dtype=dtype)
     model.eval()
     tokenizer = load_tokenizer(resolved, family, model.config)
@@ -153,13 +163,6 @@ def saved_task(config: PretrainedConfig) -> str:
 
 
 def _load_bioscale(resolved: str, family: str, task: str, overrides: dict[str, Any]) -> PreTrainedModel:
-    if task == "base" and not overrides:
-        # Load the class the checkpoint was saved as and keep its base model: loading a head checkpoint into the
-        # bare base class works too, but transformers then reports every head tensor as unexpected.
-        stored = saved_task(load_config(resolved))
-        if stored in FAMILY_TASKS[family] and stored != "base":
-            model = model_class(family, stored).from_pretrained(resolved)
-            return getattr(model, model.base_model_prefix)
     # from_pretrained maps between "esm.*"-prefixed head checkpoints and bare base models both ways, and initialises
     # a head that is not in the checkpoint through the model's loading-safe _init_weights hook.
     return model_class(family, task).from_pretrained(resolved, **overrides)
@@ -180,11 +183,13 @@ def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, 
     }
     if (family, task) in hf_classes:
         hf_cls = getattr(transformers, hf_classes[(family, task)])
+        if hf_cls is transformers.EsmModel:
+            overrides = {"add_pooling_layer": False, **overrides}  # ESM-2 never trained the pooler; bioscale has none
         hf_model = hf_cls.from_pretrained(resolved, **overrides)
         return models.from_hf(hf_model)
     # No exact transformers counterpart (bioscale's sequence head pools the mean, ESM's reads <cls>): convert the
     # encoder and put a freshly initialised bioscale head on it.
-    encoder = models.from_hf(transformers.EsmModel.from_pretrained(resolved))
+    encoder = models.from_hf(transformers.EsmModel.from_pretrained(resolved, add_pooling_layer=False))
     config = encoder.config
     for key, value in overrides.items():
         setattr(config, key, value)
