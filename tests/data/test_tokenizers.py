@@ -82,7 +82,7 @@ def test_lut_encoder_matches_tokenizer(make):
     tok = make()
     encoder = CharTokenEncoder(tok)
     rng = np.random.default_rng(0)
-    chars = np.array(list("LAGVSERTIDPKQNFYMHWCXBUZO.-ACGTNRYSWKMBDHVacgtmkvlxjJ*#9"))
+    chars = np.array(list("LAGVSERTIDPKQNFYMHWCXBUZO.-ACGTNRYSWKMBDHVacgtmkvlxjJ*#9éß"))
     for _ in range(200):
         text = "".join(rng.choice(chars, size=int(rng.integers(1, 50))))
         expected = tok(text)["input_ids"]
@@ -96,4 +96,6 @@ def test_canonical_token_ids():
     prot, dna = protein_tokenizer(), nucleotide_tokenizer()
     assert canonical_token_ids(prot, "protein") == list(range(4, 24))
     assert canonical_token_ids(dna, "nucleotide") == [5, 6, 7, 8]
-    assert canonical_token_ids(dna) == list(range(5, 20))  # unknown kind: every non-special token
+    assert canonical_token_ids(prot) == list(range(4, 24))  # kind recognised from the vocabulary
+    assert canonical_token_ids(dna, "other") == list(range(5, 20))  # any other: every non-special, non-<…> token
+    assert canonical_token_ids(prot, "other") == list(range(4, 31))  # <null_1> excluded

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from bioscale.data.packing import IGNORE_INDEX, TokenIds, pad_sequences
+from bioscale.data.tokenizers import canonical_token_ids
 
 Batch = dict[str, "torch.Tensor | int"]
 
@@ -28,8 +29,8 @@ class MLMCollator:
 
     Args:
         tokenizer: supplies ``mask_token_id``, ``pad_token_id`` and the special ids (or pass them explicitly).
-        random_token_ids: ids the 10% random replacements are drawn from; default every non-special token
-            (``canonical_token_ids(tokenizer, kind)`` gives the 20 amino acids / ACGT, what the loader uses).
+        random_token_ids: ids the 10% random replacements are drawn from; default
+            ``canonical_token_ids(tokenizer)``: the 20 amino acids / ACGT for the bioscale tokenizers.
         seed: seeds the generator used when a call passes no ``rng``.
     """
 
@@ -53,8 +54,7 @@ class MLMCollator:
             if special_token_ids is None:
                 special_token_ids = tokenizer.all_special_ids
             if random_token_ids is None:
-                special = set(special_token_ids)
-                random_token_ids = sorted(i for i in tokenizer.get_vocab().values() if i not in special)
+                random_token_ids = canonical_token_ids(tokenizer)
         if mask_token_id is None or pad_token_id is None or special_token_ids is None or not random_token_ids:
             raise ValueError("MLMCollator needs a tokenizer with a mask and a pad token, or all ids passed explicitly")
         self.mlm_probability = mlm_probability

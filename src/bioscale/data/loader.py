@@ -14,9 +14,9 @@
 
 So a consumer's position is fully described by ``(epoch, batches yielded in the epoch)``: that (plus the input
 policy counts) is its whole state, a few integers. Resuming regenerates the epoch and skips the batches already
-delivered — reading and tokenising but not masking or collating them, i.e. at most one epoch's share of a consumer's
-reading (for UniRef50 on 16 workers: tens of seconds) — and then yields exactly what an uninterrupted run would
-have. The loader's own state records rank, world size, worker count and the config, and refuses (``ValueError``)
+delivered — reading and tokenising but not masking or collating them, ~20 µs per record on one core, so at worst
+about a minute late in a UniRef50 epoch (60M records) spread over 16 workers — and then yields exactly what an
+uninterrupted run would have. The loader's own state records rank, world size, worker count and the config, and refuses (``ValueError``)
 to resume under a different layout rather than silently repeat or skip data.
 """
 

@@ -135,21 +135,25 @@ def canonical_token_ids(tokenizer: PreTrainedTokenizerBase, kind: str | None = N
 
     For the bioscale tokenizers these are the canonical residues (20 amino acids, or ACGT), so a random replacement
     never injects rare symbols (``O``, ``-``, IUPAC codes) the model would otherwise learn to predict from noise.
-    For any other tokenizer: every non-special token.
+    ``kind`` (``"protein"``/``"nucleotide"``) is recognised from the vocabulary when not given. For any other
+    tokenizer: every token that is neither special nor ``<…>``-shaped (ESM's ``<null_1>``).
     """
     vocab = tokenizer.get_vocab()
+    if kind is None:
+        known = {"protein": PROTEIN_VOCAB, "nucleotide": NUCLEOTIDE_VOCAB}
+        kind = next((k for k, v in known.items() if vocab == {t: i for i, t in enumerate(v)}), None)
     alphabet = {"protein": PROTEIN_CANONICAL, "nucleotide": NUCLEOTIDE_CANONICAL}.get(kind or "", "")
     if alphabet and all(c in vocab for c in alphabet):
         return sorted(vocab[c] for c in alphabet)
     special = set(tokenizer.all_special_ids)
-    return sorted(i for i in vocab.values() if i not in special)
+    return sorted(i for t, i in vocab.items() if i not in special and not (t.startswith("<") and t.endswith(">")))
 
 
 class CharTokenEncoder:
     """Encodes clean ASCII sequences with a 256-entry lookup table built from a character-level tokenizer.
 
-    ``encode(seq)`` equals ``tokenizer(seq)["input_ids"]`` (special tokens included) for any ASCII string without
-    whitespace, lower case included; it returns ``uint8`` ids (every vocabulary here has < 256 tokens), which keeps
+    ``encode(seq)`` equals ``tokenizer(seq)["input_ids"]`` (special tokens included) for any string without
+    whitespace (which the tokenizer drops and this maps to ``<unk>``), lower case and non-ASCII included; it returns ``uint8`` ids (every vocabulary here has < 256 tokens), which keeps
     shuffle buffers small. Pickles cheaply, so it crosses into data-loader workers instead of the tokenizer.
     """
 
@@ -185,5 +189,6 @@ class CharTokenEncoder:
 
     def encode(self, seq: str) -> np.ndarray:
         """``uint8`` ids of ``seq`` with the tokenizer's special tokens around it."""
-        body = self.lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
+        # A non-ASCII character becomes one '?' and so one <unk>, as the tokenizer gives it.
+        body = self.lut[np.frombuffer(seq.encode("ascii", errors="replace"), dtype=np.uint8)]
         return np.concatenate([self.prefix, body, self.suffix])
