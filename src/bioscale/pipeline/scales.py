@@ -31,8 +31,8 @@ class ScalePreset:
     eval_max_sequences: int | None
     # eval: Porter6 proteins used by the secondary-structure probe (train + test; None: all)
     ss_max_proteins: int | None
-    # eval: optimisation steps of the linear probe
-    probe_steps: int
+    # eval: L-BFGS iterations of the linear probe
+    probe_max_iter: int
 
 
 _RECIPES = {"protein": "L0_sanity", "dna": "L0_sanity_llama3"}
@@ -51,7 +51,7 @@ PRESETS: dict[str, ScalePreset] = {
         },
         eval_max_sequences=64,
         ss_max_proteins=80,
-        probe_steps=150,
+        probe_max_iter=50,
     ),
     "small": ScalePreset(
         max_records=20_000,
@@ -64,7 +64,7 @@ PRESETS: dict[str, ScalePreset] = {
         },
         eval_max_sequences=1_000,
         ss_max_proteins=500,
-        probe_steps=300,
+        probe_max_iter=300,
     ),
     "medium": ScalePreset(
         max_records=200_000,
@@ -77,7 +77,7 @@ PRESETS: dict[str, ScalePreset] = {
         },
         eval_max_sequences=5_000,
         ss_max_proteins=None,
-        probe_steps=300,
+        probe_max_iter=300,
     ),
     "full": ScalePreset(
         max_records=None,
@@ -90,7 +90,7 @@ PRESETS: dict[str, ScalePreset] = {
         },
         eval_max_sequences=None,
         ss_max_proteins=None,
-        probe_steps=500,
+        probe_max_iter=500,
     ),
 }
 

@@ -262,6 +262,7 @@ def evaluate(
     seed: int = 0,
     secondary_structure: str | Path | bool | None = None,
     max_sequences: int | None = -1,
+    ss_max_proteins: int | None = -1,
     probe_max_iter: int | None = None,
     random_baseline: bool = True,
     device: str | None = None,
@@ -278,6 +279,7 @@ def evaluate(
             ``porter6_secondary_structure_sample.parquet`` in the shared data folder and skips the probe, with a
             note in the report and metrics, when it is absent; ``False`` disables the probe.
         max_sequences: evaluate at most this many sequences (``-1``: the scale's cap, ``None``: all).
+        ss_max_proteins: Porter6 proteins used by the probe, train and test together (``-1``: the scale's).
         probe_max_iter: L-BFGS iterations of the probe (default: the scale's).
         random_baseline: also evaluate a randomly initialised model of the same config (seeded by ``seed``).
         device: ``cpu``/``cuda``/``auto``; ``bf16`` runs the forward passes under bf16 autocast (GPU).
@@ -292,7 +294,9 @@ def evaluate(
     preset = get_preset(scale)
     if max_sequences == -1:
         max_sequences = preset.eval_max_sequences
-    probe_max_iter = preset.probe_steps if probe_max_iter is None else probe_max_iter
+    if ss_max_proteins == -1:
+        ss_max_proteins = preset.ss_max_proteins
+    probe_max_iter = preset.probe_max_iter if probe_max_iter is None else probe_max_iter
     model_dir, artifact, model_lineage = _resolve_model(model)
     lineage = [model_lineage]
 
@@ -368,7 +372,7 @@ def evaluate(
                 f"--ss-data)."
             )
         else:
-            ss_data = load_secondary_structure(ss_path, max_proteins=preset.ss_max_proteins, seed=seed)
+            ss_data = load_secondary_structure(ss_path, max_proteins=ss_max_proteins, seed=seed)
             ss_metrics = secondary_structure_probe(
                 models, tokenizer, ss_data, max_length=max_length, max_iter=probe_max_iter, device=torch_device,
                 autocast_dtype=autocast_dtype,
@@ -408,6 +412,7 @@ def evaluate(
             "data": str(data) if data is not None else None,
             "max_length": max_length,
             "max_sequences": max_sequences,
+            "ss_max_proteins": ss_max_proteins,
             "probe_max_iter": probe_max_iter,
             "random_baseline": random_baseline,
             "bf16": bf16,
