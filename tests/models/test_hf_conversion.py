@@ -177,6 +177,7 @@ def test_exported_directories_load_with_stock_transformers_only(tmp_path: Path) 
         torch.save(batch, export_dir / "batch.pt")
     # A fresh interpreter without bioscale: no PYTHONPATH, and the import itself is blocked in the script.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny models; see conftest.py
     result = subprocess.run(
         [sys.executable, "-c", EXPORT_CHECK, *(str(tmp_path / kind) for kind in exports)],
         capture_output=True,

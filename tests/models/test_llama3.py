@@ -186,3 +186,18 @@ def test_layers_property_exposes_blocks() -> None:
     config = Llama3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
     model = Llama3ForCausalLM(config)
     assert model.layers is model.model.layers and len(model.layers) == 3
+
+
+def test_blocks_compile_without_graph_breaks_and_match_eager(hf_lm: LlamaForCausalLM) -> None:
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward without slow codegen on CPU.
+    eager_model, compiled_model = from_hf(hf_lm), from_hf(hf_lm)
+    for block in compiled_model.layers:
+        block.compile(backend="aot_eager", fullgraph=True)
+    input_ids, attention_mask = llama_padded_batch(LENGTHS)
+    batch = pack(input_ids, attention_mask, _labels(input_ids, attention_mask))
+    eager, compiled = eager_model(**batch), compiled_model(**batch)
+    eager.loss.backward()
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=0)
+    grad = compiled_model.layers[0].attention.qkv_proj.weight.grad
+    torch.testing.assert_close(grad, eager_model.layers[0].attention.qkv_proj.weight.grad, atol=1e-6, rtol=1e-5)

@@ -110,31 +110,34 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
-@functools.cache
-def _varlen_kernel() -> tuple[Callable[..., torch.Tensor], frozenset[str]] | None:
-    """``varlen_attn`` and the names of its parameters, or ``None`` where this torch has none (torch < 2.10)."""
+def _load_varlen_kernel() -> tuple[Callable[..., torch.Tensor] | None, frozenset[str]]:
+    """``varlen_attn`` and the names of its parameters (``None`` on torch < 2.10, which has no varlen kernel)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
+        return None, frozenset()
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Resolved once at import, so nothing inside a compiled block has to import or inspect.
+_VARLEN_ATTN, _VARLEN_PARAMS = _load_varlen_kernel()
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the flash varlen kernel can run for activations of ``dtype`` on ``device``."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_kernel() is not None
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _VARLEN_ATTN is not None
 
 
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None
 ) -> torch.Tensor:
-    kernel = _varlen_kernel()
-    if kernel is None or not varlen_available(q.device, q.dtype):
+    if not varlen_available(q.device, q.dtype):
         raise ValueError(
             f"the varlen attention kernel needs CUDA, fp16/bf16 activations and torch>=2.10 (got {q.device}, "
             f"{q.dtype}); build the metadata with packed_attention_inputs(), which falls back to sdpa"
         )
-    varlen_attn, params = kernel
+    assert _VARLEN_ATTN is not None
+    params = _VARLEN_PARAMS
     assert inputs.cu_seqlens_q is not None and inputs.max_seqlen_q is not None
     q, k, v = q.squeeze(0), k.squeeze(0), v.squeeze(0)
     kwargs: dict[str, Any] = {}
@@ -155,7 +158,7 @@ def varlen_attention(
             kwargs["enable_gqa"] = True
         else:
             k, v = repeat_kv(k[None], groups)[0], repeat_kv(v[None], groups)[0]
-    out = varlen_attn(
+    out = _VARLEN_ATTN(
         q,
         k,
         v,
