@@ -225,3 +225,14 @@ def test_config_from_mapping_rejects_unknown_keys():
         build_dataloader(DataConfig(), protein_tokenizer(), rank=2, world_size=2)
     with pytest.raises(ValueError, match=r"data\.tokenizer='nucleotide' but the tokenizer given has no <bos>"):
         build_dataloader(DataConfig(tokenizer="nucleotide"), protein_tokenizer())
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hf_source_dealt_out_without_overlap(protein_shards, streaming):
+    pytest.importorskip("datasets")
+    root, seqs = protein_shards
+    cfg = DataConfig(source=f"hf:{root}", hf_streaming=streaming, objective="clm")
+    loader = build_dataloader(cfg, protein_tokenizer())
+    per_consumer = [epoch_sequences(loader, c, 3) for c in range(3)]
+    assert all(per_consumer)
+    assert sorted(itertools.chain.from_iterable(per_consumer)) == sorted(seqs)
