@@ -1,0 +1,257 @@
+"""Inference benchmark: embedding throughput (ESM-2 650M) and DNA generation throughput (Llama 3 1B).
+
+    python benchmarks/bench_use.py                       # on a GPU: the full measurement (< 4 minutes on an H100)
+    python benchmarks/bench_use.py --quick --device cpu  # smoke test of the same code path (debug-size models)
+
+1. Embedding, ESM-2 650M (random init; throughput does not depend on the weights) in bf16 over
+   ``../shared/data/uniref90_sample.parquet`` (9,000 proteins, 12–8,001 residues): ``bioscale.use.embed`` (packed
+   batches of 32k tokens through the varlen kernel) against ``transformers`` ``EsmModel`` (sdpa) with padded
+   batches of ``--hf-batch-size`` sequences, in file order and sorted by length. Same weights (``to_hf``), same
+   work: sequences truncated to 1,022 residues (+ ``<cls>``/``<eos>``), mean pooling over residues, embeddings
+   copied to the host; tokenisation included in every timing. Reports sequences/s, real tokens/s and the largest
+   difference between the two implementations' embeddings.
+2. Generation, Llama 3 1B (random init, 20-token nucleotide vocabulary) in bf16: ``bioscale.use.generate_dna``
+   (greedy, KV cache, exactly ``--new-tokens`` bases per sample) at batch 1 and 32, prompts cut from
+   ``evo2_dna_prompts.csv`` (256–512 bases, different lengths: left padding), against the same weights as
+   ``transformers`` ``LlamaForCausalLM``. Reports new tokens/s.
+
+Prints a markdown table and writes ``<out-dir>/<date>-<device>-use.md`` with the command, versions and hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for short in ("h200", "h100", "a100", "l40s", "l4", "b200", "gb200", "a10"):
+        if short in name:
+            return short
+    return name.replace(" ", "_")
+
+
+def _read_uniref(data_dir: Path, num_sequences: int | None) -> tuple[list[str], list[str]]:
+    from bioscale.use.inputs import read_sequences
+
+    path = data_dir / "uniref90_sample.parquet"
+    if not path.is_file():
+        raise SystemExit(f"bench_use: {path} not found (pass --data DIR)")
+    ids, seqs = read_sequences(path)
+    if num_sequences is not None:
+        ids, seqs = ids[:num_sequences], seqs[:num_sequences]
+    return ids, seqs
+
+
+def _hf_padded_embed(
+    hf_model: torch.nn.Module, tokenizer, seqs: list[str], *, batch_size: int, max_length: int, sort: bool,
+    device: torch.device,
+) -> tuple[np.ndarray, int]:
+    """Mean-pooled residue embeddings with padded batches (the usual ``transformers`` loop); returns (pooled, tokens)."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) if sort else list(range(len(seqs)))
+    pooled = np.zeros((len(seqs), hf_model.config.hidden_size), dtype=np.float32)
+    real_tokens = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([seqs[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt", return_special_tokens_mask=True)  # fmt: skip
+            input_ids = enc["input_ids"].to(device, non_blocking=True)
+            mask = enc["attention_mask"].to(device, non_blocking=True)
+            residues = (mask.bool() & ~enc["special_tokens_mask"].to(device).bool()).unsqueeze(-1)
+            hidden = hf_model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+            means = (hidden * residues).sum(1) / residues.sum(1).clamp(min=1)
+            pooled[idx] = means.cpu().numpy()
+            real_tokens += int(enc["attention_mask"].sum())
+    return pooled, real_tokens
+
+
+def bench_embedding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
+    from bioscale.data.tokenizers import protein_tokenizer
+    from bioscale.models import build_config, build_model, to_hf
+    from bioscale.use import embed
+
+    size = "debug" if args.quick else "esm2_t33_650M"
+    ids, seqs = _read_uniref(args.data, args.num_sequences)
+    torch.manual_seed(0)
+    config = build_config("esm2", size, attn_backend="sdpa")
+    model = build_model(config, task="base", device=device).to(dtype).eval()
+    tokenizer = protein_tokenizer()
+    hf_model = to_hf(model).eval()
+    try:
+        hf_model.set_attn_implementation("sdpa")
+    except (AttributeError, ValueError):  # transformers 4.x: sdpa is already the default where supported
+        pass
+    max_length = args.max_length
+    kwargs = dict(tokenizer=tokenizer, long_sequences="truncate", max_length=max_length, device=device, dtype=dtype,
+                  progress=False, max_tokens_per_batch=args.max_tokens)  # fmt: skip
+
+    import warnings
+
+    rows = []
+    warnings.filterwarnings("ignore", message=".*truncated.*")
+    # Warm-up on a slice: kernel selection, allocator growth, lazy CUDA init.
+    embed(model, list(zip(ids[:64], seqs[:64])), **kwargs)
+    _hf_padded_embed(hf_model, tokenizer, seqs[:64], batch_size=args.hf_batch_size, max_length=max_length, sort=False,
+                     device=device)  # fmt: skip
+    _sync(device)
+
+    start = time.perf_counter()
+    ours = embed(model, list(zip(ids, seqs)), **kwargs)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    tokens = int(ours.lengths.sum()) + 2 * len(ids)
+    from bioscale.use.embed import resolve_batching
+
+    batching = resolve_batching("auto", device, dtype)
+    rows.append(dict(what=f"bioscale embed ({batching}{', varlen' if batching == 'packed' else ''})",
+                     seconds=elapsed, seqs_per_s=len(ids) / elapsed, tokens_per_s=tokens / elapsed, max_abs_diff=0.0))  # fmt: skip
+    for sort in (False, True):
+        gc.collect()
+        _sync(device)
+        start = time.perf_counter()
+        pooled, hf_tokens = _hf_padded_embed(hf_model, tokenizer, seqs, batch_size=args.hf_batch_size,
+                                             max_length=max_length, sort=sort, device=device)  # fmt: skip
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        assert hf_tokens == tokens, (hf_tokens, tokens)
+        label = f"transformers EsmModel padded, batch {args.hf_batch_size}, " + ("length-sorted" if sort else "file order")
+        rows.append(dict(what=label, seconds=elapsed, seqs_per_s=len(ids) / elapsed, tokens_per_s=hf_tokens / elapsed,
+                         max_abs_diff=float(np.abs(pooled - ours.pooled).max())))  # fmt: skip
+    del model, hf_model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for row in rows:
+        row.update(model=f"ESM-2 {size}", sequences=len(ids), tokens=tokens)
+    return rows
+
+
+def _dna_prompts(data_dir: Path, batch_size: int, quick: bool) -> list[str]:
+    import pyarrow.csv as pa_csv
+
+    path = data_dir / "evo2_dna_prompts.csv"
+    if path.is_file():
+        sources = [s.upper() for s in pa_csv.read_csv(path).column("Sequence").to_pylist()]
+    else:
+        rng = np.random.default_rng(0)
+        sources = ["".join(rng.choice(list("ACGT"), 8192)) for _ in range(4)]
+    lo, hi = (16, 32) if quick else (256, 512)
+    lengths = np.linspace(hi, lo, batch_size).astype(int) if batch_size > 1 else [hi]
+    return [sources[i % len(sources)][i * 97 : i * 97 + n] for i, n in enumerate(lengths)]
+
+
+def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
+    from bioscale.data.tokenizers import nucleotide_tokenizer
+    from bioscale.models import build_config, build_model, to_hf
+    from bioscale.use import generate_dna
+
+    size = "debug" if args.quick else "1B"
+    tokenizer = nucleotide_tokenizer()
+    torch.manual_seed(0)
+    config = build_config("llama3", size, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model = build_model(config, task="causal_lm", device=device).to(dtype).eval()
+    hf_model = to_hf(model).eval()
+    new_tokens = 4 if args.quick else args.new_tokens
+    rows = []
+    for batch_size in args.gen_batch_sizes:
+        prompts = _dna_prompts(args.data, batch_size, args.quick)
+        for name, impl in (("bioscale Llama3ForCausalLM.generate", model), ("transformers LlamaForCausalLM.generate", hf_model)):
+            kwargs = dict(max_new_tokens=new_tokens, tokenizer=tokenizer, stop_at_eos=False, device=device, dtype=dtype)
+            generate_dna(impl, prompts[:1], **{**kwargs, "max_new_tokens": 4})  # warm-up
+            result = generate_dna(impl, prompts, **kwargs)
+            assert result.num_new_tokens == batch_size * new_tokens
+            rows.append(dict(what=name, model=f"Llama 3 {size}", batch=batch_size, new_tokens=new_tokens,
+                             prompt_tokens=f"{min(map(len, prompts))}–{max(map(len, prompts))}",
+                             seconds=result.elapsed_s, tokens_per_s=result.tokens_per_s))  # fmt: skip
+    del model, hf_model
+    return rows
+
+
+def _table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="debug-size models and a small slice (smoke test)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--num-sequences", type=int, default=None, help="UniRef90 sequences (default: all 9,000)")
+    parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence incl. <cls>/<eos>")
+    parser.add_argument("--max-tokens", type=int, default=32768, help="bioscale token budget per batch")
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--skip-embed", action="store_true")
+    parser.add_argument("--skip-generate", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        args.num_sequences = args.num_sequences or 24
+        args.gen_batch_sizes = [min(b, 4) for b in args.gen_batch_sizes]
+        args.max_length = min(args.max_length, 128)
+        args.max_tokens = min(args.max_tokens, 2048)
+        args.hf_batch_size = min(args.hf_batch_size, 8)
+
+    import transformers
+
+    sections = []
+    if not args.skip_embed:
+        rows = bench_embedding(args, device, dtype)
+        sections.append("## Embedding (mean pooling, sequences truncated to "
+                        f"{args.max_length - 2} residues)\n\n" + _table(rows, [
+            ("what", "implementation", ""), ("model", "model", ""), ("sequences", "sequences", ""),
+            ("tokens", "tokens", ""), ("seconds", "s", ".2f"), ("seqs_per_s", "sequences/s", ",.0f"),
+            ("tokens_per_s", "tokens/s", ",.0f"), ("max_abs_diff", "max |Δ| vs bioscale", ".2e")]))  # fmt: skip
+    if not args.skip_generate:
+        rows = bench_generation(args, device, dtype)
+        sections.append("## DNA generation (greedy, KV cache)\n\n" + _table(rows, [
+            ("what", "implementation", ""), ("model", "model", ""), ("batch", "batch", ""),
+            ("prompt_tokens", "prompt bases", ""), ("new_tokens", "new tokens / sample", ""),
+            ("seconds", "s", ".2f"), ("tokens_per_s", "new tokens/s", ",.0f")]))  # fmt: skip
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    command = "python benchmarks/bench_use.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (
+        f"# bench_use: inference throughput ({'quick smoke test' if args.quick else 'full'})\n\n"
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n- hardware: {hardware}\n"
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, dtype {str(dtype).replace('torch.', '')}\n"
+        f"- command: `{command.strip()}`\n"
+    )
+    report = header + "\n" + "\n\n".join(sections) + "\n"
+    print(report)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"{dt.date.today().isoformat()}-{_device_name(device)}-use.md"
+    out.write_text(report)
+    print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()
