@@ -35,7 +35,7 @@ def sequences_of(batch) -> list[str]:
     if "attention_mask" in batch:
         return [decode(row[mask.bool()]) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
     ids, cu = batch["input_ids"][0], batch["cu_seq_lens_q"].tolist()
-    return [s for s in (decode(ids[a:b]) for a, b in zip(cu[:-1], cu[1:])) if s]
+    return [s for s in (decode(ids[a:b]) for a, b in itertools.pairwise(cu)) if s]
 
 
 def epoch_sequences(loader, consumer: int, num_consumers: int, epoch: int = 0) -> list[str]:

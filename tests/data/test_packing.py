@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ def random_token_lists(n: int, seed: int, high: int = 300) -> list[np.ndarray]:
 def unpack(batch) -> list[np.ndarray]:
     ids = batch["input_ids"][0].numpy()
     cu = batch["cu_seq_lens_q"].numpy()
-    return [ids[a:b] for a, b in zip(cu[:-1], cu[1:])]
+    return [ids[a:b] for a, b in itertools.pairwise(cu)]
 
 
 @pytest.mark.parametrize("split", [False, True])

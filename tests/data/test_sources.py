@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
-from pathlib import Path
+import operator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,7 +79,7 @@ def test_parquet_units_and_strided_reads(protein_shards):
     everything = list(source.read_unit(unit))
     for start, step in ((0, 3), (2, 3), (1, 4), (9, 2), (10, 1)):
         assert list(source.read_unit(unit, start, step)) == everything[start::step]
-    assert [i for i, _ in source.read_unit(unit)][0] == "part-001:10"  # ids name file and row
+    assert next(i for i, _ in source.read_unit(unit)) == "part-001:10"  # ids name file and row
 
 
 def test_parquet_errors(tmp_path):
@@ -143,6 +144,6 @@ def test_hf_datasets_local(tmp_path, protein_shards):
     assert streaming.streaming
     assert [s for _, s in streaming] == seqs
     halves = [[s for _, s in streaming.consumer_stream(c, 3)] for c in range(3)]
-    assert sorted(sum(halves, [])) == sorted(seqs) and all(halves)
+    assert sorted(functools.reduce(operator.iadd, halves, [])) == sorted(seqs) and all(halves)
     with pytest.raises(ValueError, match=r"no column 'residues'"):
         open_source(f"hf:{root}", sequence_column="residues")

@@ -38,16 +38,16 @@ from bioscale.data.tokenizers import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "PAD_TOKEN_ID",
     "BioscaleDataLoader",
     "CLMCollator",
     "CharTokenEncoder",
     "DataConfig",
     "FastaSource",
     "HFSource",
-    "IGNORE_INDEX",
     "InputPolicy",
     "MLMCollator",
-    "PAD_TOKEN_ID",
     "ParquetSource",
     "PolicyStats",
     "SequenceDataset",

@@ -41,7 +41,7 @@ def _open_maybe_gzip(path: Path) -> IO[bytes]:
 
 def _is_fasta_name(path: Path) -> bool:
     name = path.name.lower()
-    name = name[:-3] if name.endswith(".gz") else name
+    name = name.removesuffix(".gz")
     return name.endswith(FASTA_SUFFIXES)
 
 
