@@ -136,7 +136,8 @@ def test_trace_lineage_walks_every_ancestor_and_checks_ids(tmp_path: Path) -> No
         ArtifactMetadata(kind="model", paths={"model": "weights"}, lineage=[lineage_entry(tmp_path / "ds", ds)]),
     )
     (tmp_path / "eval").mkdir()
-    write_artifact(tmp_path / "eval", ArtifactMetadata(kind="evaluation", lineage=[lineage_entry(tmp_path / "model", model)]))
+    evaluation = ArtifactMetadata(kind="evaluation", lineage=[lineage_entry(tmp_path / "model", model)])
+    write_artifact(tmp_path / "eval", evaluation)
     chain = trace_lineage(tmp_path / "eval")
     assert [(e.kind, e.id) for e, _ in chain] == [("model", model.id), ("dataset", ds.id), ("source", chain[2][0].id)]
     assert chain[2][0].id.startswith("sha256:") and chain[2][1] is None

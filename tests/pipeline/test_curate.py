@@ -31,7 +31,8 @@ def test_policy_filters_dedup_and_split(tmp_path: Path) -> None:
     # 60 distinct proteins, each present twice (once in lower case with a stop codon: the same after the policy),
     # plus an empty record, a too-short one, a too-long one and one with an out-of-alphabet character.
     distinct = _random_proteins(60, seed=0)
-    records = [(f"a{i}", s) for i, s in enumerate(distinct)] + [(f"b{i}", s.lower() + "*") for i, s in enumerate(distinct)]
+    records = [(f"a{i}", s) for i, s in enumerate(distinct)]
+    records += [(f"b{i}", s.lower() + "*") for i, s in enumerate(distinct)]
     records += [("empty", ""), ("short", "MK"), ("long", "M" * 500), ("odd", "MKT#VL")]
     fasta = write_fasta(tmp_path / "in.fasta", records)
     art = curate(fasta, out=tmp_path / "ds", min_length=5, max_length=100, validation_fraction=0.3, seed=7)
@@ -56,7 +57,8 @@ def test_split_is_a_function_of_the_sequence_and_seed(tmp_path: Path) -> None:
     # The same sequence under different ids, in different files, lands on the same side; another seed moves some.
     seqs = _random_proteins(200, seed=1)
     a = curate(write_fasta(tmp_path / "a.fasta", [(f"x{i}", s) for i, s in enumerate(seqs)]), out=tmp_path / "a")
-    b = curate(write_fasta(tmp_path / "b.fasta", [(f"y{i}", s) for i, s in enumerate(reversed(seqs))]), out=tmp_path / "b")
+    reordered = [(f"y{i}", s) for i, s in enumerate(reversed(seqs))]
+    b = curate(write_fasta(tmp_path / "b.fasta", reordered), out=tmp_path / "b")
     c = curate(tmp_path / "a.fasta", out=tmp_path / "c", seed=1)
     val = lambda art: {s for _, s in _split(art.path, "validation")}  # noqa: E731
     assert val(a) == val(b)
