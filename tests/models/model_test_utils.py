@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import EsmConfig, LlamaConfig
 
 ESM_MASK, ESM_PAD, ESM_CLS, ESM_EOS = 32, 1, 0, 2
+
+
+# transformers 4.x does not pass attention_mask to EsmEmbeddings, so its token-dropout ratio divides by the padded
+# width instead of the sequence length (fixed in 5.x; fair-esm and bioscale divide by the real length). Against a 4.x
+# reference, ESM comparisons therefore use sequences of equal length, where both readings agree.
+HF_ESM_TOKEN_DROPOUT_IGNORES_PADDING = int(transformers.__version__.split(".")[0]) < 5
+
+
+def esm_reference_lengths(lengths: list[int]) -> list[int]:
+    """``lengths``, or equal lengths when the installed transformers ESM is the 4.x one (see above)."""
+    return [max(lengths)] * len(lengths) if HF_ESM_TOKEN_DROPOUT_IGNORES_PADDING else lengths
 
 
 def tiny_esm_config(**overrides: object) -> EsmConfig:
@@ -62,7 +74,9 @@ def tiny_llama_config(**overrides: object) -> LlamaConfig:
     return LlamaConfig(**kwargs)
 
 
-def esm_padded_batch(lengths: list[int], seed: int = 0, mask_fraction: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def esm_padded_batch(
+    lengths: list[int], seed: int = 0, mask_fraction: float = 0.15
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ESM batch ``(input_ids, attention_mask)``: <cls> residues <eos>, some <mask>, pads."""
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -91,14 +105,17 @@ def llama_padded_batch(lengths: list[int], vocab_size: int = 21, seed: int = 0) 
     return input_ids, attention_mask
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, object]:
+def pack(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+) -> dict[str, object]:
     """The packed (THD) form of a right-padded batch, as ``DataCollatorWithFlattening`` would produce it."""
+    device = input_ids.device
     lengths = attention_mask.sum(dim=1).tolist()
     keep = attention_mask.bool()
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     batch: dict[str, object] = {
         "input_ids": input_ids[keep][None],
-        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "position_ids": torch.cat([torch.arange(n, device=device) for n in lengths])[None],
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu,
         "max_length_q": max(lengths),

@@ -54,7 +54,7 @@ def test_packed_attention_equals_reference(backend: str, causal: bool) -> None:
     )
     out = attention_forward(q, k, v, inputs, scale=0.3)
     assert out.shape == q.shape
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         expected = _reference(q[start:end], k[start:end], v[start:end], causal, 0.3)
         torch.testing.assert_close(out[start:end].double(), expected, atol=1e-5, rtol=0)
 
@@ -69,7 +69,7 @@ def test_padded_attention_equals_reference(backend: str, causal: bool) -> None:
     k = torch.zeros(batch, width, KV_HEADS, DIM)
     v = torch.zeros(batch, width, KV_HEADS, DIM)
     attention_mask = torch.zeros(batch, width, dtype=torch.long)
-    for row, (start, length) in enumerate(zip(cu[:-1].tolist(), LENGTHS)):
+    for row, (start, length) in enumerate(zip(cu[:-1].tolist(), LENGTHS, strict=True)):
         q[row, :length], k[row, :length], v[row, :length] = (
             q_packed[start : start + length],
             k_packed[start : start + length],
@@ -77,7 +77,12 @@ def test_padded_attention_equals_reference(backend: str, causal: bool) -> None:
         )
         attention_mask[row, :length] = 1
     inputs = padded_attention_inputs(
-        backend=backend, causal=causal, attention_mask=attention_mask, query_length=width, batch_size=batch, device=q.device
+        backend=backend,
+        causal=causal,
+        attention_mask=attention_mask,
+        query_length=width,
+        batch_size=batch,
+        device=q.device,
     )
     out = attention_forward(q, k, v, inputs, scale=None)
     assert torch.isfinite(out).all()  # padding rows included: no empty softmax row
@@ -89,7 +94,12 @@ def test_padded_attention_equals_reference(backend: str, causal: bool) -> None:
 def test_packed_batches_fall_back_to_sdpa_without_a_varlen_kernel() -> None:
     _, _, _, cu = _packed_qkv()
     inputs = packed_attention_inputs(
-        backend="varlen", causal=True, cu_seqlens=cu, max_seqlen=12, sequence_ids=sequence_ids_from_cu_seqlens(cu, 25), dtype=torch.float32
+        backend="varlen",
+        causal=True,
+        cu_seqlens=cu,
+        max_seqlen=12,
+        sequence_ids=sequence_ids_from_cu_seqlens(cu, 25),
+        dtype=torch.float32,
     )
     assert inputs.backend == "sdpa" and inputs.attention_mask is not None  # CPU / float32 → block-diagonal sdpa
 
@@ -97,9 +107,16 @@ def test_packed_batches_fall_back_to_sdpa_without_a_varlen_kernel() -> None:
 def test_varlen_backend_refuses_to_run_where_its_kernel_cannot() -> None:
     q, k, v, cu = _packed_qkv()
     inputs = packed_attention_inputs(
-        backend="varlen", causal=False, cu_seqlens=cu, max_seqlen=12, sequence_ids=sequence_ids_from_cu_seqlens(cu, 25), dtype=q.dtype
+        backend="varlen",
+        causal=False,
+        cu_seqlens=cu,
+        max_seqlen=12,
+        sequence_ids=sequence_ids_from_cu_seqlens(cu, 25),
+        dtype=q.dtype,
     )
-    forced = type(inputs)(backend="varlen", causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12)
+    forced = type(inputs)(
+        backend="varlen", causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12
+    )
     with pytest.raises(ValueError, match="needs CUDA"):
         ATTENTION_BACKENDS["varlen"](q[None], k[None], v[None], forced, None)
     assert inputs.backend == "sdpa"
@@ -114,6 +131,12 @@ def test_kv_cache_mask_is_aligned_to_the_end() -> None:
     # One new query after 5 cached tokens (left padding of 2) sees exactly the real cached tokens and itself.
     attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     inputs = padded_attention_inputs(
-        backend="sdpa", causal=True, attention_mask=attention_mask, query_length=1, past_length=5, batch_size=1, device=torch.device("cpu")
+        backend="sdpa",
+        causal=True,
+        attention_mask=attention_mask,
+        query_length=1,
+        past_length=5,
+        batch_size=1,
+        device=torch.device("cpu"),
     )
     assert inputs.attention_mask.tolist() == [[[[False, False, True, True, True, True]]]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_test_utils import ESM_MASK, ESM_PAD, esm_padded_batch, pack, tiny_esm_config
+from model_test_utils import ESM_MASK, ESM_PAD, esm_padded_batch, esm_reference_lengths, pack, tiny_esm_config
 from transformers import EsmForMaskedLM, EsmForTokenClassification
 
 from bioscale.models import from_hf
@@ -30,7 +30,7 @@ def _mlm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 def test_padded_logits_match_transformers(overrides: dict) -> None:
     hf = EsmForMaskedLM(tiny_esm_config(**overrides)).eval()
     model = from_hf(hf).eval()
-    input_ids, attention_mask = esm_padded_batch(LENGTHS)
+    input_ids, attention_mask = esm_padded_batch(esm_reference_lengths(LENGTHS))
     with torch.no_grad():
         expected = hf(input_ids=input_ids, attention_mask=attention_mask).logits
         actual = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -41,7 +41,7 @@ def test_padded_logits_match_transformers(overrides: dict) -> None:
 
 def test_mlm_loss_matches_transformers_and_sum_reduction(hf_mlm: EsmForMaskedLM) -> None:
     model = from_hf(hf_mlm).eval()
-    input_ids, attention_mask = esm_padded_batch(LENGTHS, mask_fraction=0.4)
+    input_ids, attention_mask = esm_padded_batch(esm_reference_lengths(LENGTHS), mask_fraction=0.4)
     labels = _mlm_labels(input_ids, attention_mask)
     with torch.no_grad():
         expected = hf_mlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
@@ -106,7 +106,7 @@ def test_logits_on_labels_only_gives_same_loss_and_gradients(hf_mlm: EsmForMaske
     assert sparse.logits.shape == (num_labels, 33)
     torch.testing.assert_close(sparse.loss, full.loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(sparse.logits, full.logits[labels != -100], atol=1e-6, rtol=0)
-    for (name, p_full), p_sparse in zip(full_model.named_parameters(), sparse_model.parameters()):
+    for (name, p_full), p_sparse in zip(full_model.named_parameters(), sparse_model.parameters(), strict=True):
         assert p_full.grad is not None, name
         torch.testing.assert_close(p_sparse.grad, p_full.grad, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -128,7 +128,7 @@ def test_vocabulary_padding_changes_nothing(hf_mlm: EsmForMaskedLM) -> None:
 def test_token_classification_matches_transformers() -> None:
     hf = EsmForTokenClassification(tiny_esm_config(num_labels=3)).eval()
     model = from_hf(hf).eval()
-    input_ids, attention_mask = esm_padded_batch(LENGTHS)
+    input_ids, attention_mask = esm_padded_batch(esm_reference_lengths(LENGTHS))
     labels = torch.randint(0, 3, input_ids.shape)
     labels[attention_mask == 0] = -100
     with torch.no_grad():
@@ -142,7 +142,9 @@ def test_token_classification_matches_transformers() -> None:
 
 
 def test_sequence_classification_pools_per_sequence_when_packed() -> None:
-    config = Esm2Config(vocab_size=33, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=1)
+    config = Esm2Config(
+        vocab_size=33, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=1
+    )
     model = Esm2ForSequenceClassification(config).eval()
     input_ids, attention_mask = esm_padded_batch(LENGTHS)
     targets = torch.tensor([0.5, -1.0, 2.0])
@@ -162,7 +164,7 @@ def test_sequence_classification_pools_per_sequence_when_packed() -> None:
 
 def test_base_model_returns_final_hidden_states(hf_mlm: EsmForMaskedLM) -> None:
     model = from_hf(hf_mlm).eval()
-    input_ids, attention_mask = esm_padded_batch(LENGTHS)
+    input_ids, attention_mask = esm_padded_batch(esm_reference_lengths(LENGTHS))
     with torch.no_grad():
         expected = hf_mlm.esm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         actual = model.esm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -194,7 +196,9 @@ def test_attention_dropout_on_packed_batch_is_rejected_in_training() -> None:
 
 
 def test_padding_token_embedding_row_is_zero_after_init() -> None:
-    config = Esm2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, padded_vocab_size=40)
+    config = Esm2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, padded_vocab_size=40
+    )
     weight = Esm2Model(config).embeddings.word_embeddings.weight
     assert torch.count_nonzero(weight[ESM_PAD]) == 0
     assert torch.count_nonzero(weight[33:]) == 0  # vocabulary-padding rows

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_test_utils import esm_padded_batch, llama_padded_batch, tiny_esm_config, tiny_llama_config
+from model_test_utils import LLAMA3_SCALING, esm_padded_batch, llama_padded_batch, tiny_esm_config, tiny_llama_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -97,7 +97,7 @@ def test_save_pretrained_then_auto_from_pretrained_is_identical(auto_class, mode
     assert type(loaded) is type(model)
     _assert_same_tensors(model.state_dict(), loaded.state_dict())
     # Non-persistent RoPE tables are rebuilt on load, not left empty.
-    for (name, buffer), (_, loaded_buffer) in zip(model.named_buffers(), loaded.named_buffers()):
+    for (name, buffer), (_, loaded_buffer) in zip(model.named_buffers(), loaded.named_buffers(), strict=True):
         assert torch.equal(buffer, loaded_buffer), name
     if isinstance(model.config, Llama3Config):
         input_ids, attention_mask = llama_padded_batch([9, 5])
@@ -123,8 +123,16 @@ def test_fine_tuning_head_loads_pretrained_base_and_initialises_only_the_head(tm
 
 
 def test_meta_build_then_init_weights_fills_everything() -> None:
-    config = Llama3Config(vocab_size=10, padded_vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, rope_scaling=dict(tiny_llama_config().rope_parameters))
+    config = Llama3Config(
+        vocab_size=10,
+        padded_vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling=dict(LLAMA3_SCALING),
+    )
     with torch.device("meta"):
         model = Llama3ForCausalLM(config)
     assert all(p.is_meta for p in model.parameters())
@@ -192,7 +200,10 @@ def test_exported_directories_load_with_stock_transformers_only(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: EsmForMaskedLM(tiny_esm_config(position_embedding_type="absolute")), "position_embedding_type='absolute'"),
+        (
+            lambda: EsmForMaskedLM(tiny_esm_config(position_embedding_type="absolute")),
+            "position_embedding_type='absolute'",
+        ),
         (lambda: EsmForMaskedLM(tiny_esm_config(is_decoder=True)), "is_decoder"),
         (lambda: LlamaForCausalLM(tiny_llama_config(attention_bias=True)), "attention_bias"),
         (lambda: LlamaForCausalLM(tiny_llama_config(mlp_bias=True)), "mlp_bias"),

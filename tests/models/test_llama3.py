@@ -111,7 +111,7 @@ def test_logits_on_labels_only_gives_same_loss_and_gradients(hf_lm: LlamaForCaus
     sparse.loss.backward()
     assert sparse.logits.shape == (sum(n - 1 for n in LENGTHS), 21)
     torch.testing.assert_close(sparse.loss, full.loss, atol=1e-6, rtol=1e-6)
-    for (name, p_full), p_sparse in zip(full_model.named_parameters(), sparse_model.parameters()):
+    for (name, p_full), p_sparse in zip(full_model.named_parameters(), sparse_model.parameters(), strict=True):
         torch.testing.assert_close(p_sparse.grad, p_full.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -183,7 +183,9 @@ def test_gqa_config_validation() -> None:
 
 
 def test_layers_property_exposes_blocks() -> None:
-    config = Llama3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
+    config = Llama3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1
+    )
     model = Llama3ForCausalLM(config)
     assert model.layers is model.model.layers and len(model.layers) == 3
 

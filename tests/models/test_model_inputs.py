@@ -19,7 +19,14 @@ def esm() -> Esm2ForMaskedLM:
 
 @pytest.fixture(scope="module")
 def llama() -> Llama3ForCausalLM:
-    config = Llama3Config(vocab_size=21, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = Llama3Config(
+        vocab_size=21,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return Llama3ForCausalLM(config).eval()
 
 
@@ -32,16 +39,44 @@ def _with(batch: dict, **changes: object) -> dict:
 
 
 BAD_PACKED = [
-    ("cu_seq_lens int64", lambda b: _with(b, cu_seq_lens_q=b["cu_seq_lens_q"].long(), cu_seq_lens_k=None), "must be int32"),
-    ("cu_seq_lens short", lambda b: _with(b, cu_seq_lens_q=torch.tensor([0, 6, 10, 14], dtype=torch.int32), cu_seq_lens_k=None), "does not end at the number of tokens \\(15\\)"),
-    ("cu_seq_lens not from 0", lambda b: _with(b, cu_seq_lens_q=torch.tensor([1, 6, 10, 15], dtype=torch.int32), cu_seq_lens_k=None), "does not start at 0"),
-    ("cu_seq_lens decreasing", lambda b: _with(b, cu_seq_lens_q=torch.tensor([0, 10, 6, 15], dtype=torch.int32), cu_seq_lens_k=None), "not non-decreasing"),
+    (
+        "cu_seq_lens int64",
+        lambda b: _with(b, cu_seq_lens_q=b["cu_seq_lens_q"].long(), cu_seq_lens_k=None),
+        "must be int32",
+    ),
+    (
+        "cu_seq_lens short",
+        lambda b: _with(b, cu_seq_lens_q=torch.tensor([0, 6, 10, 14], dtype=torch.int32), cu_seq_lens_k=None),
+        "does not end at the number of tokens \\(15\\)",
+    ),
+    (
+        "cu_seq_lens not from 0",
+        lambda b: _with(b, cu_seq_lens_q=torch.tensor([1, 6, 10, 15], dtype=torch.int32), cu_seq_lens_k=None),
+        "does not start at 0",
+    ),
+    (
+        "cu_seq_lens decreasing",
+        lambda b: _with(b, cu_seq_lens_q=torch.tensor([0, 10, 6, 15], dtype=torch.int32), cu_seq_lens_k=None),
+        "not non-decreasing",
+    ),
     ("cu_seq_lens 2-D", lambda b: _with(b, cu_seq_lens_q=b["cu_seq_lens_q"][None], cu_seq_lens_k=None), "1-D tensor"),
-    ("q/k differ", lambda b: _with(b, cu_seq_lens_k=torch.tensor([0, 5, 10, 15], dtype=torch.int32)), "cu_seq_lens_k differs"),
+    (
+        "q/k differ",
+        lambda b: _with(b, cu_seq_lens_k=torch.tensor([0, 5, 10, 15], dtype=torch.int32)),
+        "cu_seq_lens_k differs",
+    ),
     ("max_length too small", lambda b: _with(b, max_length_q=3, max_length_k=3), "longer than max_length_q \\(3\\)"),
     ("positions disagree", lambda b: _with(b, position_ids=torch.arange(15)[None]), "position_ids do not restart"),
-    ("batch of 2", lambda b: _with(b, input_ids=b["input_ids"].expand(2, -1), position_ids=None), "must be \\[1, T\\] or \\[T\\]"),
-    ("padding mask", lambda b: _with(b, attention_mask=torch.ones_like(b["input_ids"])), "attention_mask must be None for packed"),
+    (
+        "batch of 2",
+        lambda b: _with(b, input_ids=b["input_ids"].expand(2, -1), position_ids=None),
+        "must be \\[1, T\\] or \\[T\\]",
+    ),
+    (
+        "padding mask",
+        lambda b: _with(b, attention_mask=torch.ones_like(b["input_ids"])),
+        "attention_mask must be None for packed",
+    ),
     ("max_length alone", lambda b: {"input_ids": b["input_ids"], "max_length_q": 6}, "without cu_seq_lens"),
 ]
 

@@ -13,7 +13,12 @@ from bioscale.models.llama3 import config_to_hf as llama_config_to_hf
 
 def test_registered_models_and_tasks() -> None:
     assert list_models() == ["esm2", "llama3"]
-    assert set(get_model_spec("esm2").model_classes) == {"base", "masked_lm", "token_classification", "sequence_classification"}
+    assert set(get_model_spec("esm2").model_classes) == {
+        "base",
+        "masked_lm",
+        "token_classification",
+        "sequence_classification",
+    }
     assert set(get_model_spec("llama3").model_classes) == {"base", "causal_lm"}
     for name in list_models():
         assert "debug" in get_model_spec(name).sizes
@@ -82,9 +87,12 @@ def test_flops_per_token_counts_matmuls_and_attention() -> None:
     assert spec.flops_per_token(config, seq_len) == 6 * matmul + attention
     esm = build_config("esm2", "debug")
     esm_model = build_model(esm)
-    esm_matmul = sum(
-        p.numel()
-        for name, p in esm_model.named_parameters()
-        if name.endswith("weight") and "norm" not in name and "embeddings" not in name
-    ) + esm.vocab_size * esm.hidden_size  # the tied decoder reuses the embedding matrix
+    esm_matmul = (
+        sum(
+            p.numel()
+            for name, p in esm_model.named_parameters()
+            if name.endswith("weight") and "norm" not in name and "embeddings" not in name
+        )
+        + esm.vocab_size * esm.hidden_size
+    )  # the tied decoder reuses the embedding matrix
     assert get_model_spec("esm2").flops_per_token(esm, seq_len) == 6 * esm_matmul + 12 * 2 * 64 * seq_len

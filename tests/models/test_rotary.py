@@ -12,7 +12,9 @@ from bioscale.models.rotary import RotaryEmbedding, apply_rotary, compute_inv_fr
 
 @pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
 def test_inv_freq_and_tables_match_transformers_llama(scaling: dict | None) -> None:
-    hf_config = tiny_llama_config(rope_scaling=dict(scaling) if scaling else None, hidden_size=128, num_attention_heads=4)
+    hf_config = tiny_llama_config(
+        rope_scaling=dict(scaling) if scaling else None, hidden_size=128, num_attention_heads=4
+    )
     reference = LlamaRotaryEmbedding(hf_config)
     ours = RotaryEmbedding(32, base=500000.0, rope_scaling=scaling)
     torch.testing.assert_close(ours.inv_freq, reference.inv_freq, atol=0, rtol=0)

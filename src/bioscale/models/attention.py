@@ -10,7 +10,7 @@ Backends:
 
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on padded batches (the reference; runs everywhere).
   Also the CPU / float32 fallback for packed batches, with a block-diagonal mask.
-- ``varlen``: packed batches through ``torch.nn.attention.varlen.varlen_attn`` (flash-attention varlen, CUDA, fp16/bf16).
+- ``varlen``: packed batches through ``torch.nn.attention.varlen.varlen_attn`` (flash varlen; CUDA, fp16/bf16).
 - ``flex``: FlexAttention with a document (packed) or padding mask.
 
 Routing rule (applied by the builders, from ``config.attn_backend``): a *packed* batch uses ``varlen`` unless the
@@ -282,7 +282,10 @@ def padded_attention_inputs(
         mask = mask & key_valid[:, None, None, :]
         mask = mask | (k_pos == q_pos)[None, None]
     return AttentionInputs(
-        backend="sdpa", causal=True, attention_mask=mask.expand(batch_size, 1, query_length, kv_length), dropout_p=dropout_p
+        backend="sdpa",
+        causal=True,
+        attention_mask=mask.expand(batch_size, 1, query_length, kv_length),
+        dropout_p=dropout_p,
     )
 
 
@@ -344,7 +347,9 @@ def _warn_varlen_fallback(dtype: torch.dtype) -> None:
     )
 
 
-def _create_block_mask(mask_mod: Callable[..., torch.Tensor], batch: int | None, q_len: int, kv_len: int, device: torch.device) -> Any:
+def _create_block_mask(
+    mask_mod: Callable[..., torch.Tensor], batch: int | None, q_len: int, kv_len: int, device: torch.device
+) -> Any:
     from torch.nn.attention.flex_attention import create_block_mask
 
     kwargs: dict[str, Any] = {}

@@ -135,7 +135,9 @@ def prepare_batch(
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an int64 or int32 tensor, got {_describe(input_ids)}")
     if input_ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must be [B, S] (padded) or [1, T] / [T] (packed), got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be [B, S] (padded) or [1, T] / [T] (packed), got shape {tuple(input_ids.shape)}"
+        )
     unbatched = input_ids.dim() == 1
     if unbatched:
         input_ids = input_ids.unsqueeze(0)
@@ -202,7 +204,9 @@ def _prepare_padded(
         if attention_mask is None and past_length == 0:
             # Positions that do not step by 1 mean several sequences were packed into a row without boundaries:
             # attention would silently cross them.
-            checks.append((position_ids.diff(dim=-1) != 1).any() if seq_len > 1 else input_ids.new_zeros((), dtype=torch.bool))
+            checks.append(
+                (position_ids.diff(dim=-1) != 1).any() if seq_len > 1 else input_ids.new_zeros((), dtype=torch.bool)
+            )
             names.append(
                 "position_ids restart inside a row but cu_seq_lens_q/k were not given (a packed batch needs "
                 "cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)"
@@ -231,13 +235,13 @@ def _prepare_packed(
 ) -> Batch:
     batch_size, num_tokens = input_ids.shape
     if batch_size != 1:
-        raise ValueError(f"packed inputs (cu_seq_lens_q given) must be [1, T] or [T], got input_ids {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"packed inputs (cu_seq_lens_q given) must be [1, T] or [T], got input_ids {tuple(input_ids.shape)}"
+        )
     if past_length:
         raise ValueError("packed inputs cannot be combined with a KV cache (past_key_values)")
     if attention_mask is not None:
-        raise ValueError(
-            "attention_mask must be None for packed inputs: sequence boundaries come from cu_seq_lens_q/k"
-        )
+        raise ValueError("attention_mask must be None for packed inputs: sequence boundaries come from cu_seq_lens_q/k")
     for name, cu in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
         if cu is None:
             continue
@@ -254,9 +258,8 @@ def _prepare_packed(
         )
     cu_seqlens = cu_seq_lens_q
     max_seqlen = _as_int(max_length_q if max_length_q is not None else max_length_k, "max_length_q")
-    if max_length_q is not None and max_length_k is not None:
-        if _as_int(max_length_k, "max_length_k") != max_seqlen:
-            raise ValueError(f"max_length_k ({max_length_k}) differs from max_length_q ({max_length_q})")
+    if max_length_q is not None and max_length_k is not None and _as_int(max_length_k, "max_length_k") != max_seqlen:
+        raise ValueError(f"max_length_k ({max_length_k}) differs from max_length_q ({max_length_q})")
 
     expected_positions = position_ids_from_cu_seqlens(cu_seqlens, num_tokens).unsqueeze(0)
     if position_ids is None:
@@ -303,7 +306,7 @@ def _prepare_packed(
 def _raise_if_any(checks: list[torch.Tensor], names: list[str], like: torch.Tensor) -> None:
     # One device->host copy for all checks instead of one per check.
     failed = torch.stack([c.to(device=like.device, dtype=torch.bool).reshape(()) for c in checks]).tolist()
-    problems = [name for name, bad in zip(names, failed) if bad]
+    problems = [name for name, bad in zip(names, failed, strict=True) if bad]
     if problems:
         raise ValueError("invalid model inputs: " + "; ".join(problems))
 

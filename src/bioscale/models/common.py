@@ -25,7 +25,14 @@ from bioscale.models.rotary import RotaryEmbedding
 # ignore. Anything else unknown is an error: a misspelt ``cu_seq_len_q`` must not silently turn a packed batch into
 # one long sequence.
 _IGNORED_KWARGS = frozenset(
-    {"cache_position", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch", "inputs_embeds"}
+    {
+        "cache_position",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "num_items_in_batch",
+        "inputs_embeds",
+    }
 )
 
 
@@ -36,7 +43,9 @@ def reject_unknown_kwargs(model_name: str, kwargs: dict[str, Any]) -> None:
     if kwargs.get("output_attentions"):
         raise ValueError(f"{model_name} does not return attention weights (fused attention kernels never form them)")
     if kwargs.get("output_hidden_states"):
-        raise ValueError(f"{model_name} does not return per-layer hidden states; use the base model's last_hidden_state")
+        raise ValueError(
+            f"{model_name} does not return per-layer hidden states; use the base model's last_hidden_state"
+        )
     unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
     if unknown:
         raise ValueError(f"{model_name}.forward() got unexpected keyword arguments {unknown}")
@@ -71,8 +80,12 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
-def _loaded(tensor: torch.Tensor | None) -> bool:
-    return tensor is None or bool(getattr(tensor, "_is_hf_initialized", False))
+def keep_as_is(tensor: torch.Tensor | None, only_missing: bool) -> bool:
+    """Whether initialisation must leave ``tensor`` alone: absent, on ``meta`` (nothing to fill), or already loaded
+    by ``transformers`` (marked ``_is_hf_initialized``) while only missing tensors are being filled."""
+    if tensor is None or tensor.device.type == "meta":
+        return True
+    return only_missing and bool(getattr(tensor, "_is_hf_initialized", False))
 
 
 class BioscalePreTrainedModel(PreTrainedModel):
@@ -105,26 +118,24 @@ class BioscalePreTrainedModel(PreTrainedModel):
     def _init_module(self, module: nn.Module, only_missing: bool) -> None:
         """Initialise the tensors that belong to ``module`` itself (not its children)."""
         std = self.initializer_range
-        if any(t.device.type == "meta" for t in module.parameters(recurse=False)):
-            return
         if isinstance(module, nn.Linear):
-            if not (only_missing and _loaded(module.weight)):
+            if not keep_as_is(module.weight, only_missing):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None and not (only_missing and _loaded(module.bias)):
+            if not keep_as_is(module.bias, only_missing):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            if not (only_missing and _loaded(module.weight)):
+            if not keep_as_is(module.weight, only_missing):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
                 self._zero_padded_vocab_rows(module.weight)
         elif isinstance(module, nn.LayerNorm):
-            if module.weight is not None and not (only_missing and _loaded(module.weight)):
+            if not keep_as_is(module.weight, only_missing):
                 nn.init.ones_(module.weight)
-            if module.bias is not None and not (only_missing and _loaded(module.bias)):
+            if not keep_as_is(module.bias, only_missing):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
-            if not (only_missing and _loaded(module.weight)):
+            if not keep_as_is(module.weight, only_missing):
                 module.reset_parameters()
         elif isinstance(module, RotaryEmbedding):
             module.reset_parameters()  # a pure function of the config: recomputing never loses information

@@ -79,7 +79,9 @@ def spec_for_config(config: PretrainedConfig) -> ModelSpec:
         spec = get_model_spec(name)
         if spec.config_class.model_type == getattr(config, "model_type", None):
             return spec
-    raise ValueError(f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}) is not a bioscale config")
+    raise ValueError(
+        f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}) is not a bioscale config"
+    )
 
 
 def spec_for_hf_model_type(model_type: str) -> ModelSpec:

@@ -67,7 +67,10 @@ class Esm2Config(PretrainedConfig):
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
             )
         if (hidden_size // num_attention_heads) % 2:
-            raise ValueError(f"head_dim = hidden_size / num_attention_heads = {hidden_size // num_attention_heads} must be even for RoPE")
+            raise ValueError(
+                f"head_dim = hidden_size / num_attention_heads = {hidden_size // num_attention_heads} "
+                "must be even for RoPE"
+            )
         if padded_vocab_size is not None and padded_vocab_size < vocab_size:
             raise ValueError(f"padded_vocab_size ({padded_vocab_size}) must be >= vocab_size ({vocab_size})")
         for name, token_id in (("mask_token_id", mask_token_id), ("pad_token_id", pad_token_id)):

@@ -30,7 +30,7 @@ _CLASSIFICATION_FIELDS = ("id2label", "label2id", "problem_type")
 
 
 def config_from_hf(hf_config: EsmConfig, **overrides: Any) -> Esm2Config:
-    """``Esm2Config`` equivalent to ``hf_config``; ``overrides`` set bioscale-only fields (e.g. ``padded_vocab_size``)."""
+    """``Esm2Config`` equivalent to ``hf_config``; ``overrides`` set bioscale-only fields (``padded_vocab_size``...)."""
     require(
         getattr(hf_config, "position_embedding_type", "absolute") == "rotary",
         f"position_embedding_type={getattr(hf_config, 'position_embedding_type', 'absolute')!r} is not supported: "

@@ -24,9 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from bioscale.models.attention import AttentionInputs, attention_forward, packed_attention_inputs, padded_attention_inputs
+from bioscale.models.attention import (
+    AttentionInputs,
+    attention_forward,
+    packed_attention_inputs,
+    padded_attention_inputs,
+)
 from bioscale.models.batch import Batch, labels_like, prepare_batch, unbatch
-from bioscale.models.common import BioscalePreTrainedModel, activation_dtype, reject_unknown_kwargs
+from bioscale.models.common import BioscalePreTrainedModel, activation_dtype, keep_as_is, reject_unknown_kwargs
 from bioscale.models.esm2.config import Esm2Config
 from bioscale.models.loss import check_loss_reduction, select_label_positions, token_cross_entropy
 from bioscale.models.outputs import (
@@ -136,7 +141,9 @@ class Esm2Block(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attn_inputs: AttentionInputs
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.attention(self.attention_norm(hidden_states), rotary, attn_inputs))
+        hidden_states = hidden_states + self.dropout(
+            self.attention(self.attention_norm(hidden_states), rotary, attn_inputs)
+        )
         return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
 
 
@@ -163,13 +170,11 @@ class Esm2PreTrainedModel(BioscalePreTrainedModel):
     @torch.no_grad()
     def _init_module(self, module: nn.Module, only_missing: bool) -> None:
         super()._init_module(module, only_missing)
-        if isinstance(module, Esm2LMHead):
-            if not (only_missing and getattr(module.bias, "_is_hf_initialized", False)):
-                module.bias.zero_()
-        elif isinstance(module, Esm2ContactHead):
-            if module.weight.device.type != "meta" and not (only_missing and getattr(module.weight, "_is_hf_initialized", False)):
-                nn.init.normal_(module.weight, std=self.initializer_range)
-                module.bias.zero_()
+        if isinstance(module, Esm2LMHead) and not keep_as_is(module.bias, only_missing):
+            module.bias.zero_()
+        elif isinstance(module, Esm2ContactHead) and not keep_as_is(module.weight, only_missing):
+            nn.init.normal_(module.weight, std=self.initializer_range)
+            module.bias.zero_()
 
 
 class Esm2Model(Esm2PreTrainedModel):

@@ -1,4 +1,4 @@
-"""Llama 3 (causal language model, here over DNA): config, models, label shifting, ``transformers`` conversion, sizes."""
+"""Llama 3 (causal LM, here over DNA): config, models, label shifting, ``transformers`` conversion, sizes."""
 
 from bioscale.models.llama3.config import Llama3Config
 from bioscale.models.llama3.convert import config_from_hf, config_to_hf, from_hf, to_hf

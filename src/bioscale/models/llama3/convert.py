@@ -26,7 +26,9 @@ def _hf_rope(hf_config: LlamaConfig) -> tuple[float, dict[str, Any] | None]:
     if isinstance(rope_parameters, dict) and rope_parameters:
         theta = rope_parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         return float(theta), validate_rope_scaling(rope_parameters)
-    return float(getattr(hf_config, "rope_theta", 10000.0)), validate_rope_scaling(getattr(hf_config, "rope_scaling", None))
+    return float(getattr(hf_config, "rope_theta", 10000.0)), validate_rope_scaling(
+        getattr(hf_config, "rope_scaling", None)
+    )
 
 
 def config_from_hf(hf_config: LlamaConfig, **overrides: Any) -> Llama3Config:

@@ -29,9 +29,20 @@ from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from bioscale.models.attention import AttentionInputs, attention_forward, packed_attention_inputs, padded_attention_inputs
+from bioscale.models.attention import (
+    AttentionInputs,
+    attention_forward,
+    packed_attention_inputs,
+    padded_attention_inputs,
+)
 from bioscale.models.batch import Batch, labels_like, prepare_batch, sequence_ids_from_cu_seqlens, unbatch
-from bioscale.models.common import BioscalePreTrainedModel, RMSNorm, activation_dtype, reject_unknown_kwargs
+from bioscale.models.common import (
+    BioscalePreTrainedModel,
+    RMSNorm,
+    activation_dtype,
+    keep_as_is,
+    reject_unknown_kwargs,
+)
 from bioscale.models.llama3.config import Llama3Config
 from bioscale.models.loss import IGNORE_INDEX, check_loss_reduction, select_label_positions, token_cross_entropy
 from bioscale.models.outputs import CausalLMOutputWithCount
@@ -128,7 +139,9 @@ class Llama3Block(nn.Module):
         attn_inputs: AttentionInputs,
         kv_cache: Cache | None = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), rotary, attn_inputs, kv_cache)
+        hidden_states = hidden_states + self.attention(
+            self.attention_norm(hidden_states), rotary, attn_inputs, kv_cache
+        )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -143,9 +156,8 @@ class Llama3PreTrainedModel(BioscalePreTrainedModel):
     @torch.no_grad()
     def _init_module(self, module: nn.Module, only_missing: bool) -> None:
         super()._init_module(module, only_missing)
-        if module is getattr(self, "lm_head", None) and module.weight.device.type != "meta":
-            if not (only_missing and getattr(module.weight, "_is_hf_initialized", False)):
-                self._zero_padded_vocab_rows(module.weight)
+        if module is getattr(self, "lm_head", None) and not keep_as_is(module.weight, only_missing):
+            self._zero_padded_vocab_rows(module.weight)
 
 
 class Llama3Model(Llama3PreTrainedModel):
