@@ -7,6 +7,7 @@ module and inspected by the tests below.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,17 @@ def test_wrong_kinds_are_refused(chain: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"has no metadata.json"):
         train_stage(tmp_path, out=tmp_path / "m3")
     assert not (tmp_path / "m").exists()  # nothing created before the input was validated
+
+
+def test_dna_chain_reports_bits_per_base(tmp_path: Path) -> None:
+    dataset = curate(None, out=tmp_path / "data", kind="dna", max_records=40, seed=0)
+    assert dataset.metadata.config["source"] == "demo:dna-small"
+    model = train_stage(dataset, out=tmp_path / "model", overrides=["num_train_steps=3"])
+    assert model.metadata.config["recipe"] == "L0_sanity_llama3"
+    result = evaluate(model, out=tmp_path / "eval", max_sequences=3)
+    lm = result.metadata.metrics["language_model"]
+    assert lm["trained"]["num_tokens"] == 3 * 1000  # three 1 kb chunks, every base scored
+    assert lm["trained"]["bits_per_base"] == pytest.approx(lm["trained"]["nll_per_token"] / math.log(2))
+    assert 3.8 < lm["random_init"]["bits_per_base"] < 4.8  # near uniform over 20 tokens: log2(20) = 4.32
+    assert result.metadata.metrics["secondary_structure"] is None
+    assert [e.kind for e, _ in trace_lineage(result.path)] == ["model", "dataset", "source"]

@@ -132,6 +132,13 @@ def train_stage(
         f"checkpoint.ckpt_dir={_hydra_value(run_dir / 'checkpoints')}",
         "checkpoint.save_final_model=true",
     ]
+    if modality == "dna":
+        # The model's vocabulary must cover the tokenizer's ids (the Llama `debug` size defaults to 16 rows, the
+        # nucleotide tokenizer has 20 tokens, and loading the export checks the fit). `++` sets it whether or not
+        # the recipe already does.
+        from bioscale.data.tokenizers import nucleotide_tokenizer
+
+        stage_overrides.append(f"++model.overrides.vocab_size={len(nucleotide_tokenizer())}")
     if device is not None:
         stage_overrides.append(f"device={device}")
     all_overrides = [*stage_overrides, *overrides]
