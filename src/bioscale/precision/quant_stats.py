@@ -220,12 +220,22 @@ def _forward_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
     return _StatsProbe.apply(output, getattr(module, _PROBE), input_stats, module.config)
 
 
-def _local_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The full, plain weight tensor: all-gathered if FSDP2 shards it, unwrapped from torchao's FP8 all-gather type."""
-    if hasattr(weight, "full_tensor"):  # DTensor (FSDP2): a collective, so every rank must call begin_step
-        weight = weight.full_tensor()
-    inner = getattr(weight, "_tensor", None)  # WeightWithDynamicFloat8CastTensor (fsdp_float8_all_gather)
-    return inner if isinstance(inner, torch.Tensor) else weight
+def _full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole weight as a plain tensor: all-gathered if FSDP2 shards it, unwrapped from torchao's FP8 type."""
+    from torch.distributed.tensor import DTensor
+
+    def plain(tensor: torch.Tensor) -> torch.Tensor:
+        # WeightWithDynamicFloat8CastTensor (fsdp_float8_all_gather) keeps the high-precision weight in ``_tensor``.
+        inner = getattr(tensor, "_tensor", None)
+        return inner if isinstance(inner, torch.Tensor) else tensor
+
+    if isinstance(weight, DTensor):
+        # A collective: every rank must call begin_step. Unwrap the shard first so the gather moves plain tensors.
+        local = plain(weight.to_local())
+        return DTensor.from_local(
+            local, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape, stride=weight.stride()
+        ).full_tensor()
+    return plain(weight.detach())
 
 
 class QuantStats:
@@ -320,7 +330,7 @@ class QuantStats:
             for name, module in self._layers.items():
                 setattr(module, _ACTIVE, True)
                 specs = cast_specs(module.config)["weight"]
-                for spec, row in zip(specs, _stats_for(_local_weight(module.weight), specs)):
+                for spec, row in zip(specs, _stats_for(_full_weight(module.weight), specs)):
                     self._pending.setdefault((name, spec.role), []).append(row)
 
     def end_step(self, step: int) -> list[dict[str, Any]] | None:

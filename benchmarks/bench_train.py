@@ -1,0 +1,855 @@
+"""Single-GPU training throughput: stock ``transformers`` against bioscale padded, packed and packed + FP8.
+
+One process trains the same optimizer steps of real sequences through every variant of every model and prints one
+table (unpadded tokens/s, step time, MFU, peak memory, final loss), then writes it with the GPU, the library versions
+and the exact command to ``<out-dir>/<YYYY-MM-DD>-<gpu>.md`` (plus a ``.json`` of the rows)::
+
+    python benchmarks/bench_train.py                                        # the full table on one GPU (~8 min)
+    python benchmarks/bench_train.py --models esm2_650M --variants packed,packed_fp8 --profile
+    python benchmarks/bench_train.py --models esm2_3B --loss-compare-steps 500 --variants packed,packed_fp8
+    python benchmarks/bench_train.py --quick --device cpu --models esm2_debug    # a 10-second smoke test
+
+What is compared. Sequences come from ``../shared/data``: the UniRef90 sample for ESM-2 (lengths as they come,
+cropped to 1,022 residues + <cls>/<eos>, masked once per sequence with ESM's 15% / 80-10-10 recipe) and the
+OpenGenome2 metagenomic contigs for Llama 3 (8,192-token windows, causal LM). Steps are planned packed-first: the
+stream is packed greedily, in order, into micro-batches of ``tokens`` tokens, ``grad_acc`` of them per optimizer step;
+the padded variants train exactly the sequences of each step in micro-batches of ``mb`` sequences, padded to the
+longest (a multiple of 16), as ``transformers`` users do. Every variant therefore sees the same tokens, masks and
+labels per step, starts from the same weights (the ``transformers`` model is converted from the bioscale init with
+``bioscale.models.to_hf``), and its losses can be compared across the row.
+
+- ``hf_padded``: ``transformers`` ``EsmForMaskedLM`` / ``LlamaForCausalLM`` with SDPA, eager, bf16 autocast.
+- ``padded``: bioscale, SDPA, padded batches, blocks compiled with dynamic shapes, bf16 autocast.
+- ``packed``: bioscale, ``varlen`` attention on packed batches padded to the fixed budget (static shapes, one compile),
+  masked-only LM head, per-block ``torch.compile``, bf16 autocast.
+- ``packed_fp8``: ``packed`` with torchao FP8 linears (``--fp8-recipe``, ``--fp8-layers``, ``--fp8-min-features``).
+
+All variants use fused AdamW (foreach on CPU). Throughput counts real (unpadded) tokens; MFU uses the model spec's
+training FLOPs per token at the token-weighted mean sequence length, against 989 TFLOP/s (H100 SXM dense bf16) and
+789 TFLOP/s (the bf16 GEMM rate measured on the lent H100). Warm-up steps (compilation included) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = Path(os.environ.get("BIOSCALE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16 datasheet peak
+MEASURED_GEMM_FLOPS = 789e12  # large bf16 GEMMs measured on the lent H100
+VARIANTS = ("hf_padded", "padded", "packed", "packed_fp8")
+IGNORE_INDEX = -100
+
+
+# ---- what runs ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """One model of the table and how it is fed.
+
+    Attributes:
+        key: name on the command line and in the table.
+        family / size: ``bioscale.models.build_config(family, size)``.
+        data: ``"uniref"`` (masked LM on proteins) or ``"dna"`` (causal LM on DNA windows).
+        max_length: longest sequence in tokens, special tokens included (also the fixed ``max_length`` given to the
+            varlen kernel, so its value never changes between steps and never triggers a recompile).
+        mb: sequences per padded micro-batch.
+        tokens: token budget of a packed micro-batch (every packed micro-batch is padded to exactly this).
+        grad_acc: packed micro-batches per optimizer step.
+        ac: activation checkpointing of the bioscale variants: ``none``, ``selective`` or ``full``.
+    """
+
+    key: str
+    family: str
+    size: str
+    data: str
+    max_length: int
+    mb: int
+    tokens: int
+    grad_acc: int = 1
+    ac: str = "none"
+
+
+MODEL_CASES: dict[str, ModelCase] = {
+    case.key: case
+    for case in (
+        ModelCase("esm2_debug", "esm2", "debug", "uniref", 1024, 4, 2048),
+        ModelCase("esm2_8M", "esm2", "esm2_t6_8M", "uniref", 1024, 16, 16384),
+        ModelCase("esm2_35M", "esm2", "esm2_t12_35M", "uniref", 1024, 16, 16384),
+        ModelCase("esm2_150M", "esm2", "esm2_t30_150M", "uniref", 1024, 16, 16384),
+        ModelCase("esm2_650M", "esm2", "esm2_t33_650M", "uniref", 1024, 16, 16384),
+        # 80 GB: fp32 weights + AdamW take ~46 GB, so the H100 needs a smaller budget and selective AC; on an H200
+        # use esm2_3B:tokens=16384:ac=none.
+        ModelCase("esm2_3B", "esm2", "esm2_t36_3B", "uniref", 1024, 4, 8192, ac="selective"),
+        ModelCase("llama3_debug", "llama3", "debug", "dna", 1024, 2, 2048),
+        ModelCase("llama3_1B", "llama3", "1B", "dna", 8192, 2, 16384),
+    )
+}
+DEFAULT_MODELS = ("esm2_8M", "esm2_150M", "esm2_650M", "esm2_3B", "llama3_1B")
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    """A column of the comparison: ``name`` from :data:`VARIANTS`, FP8 options for ``packed_fp8``."""
+
+    name: str
+    fp8_recipe: str = "tensorwise"
+    fp8_layers: tuple[int, ...] | None = None
+    fp8_min_features: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.name != "packed_fp8":
+            return self.name
+        parts = [self.fp8_recipe]
+        if self.fp8_min_features:
+            parts.append(f"min{self.fp8_min_features}")
+        if self.fp8_layers is not None:
+            parts.append("L" + _format_ranges(self.fp8_layers))
+        return f"packed_fp8[{','.join(parts)}]"
+
+
+def _parse_options(text: str, what: str) -> tuple[str, dict[str, str]]:
+    """``name:key=value:key=value`` -> (name, {key: value}); ``ValueError`` naming ``what`` when malformed."""
+    name, *pairs = text.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{what} {text!r}: options are key=value pairs after ':', got {pair!r}")
+        options[key] = value
+    return name, options
+
+
+def _parse_ranges(text: str) -> tuple[int, ...]:
+    """``"1-4,7"`` -> (1, 2, 3, 4, 7)."""
+    out: list[int] = []
+    for part in text.replace(";", ",").split(","):
+        start, sep, end = part.partition("-")
+        try:
+            out.extend(range(int(start), int(end) + 1) if sep else [int(start)])
+        except ValueError:
+            raise ValueError(f"layer list {text!r}: expected e.g. '1-4,7'") from None
+    return tuple(out)
+
+
+def _format_ranges(values: Sequence[int]) -> str:
+    groups = []
+    for _, run in itertools.groupby(enumerate(values), key=lambda pair: pair[1] - pair[0]):
+        items = [value for _, value in run]
+        groups.append(str(items[0]) if len(items) == 1 else f"{items[0]}-{items[-1]}")
+    return ",".join(groups)
+
+
+def parse_model(text: str) -> ModelCase:
+    """``esm2_3B`` or ``esm2_3B:tokens=16384:ac=none:mb=8:grad_acc=2``."""
+    key, options = _parse_options(text, "--models entry")
+    if key not in MODEL_CASES:
+        raise ValueError(f"unknown model {key!r}; choose from {', '.join(MODEL_CASES)}")
+    case = MODEL_CASES[key]
+    fields = {"mb": int, "tokens": int, "grad_acc": int, "ac": str, "max_length": int}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"--models {text!r}: unknown options {unknown}; valid: {sorted(fields)}")
+    case = dataclasses.replace(case, **{k: fields[k](v) for k, v in options.items()})
+    if case.ac not in ("none", "selective", "full"):
+        raise ValueError(f"--models {text!r}: ac must be none, selective or full")
+    if case.tokens % 16 or case.tokens < case.max_length:
+        raise ValueError(
+            f"--models {text!r}: tokens={case.tokens} must be a multiple of 16 (FP8 GEMMs) and >= max_length="
+            f"{case.max_length} (a packed micro-batch must hold the longest sequence)"
+        )
+    return case
+
+
+def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
+    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33``."""
+    name, options = _parse_options(text, "--variants entry")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if options and name != "packed_fp8":
+        raise ValueError(f"--variants {text!r}: only packed_fp8 takes options")
+    unknown = sorted(set(options) - {"recipe", "min_features", "layers"})
+    if unknown:
+        raise ValueError(f"--variants {text!r}: unknown options {unknown}; valid: layers, min_features, recipe")
+    layers = options.get("layers", defaults.fp8_layers)
+    return VariantSpec(
+        name=name,
+        fp8_recipe=options.get("recipe", defaults.fp8_recipe),
+        fp8_layers=None if layers in (None, "all") else _parse_ranges(layers),
+        fp8_min_features=int(options.get("min_features", defaults.fp8_min_features)),
+    )
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Example:
+    """One training sequence: model inputs (masked for MLM) and labels, aligned, special tokens included."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def load_examples(kind: str, max_length: int, data_dir: Path, *, seed: int, limit: int | None) -> list[Example]:
+    """Tokenised, cropped and labelled sequences, in file order (the same for every variant and model)."""
+    from bioscale.data import (
+        CLMCollator,
+        InputPolicy,
+        MLMCollator,
+        canonical_token_ids,
+        nucleotide_tokenizer,
+        protein_tokenizer,
+        read_fasta,
+        read_parquet,
+    )
+
+    if kind == "uniref":
+        path = data_dir / "uniref90_sample.parquet"
+        records: Iterator[tuple[str, str | None]] = read_parquet(path) if path.exists() else iter(())
+        tokenizer = protein_tokenizer()
+        policy = InputPolicy("protein", max_length=max_length - 2, crop="random")
+    elif kind == "dna":
+        path = data_dir / "opengenome2_metagenomics_sample.fasta"
+        records = read_fasta(path) if path.exists() else iter(())
+        tokenizer = nucleotide_tokenizer(model_max_length=max_length)
+        policy = InputPolicy("nucleotide", max_length=max_length - 2, crop="window")
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+    if not path.exists():
+        raise ValueError(f"benchmark data {path} not found; pass --data-dir (the shared data folder)")
+    rng = np.random.default_rng(seed)
+    sequences: list[str] = []
+    for record_id, sequence in records:
+        sequences.extend(policy(record_id, sequence, rng))
+        if limit is not None and len(sequences) >= limit:
+            break
+    encoded = tokenizer(sequences, add_special_tokens=True)["input_ids"]
+    examples = []
+    if kind == "uniref":
+        mlm = MLMCollator(tokenizer, random_token_ids=canonical_token_ids(tokenizer, "protein"))
+        for index, ids in enumerate(encoded):
+            batch = mlm.apply({"input_ids": torch.tensor(ids)[None]}, rng=np.random.default_rng([seed, index]))
+            examples.append(Example(batch["input_ids"][0].numpy(), batch["labels"][0].numpy()))
+    else:
+        clm = CLMCollator(tokenizer)
+        for ids in encoded:
+            batch = clm.apply({"input_ids": torch.tensor(ids)[None], "attention_mask": torch.ones(1, len(ids))})
+            examples.append(Example(batch["input_ids"][0].numpy(), batch["labels"][0].numpy()))
+    return examples
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """The sequences of one optimizer step, as packed micro-batches (lists of example indices)."""
+
+    packs: list[list[int]]
+
+    @property
+    def indices(self) -> list[int]:
+        return [index for pack in self.packs for index in pack]
+
+
+def plan_steps(examples: Sequence[Example], case: ModelCase, num_steps: int) -> list[StepPlan]:
+    """Greedy in-order packing of the (cycled) examples into ``num_steps`` steps of ``grad_acc`` micro-batches."""
+    stream = itertools.cycle(range(len(examples)))
+    steps: list[StepPlan] = []
+    pending: int | None = None
+    for _ in range(num_steps):
+        packs = []
+        for _ in range(case.grad_acc):
+            pack: list[int] = []
+            used = 0
+            while True:
+                index = pending if pending is not None else next(stream)
+                pending = None
+                if used + len(examples[index]) > case.tokens:
+                    pending = index  # opens the next micro-batch
+                    break
+                pack.append(index)
+                used += len(examples[index])
+            packs.append(pack)
+        steps.append(StepPlan(packs))
+    return steps
+
+
+def packed_batch(examples: Sequence[Example], indices: Sequence[int], case: ModelCase) -> dict[str, Any]:
+    """A THD micro-batch of exactly ``case.tokens`` tokens: the sequences, then one ``<pad>`` segment (label -100)."""
+    from bioscale.data import PAD_TOKEN_ID, collate_packed
+
+    batch = collate_packed([examples[i].input_ids for i in indices], pad_to_multiple_of=case.tokens)
+    labels = np.concatenate([examples[i].labels for i in indices])
+    padded_labels = np.full(batch["input_ids"].shape[1], IGNORE_INDEX, dtype=np.int64)
+    padded_labels[: len(labels)] = labels
+    batch["labels"] = torch.from_numpy(padded_labels)[None]
+    # A fixed max_length: the real maximum changes every step and would recompile the blocks each time. The padding
+    # segment is shorter than the next sequence, which did not fit, so it never exceeds max_length either.
+    max_length = max(case.max_length, int(batch["max_length_q"]))
+    batch["max_length_q"] = batch["max_length_k"] = max_length
+    assert int(batch["input_ids"][0, len(labels):].ne(PAD_TOKEN_ID).sum()) == 0
+    return batch
+
+
+def padded_batches(examples: Sequence[Example], indices: Sequence[int], case: ModelCase) -> list[dict[str, Any]]:
+    """BSHD micro-batches of ``case.mb`` sequences each, right-padded to the longest, rounded up to 16."""
+    from bioscale.data import PAD_TOKEN_ID
+
+    batches = []
+    for start in range(0, len(indices), case.mb):
+        chunk = [examples[i] for i in indices[start : start + case.mb]]
+        width = max(len(e) for e in chunk)
+        width += (-width) % 16
+        input_ids = np.full((len(chunk), width), PAD_TOKEN_ID, dtype=np.int64)
+        labels = np.full((len(chunk), width), IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros((len(chunk), width), dtype=np.int64)
+        for row, example in enumerate(chunk):
+            input_ids[row, : len(example)] = example.input_ids
+            labels[row, : len(example)] = example.labels
+            attention_mask[row, : len(example)] = 1
+        batches.append(
+            {
+                "input_ids": torch.from_numpy(input_ids),
+                "attention_mask": torch.from_numpy(attention_mask),
+                "labels": torch.from_numpy(labels),
+            }
+        )
+    return batches
+
+
+# ---- models and one variant's run ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    """One row of the table (``status`` is ``ok``, ``OOM`` or an error message)."""
+
+    model: str
+    variant: str
+    status: str = "ok"
+    tokens_per_s: float | None = None
+    step_ms: float | None = None
+    mfu_peak: float | None = None
+    mfu_gemm: float | None = None
+    peak_mem_gb: float | None = None
+    first_loss: float | None = None
+    final_loss: float | None = None
+    pad_share: float | None = None
+    num_timed_steps: int = 0
+    real_tokens_per_step: float | None = None
+    seconds: float | None = None  # wall time of the whole variant (build + compile + steps)
+    notes: str = ""
+    losses: list[float] = dataclasses.field(default_factory=list)
+    profile: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _model_config(case: ModelCase, attn_backend: str) -> Any:
+    from bioscale.data import nucleotide_tokenizer
+    from bioscale.models import build_config
+
+    overrides: dict[str, Any] = {"attn_backend": attn_backend}
+    if case.data == "dna":
+        tokenizer = nucleotide_tokenizer()
+        overrides.update(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            max_position_embeddings=max(case.max_length, 8192),
+        )
+    return build_config(case.family, case.size, **overrides)
+
+
+def build_variant_model(
+    case: ModelCase, variant: VariantSpec, device: torch.device, args: argparse.Namespace
+) -> tuple[torch.nn.Module, list[str]]:
+    """The model of ``variant``, initialised from ``args.seed`` (identical weights for every variant)."""
+    from bioscale.distributed.parallelize import apply_ac
+    from bioscale.models import build_model, to_hf
+
+    notes: list[str] = []
+    packed = variant.name.startswith("packed")
+    config = _model_config(case, "varlen" if packed else "sdpa")
+    model = build_model(config, device="meta")
+    if variant.name == "packed_fp8":
+        from bioscale.precision import apply_fp8, fp8_layer_names
+
+        emulate = device.type != "cuda"
+        apply_fp8(
+            model,
+            recipe=variant.fp8_recipe,
+            layers=list(variant.fp8_layers) if variant.fp8_layers is not None else None,
+            min_features=variant.fp8_min_features,
+            emulate=emulate,
+        )
+        notes.append(f"{len(fp8_layer_names(model))} FP8 linears" + (" (emulated GEMMs on CPU)" if emulate else ""))
+    if variant.name != "hf_padded":
+        apply_ac(model, case.ac)
+        if case.ac != "none":
+            notes.append(f"AC {case.ac}")
+        if args.compile:
+            # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
+            for block in model.layers:
+                block.compile(dynamic=True if not packed else None)
+    model.to_empty(device=device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        model.init_weights()
+    if variant.name == "hf_padded":
+        hf_model = to_hf(model)
+        del model
+        if hasattr(hf_model, "set_attn_implementation"):
+            hf_model.set_attn_implementation("sdpa")
+        else:  # transformers 4.x before set_attn_implementation
+            hf_model.config._attn_implementation = "sdpa"
+        notes.append(f"transformers {type(hf_model).__name__}, attn={hf_model.config._attn_implementation}")
+        model = hf_model
+    if args.param_dtype == "bf16":
+        model.to(torch.bfloat16)
+    model.train()
+    return model, notes
+
+
+def _loss_fn(model: torch.nn.Module, variant: VariantSpec, task: str) -> Any:
+    """micro-batch -> sum of its token losses (the step divides by the step's label count)."""
+    if variant.name == "hf_padded":
+
+        def hf_loss(batch: dict[str, Any], num_labels: int) -> torch.Tensor:
+            return model(**batch).loss * num_labels  # transformers returns the mean over the labels
+
+        return hf_loss
+    from bioscale.train.train import model_loss  # the trainer's own forward (masked-only LM head for MLM)
+
+    return lambda batch, num_labels: model_loss(model, batch, task=task)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # compiled code of earlier models would count against the recompile limit
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_variant(
+    case: ModelCase,
+    variant: VariantSpec,
+    examples: Sequence[Example],
+    plans: Sequence[StepPlan],
+    *,
+    warmup: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> Result:
+    """Train ``warmup + len(plans) - warmup`` steps of ``variant``; time all but the warm-up steps."""
+    from bioscale.models import get_model_spec, set_input_validation
+
+    result = Result(case.key, variant.label)
+    start = time.perf_counter()
+    packed = variant.name.startswith("packed")
+    task = "masked_lm" if case.data == "uniref" else "causal_lm"
+    _free_memory(device)
+    model = optimizer = None
+    try:
+        model, notes = build_variant_model(case, variant, device, args)
+        result.notes = "; ".join(notes)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
+            fused=device.type == "cuda" or None,
+        )
+        steps = []  # per step: (micro-batches on the device, their label counts, the step's label count)
+        for plan in plans:
+            micro = (
+                [packed_batch(examples, pack, case) for pack in plan.packs]
+                if packed
+                else padded_batches(examples, plan.indices, case)
+            )
+            counts = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro]
+            micro = [_to_device(mb, device) for mb in micro]
+            if packed:
+                for mb in micro:
+                    # The number of sequences per micro-batch changes every step; without this hint the blocks
+                    # would compile a second time, for a dynamic cu_seqlens length, after the first new value.
+                    torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_q"], 0)
+                    torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_k"], 0)
+            steps.append((micro, counts, sum(counts)))
+        loss_fn = _loss_fn(model, variant, task)
+        # bf16 autocast over fp32 weights on GPU; CPUs without bf16 matrix units run bf16 slower than fp32, so the
+        # CPU smoke test computes in fp32.
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if args.param_dtype == "fp32" and device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        warmup_lr = [args.lr * min(1.0, (i + 1) / max(1, args.lr_warmup)) for i in range(len(steps))]
+        losses: list[torch.Tensor] = []
+        timed_start = 0.0
+        for index, (micro, counts, step_labels) in enumerate(steps):
+            if index == warmup:
+                _synchronize(device)
+                timed_start = time.perf_counter()
+            # Value checks on the inputs cost a host sync per forward; the first step checks the batch format.
+            set_input_validation(index == 0)
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_lr[index]
+            step_loss = torch.zeros((), device=device)
+            for batch, count in zip(micro, counts):
+                with autocast:
+                    loss_sum = loss_fn(batch, count)
+                (loss_sum / step_labels).backward()
+                step_loss += loss_sum.detach().float()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss / step_labels)
+        _synchronize(device)
+        elapsed = time.perf_counter() - timed_start
+        if args.profile and device.type == "cuda":
+            result.profile = profile_steps(steps[-min(3, len(steps)):], loss_fn, optimizer, autocast, device)
+        result.losses = torch.stack(losses).tolist()
+        result.first_loss, result.final_loss = result.losses[0], result.losses[-1]
+
+        timed = plans[warmup:]
+        real = [len(examples[i]) for plan in timed for i in plan.indices]
+        computed = sum(
+            (case.tokens * len(plan.packs))
+            if packed
+            else sum(b["input_ids"].numel() for b in padded_batches(examples, plan.indices, case))
+            for plan in timed
+        )
+        num_real = float(sum(real))
+        seq_len = float(sum(n * n for n in real)) / max(num_real, 1.0)  # token-weighted mean length (attention)
+        flops_per_token = get_model_spec(case.family).flops_per_token(_model_config(case, "sdpa"), seq_len)
+        result.num_timed_steps = len(timed)
+        result.tokens_per_s = num_real / elapsed
+        result.step_ms = 1e3 * elapsed / len(timed)
+        if device.type == "cuda":  # MFU against GPU peaks means nothing for a CPU smoke test
+            result.mfu_peak = flops_per_token * result.tokens_per_s / PEAK_BF16_FLOPS
+            result.mfu_gemm = flops_per_token * result.tokens_per_s / MEASURED_GEMM_FLOPS
+        result.pad_share = 1.0 - num_real / computed
+        result.real_tokens_per_step = num_real / len(timed)
+        if device.type == "cuda":
+            result.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    except torch.OutOfMemoryError:
+        result.status = "OOM"
+        if device.type == "cuda":
+            result.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    except Exception as exc:  # one failing variant must not cost the rest of the table
+        traceback.print_exc()
+        result.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    finally:
+        set_input_validation(True)
+        del model, optimizer
+        _free_memory(device)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def profile_steps(steps: Sequence[Any], loss_fn: Any, optimizer: Any, autocast: Any, device: torch.device) -> list[dict[str, Any]]:
+    """The top CUDA kernels of a few more steps, with their share of the GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for micro, counts, step_labels in steps:
+            for batch, count in zip(micro, counts):
+                with autocast:
+                    loss_sum = loss_fn(batch, count)
+                (loss_sum / step_labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+    events = [e for e in prof.key_averages() if _device_time(e) > 0]
+    total = sum(_device_time(e) for e in events)
+    events.sort(key=_device_time, reverse=True)
+    return [
+        {"kernel": e.key[:110], "ms_per_step": _device_time(e) / 1e3 / len(steps), "share": _device_time(e) / total}
+        for e in events[:15]
+    ]
+
+
+def _device_time(event: Any) -> float:
+    # Renamed from *_cuda_time_total to *_device_time_total in torch 2.4+; self time avoids double counting.
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+
+# ---- the report ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def render_table(results: Sequence[Result]) -> str:
+    baseline = {r.model: r.tokens_per_s for r in results if r.variant == "hf_padded" and r.status == "ok"}
+    lines = [
+        "| model | variant | tokens/s (unpadded) | vs HF | step ms | MFU (989) | MFU (789 GEMM) | peak GB | pad % "
+        "| final loss | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if r.status != "ok":
+            lines.append(
+                f"| {r.model} | {r.variant} | {r.status} | | | | | {_fmt(r.peak_mem_gb, '.1f')} | | | {r.notes} |"
+            )
+            continue
+        speedup = r.tokens_per_s / baseline[r.model] if r.model in baseline and r.tokens_per_s else None
+        lines.append(
+            f"| {r.model} | {r.variant} | {_fmt(r.tokens_per_s, ',.0f')} | {_fmt(speedup, '.2f')}{'×' if speedup else ''} "
+            f"| {_fmt(r.step_ms, '.1f')} | {_pct(r.mfu_peak)} | {_pct(r.mfu_gemm)} | {_fmt(r.peak_mem_gb, '.1f')} "
+            f"| {_fmt(100 * r.pad_share if r.pad_share is not None else None, '.0f')} | {_fmt(r.final_loss, '.4f')} "
+            f"| {r.notes} |"
+        )
+    return "\n".join(lines)
+
+
+def render_profiles(results: Sequence[Result]) -> str:
+    sections = []
+    for r in results:
+        if not r.profile:
+            continue
+        rows = [f"#### {r.model} / {r.variant}", "", "| kernel | ms/step | share |", "|---|---:|---:|"]
+        rows += [f"| `{p['kernel']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% |" for p in r.profile]
+        sections.append("\n".join(rows))
+    return "\n\n".join(sections)
+
+
+def render_loss_compare(results: Sequence[Result], tail: int) -> str:
+    lines = []
+    by_model: dict[str, list[Result]] = {}
+    for r in results:
+        if r.status == "ok" and r.losses:
+            by_model.setdefault(r.model, []).append(r)
+    for model, rows in by_model.items():
+        reference = next((r for r in rows if r.variant == "packed"), rows[0])
+        ref_tail = float(np.mean(reference.losses[-tail:]))
+        lines.append(f"- {model}: mean loss over the last {tail} steps, {reference.variant}: {ref_tail:.4f}")
+        for r in rows:
+            if r is reference:
+                continue
+            value = float(np.mean(r.losses[-tail:]))
+            lines.append(f"  - {r.variant}: {value:.4f} ({100 * (value - ref_tail) / ref_tail:+.2f}% vs {reference.variant})")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": str(torch.version.cuda),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})",
+    }
+    try:
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    except ImportError:
+        info["torchao"] = "not installed"
+    return info
+
+
+def write_report(
+    results: Sequence[Result], cases: Sequence[ModelCase], args: argparse.Namespace, out_dir: Path, env: dict[str, str]
+) -> Path:
+    """``<out_dir>/<date>-<gpu>.md`` and ``.json``; rows of an earlier call (``--merge``) are kept unless re-run."""
+    gpu_slug = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
+    stem = f"{env['date']}-{gpu_slug}" + ("-loss-compare" if args.loss_compare_steps else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dataclasses.asdict(r) for r in results]
+    commands = [" ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_train.py", *args.argv])]
+    cases_info = {c.key: dataclasses.asdict(c) for c in cases}
+    if args.merge and Path(args.merge).exists():
+        earlier = json.loads(Path(args.merge).read_text())
+        done = {(r["model"], r["variant"]) for r in rows}
+        rows = [r for r in earlier["rows"] if (r["model"], r["variant"]) not in done] + rows
+        commands = earlier.get("commands", []) + commands
+        cases_info = {**earlier.get("cases", {}), **cases_info}
+    payload = {"environment": env, "commands": commands, "cases": cases_info, "settings": _settings(args), "rows": rows}
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    all_results = [Result(**r) for r in rows]
+    order = {key: i for i, key in enumerate(MODEL_CASES)}
+    all_results.sort(key=lambda r: (order.get(r.model, 99), VARIANTS.index(r.variant.split("[")[0])))
+    md = [
+        f"# Training throughput, {env['gpu']}, {env['date']}",
+        "",
+        f"torch {env['torch']}, transformers {env['transformers']}, torchao {env['torchao']}, CUDA {env['cuda']}, "
+        f"Python {env['python']}.",
+        "",
+        "Commands (from the repository root):",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+        "Real UniRef90 / OpenGenome2 sequences from `../shared/data` (lengths as they come); every variant trains the "
+        "same steps (same sequences, masks and initial weights). tokens/s counts unpadded tokens; MFU uses the model "
+        "spec's training FLOPs per token at the token-weighted mean length, against 989 TFLOP/s (H100 SXM dense bf16) "
+        "and 789 TFLOP/s (bf16 GEMM rate measured on the lent H100). `pad %` is the share of computed positions that "
+        f"are padding. Settings: {json.dumps(_settings(args))}.",
+        "",
+        "| model | mb (padded) | tokens / packed micro-batch | micro-batches / step | AC (bioscale) | max length |",
+        "|---|---:|---:|---:|---|---:|",
+        *[
+            f"| {c['key']} | {c['mb']} | {c['tokens']} | {c['grad_acc']} | {c['ac']} | {c['max_length']} |"
+            for c in cases_info.values()
+        ],
+        "",
+        render_table(all_results),
+    ]
+    if args.loss_compare_steps:
+        md += ["", "## Loss comparison", "", render_loss_compare(all_results, max(1, args.loss_compare_steps // 10))]
+    profiles = render_profiles(all_results)
+    if profiles:
+        md += ["", "## Top kernels (3 profiled steps after the timed ones)", "", profiles]
+    path = out_dir / f"{stem}.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "lr": args.lr,
+        "param_dtype": args.param_dtype,
+        "compile": args.compile,
+        "seed": args.seed,
+        "loss_compare_steps": args.loss_compare_steps,
+    }
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated; {', '.join(MODEL_CASES)}; per-model options as "
+                             "name:tokens=16384:mb=8:ac=selective:grad_acc=1")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated; hf_padded, padded, packed, packed_fp8[:recipe=rowwise:min_features=4096"
+                             ":layers=1-30]")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compilation happens here)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up + 2 timed steps, small data")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", choices=("on", "off", "auto"), default="auto",
+                        help="per-block torch.compile of the bioscale variants (auto: on for CUDA)")
+    parser.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 weights with bf16 autocast (the trainer's single-GPU setting), or bf16 weights")
+    parser.add_argument("--fp8-recipe", choices=("tensorwise", "rowwise"), default="tensorwise")
+    parser.add_argument("--fp8-layers", default=None, help="1-indexed blocks for FP8, e.g. '2-32' (default: all)")
+    parser.add_argument("--fp8-min-features", type=int, default=0,
+                        help="keep linears whose narrower side is below this in bf16")
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr-warmup", type=int, default=None, help="linear lr warm-up steps (default: 10%% of steps)")
+    parser.add_argument("--loss-compare-steps", type=int, default=0,
+                        help="train this many steps (no warm-up exclusion) and compare the variants' losses")
+    parser.add_argument("--profile", action="store_true", help="profile 3 extra steps per variant (top CUDA kernels)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--merge", default=None, help="a results .json of an earlier call whose rows to keep")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the report
+    if args.quick:
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+    if args.loss_compare_steps:
+        args.steps, args.warmup = args.loss_compare_steps, 0
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.lr_warmup is None:
+        args.lr_warmup = max(1, (args.warmup + args.steps) // 10)
+    args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cases = [parse_model(text) for text in args.models.split(",") if text]
+        variants = [parse_variant(text, args) for text in args.variants.split(",") if text]
+    except ValueError as exc:
+        print(f"bench_train: {exc}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left over (none in the bf16 paths)
+    env = environment()
+    print(f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | torchao {env['torchao']}",
+          flush=True)
+    results: list[Result] = []
+    examples_cache: dict[tuple[str, int], list[Example]] = {}
+    for case in cases:
+        key = (case.data, case.max_length)
+        if key not in examples_cache:
+            limit = 400 if args.quick else None
+            examples_cache[key] = load_examples(case.data, case.max_length, args.data_dir, seed=args.seed, limit=limit)
+        examples = examples_cache[key]
+        plans = plan_steps(examples, case, args.warmup + args.steps)
+        for variant in variants:
+            print(f"[{time.strftime('%H:%M:%S')}] {case.key} / {variant.label} ...", flush=True)
+            result = run_variant(case, variant, examples, plans, warmup=args.warmup, device=device, args=args)
+            results.append(result)
+            print(
+                f"    {result.status}: {_fmt(result.tokens_per_s, ',.0f')} tok/s, {_fmt(result.step_ms, '.1f')} ms/step, "
+                f"MFU {_pct(result.mfu_peak)}, "
+                f"peak {_fmt(result.peak_mem_gb, '.1f')} GB, loss {_fmt(result.first_loss, '.4f')} -> "
+                f"{_fmt(result.final_loss, '.4f')} ({result.seconds:.0f} s) {result.notes}",
+                flush=True,
+            )
+    print()
+    print(render_table(results))
+    if args.loss_compare_steps:
+        print()
+        print(render_loss_compare(results, max(1, args.loss_compare_steps // 10)))
+    if args.profile:
+        print()
+        print(render_profiles(results))
+    path = write_report(results, cases, args, args.out_dir, env)
+    print(f"\nwritten: {path}")
+    return 0 if all(r.status in ("ok", "OOM") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
