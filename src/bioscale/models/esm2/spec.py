@@ -40,7 +40,8 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def matmul_params(config: Esm2Config) -> int:
-    """Weights that take part in a matmul per token: the blocks' projections and the LM head (dense + decoder)."""
+    """Weights that take part in a matmul per token: the blocks' projections and the LM head (dense + decoder, the
+    decoder at its padded size: the matmul that actually runs)."""
     hidden, ffn = config.hidden_size, config.intermediate_size
     per_layer = 4 * hidden * hidden + 2 * hidden * ffn
     lm_head = hidden * hidden + config.embedding_rows * hidden

@@ -55,7 +55,7 @@ class Llama3Config(PretrainedConfig):
         intermediate_size: int = 6144,
         num_hidden_layers: int = 25,
         num_attention_heads: int = 16,
-        num_key_value_heads: int | None = 8,
+        num_key_value_heads: int | None = None,
         head_dim: int | None = None,
         rms_norm_eps: float = 1e-5,
         rope_theta: float = 500000.0,

@@ -48,7 +48,8 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def matmul_params(config: Llama3Config) -> int:
-    """Weights that take part in a matmul per token: the blocks' projections and the LM head."""
+    """Weights that take part in a matmul per token: the blocks' projections and the LM head (at its padded size:
+    the matmul that actually runs)."""
     hidden = config.hidden_size
     q_dim = config.num_attention_heads * config.head_dim
     kv_dim = config.num_key_value_heads * config.head_dim
