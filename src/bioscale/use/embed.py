@@ -328,6 +328,16 @@ def embed(
     batches = plan_batches([len(c.token_ids) for c in chunks], budget, padded=batching == "padded")
     bar = tqdm(total=len(ids), unit="seq", desc="embed", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     remaining_chunks = np.bincount([c.seq for c in chunks], minlength=len(ids))
+
+    def finish(pending: _PendingBatch) -> None:
+        pending.add_to(pooled, residues)
+        done = np.bincount([c.seq for c in pending.chunks], minlength=len(ids))
+        remaining_chunks[:] -= done
+        bar.update(int(((remaining_chunks == 0) & (done > 0)).sum()))
+
+    # One batch in flight: batch i's forward is queued on the GPU before batch i-1's results are read on the host,
+    # so collating the next batch and the host-side bookkeeping overlap with GPU compute.
+    in_flight: _PendingBatch | None = None
     for indices in batches:
         batch_chunks = [chunks[i] for i in indices]
         token_lists = [c.token_ids for c in batch_chunks]
@@ -335,11 +345,13 @@ def embed(
             batch = collate_packed(token_lists, device=device)
         else:
             batch = collate_padded(token_lists, pad_token_id=pad_id, device=device)
-        hidden = batch.flatten(encoder(**batch.inputs).last_hidden_state).float()  # [T_real, hidden]
-        _accumulate(batch, hidden, batch_chunks, pooling, len(prefix), pooled, residues)
-        done = np.bincount([c.seq for c in batch_chunks], minlength=len(ids))
-        remaining_chunks -= done
-        bar.update(int(((remaining_chunks == 0) & (done > 0)).sum()))
+        hidden = batch.flatten(encoder(**batch.inputs).last_hidden_state)  # [T_real, hidden]
+        launched = _reduce_on_device(batch, hidden, batch_chunks, pooling, len(prefix), per_residue)
+        if in_flight is not None:
+            finish(in_flight)
+        in_flight = launched
+    if in_flight is not None:
+        finish(in_flight)
     bar.close()
 
     if pooling == "mean":
@@ -355,20 +367,39 @@ def embed(
     )
 
 
-def _accumulate(
-    batch: ModelBatch,
-    hidden: torch.Tensor,
-    chunks: list[_Chunk],
-    pooling: str,
-    prefix_len: int,
-    pooled: np.ndarray,
-    residues: list[np.ndarray] | None,
-) -> None:
-    """Add one batch's hidden states ``[T_real, hidden]`` into the per-sequence pooled sums and residue arrays.
+@dataclass
+class _PendingBatch:
+    """A batch's pooled sums (and residue states) being copied to the host; ``event`` marks the copies' end."""
+
+    chunks: list[_Chunk]
+    sums: torch.Tensor  # [num_chunks, hidden] float32, host
+    residue_states: torch.Tensor | None  # [T_real, hidden] float32, host
+    spans: list[tuple[int, int]]
+    event: torch.cuda.Event | None
+
+    def add_to(self, pooled: np.ndarray, residues: list[np.ndarray] | None) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        sums = self.sums.numpy()
+        for row, chunk in enumerate(self.chunks):
+            pooled[chunk.seq] += sums[row]
+        if residues is None:
+            return
+        assert self.residue_states is not None
+        states = self.residue_states.numpy()
+        for chunk, (first, last) in zip(self.chunks, self.spans):
+            residues[chunk.seq][chunk.start : chunk.end] += states[first:last] * chunk.residue_weights[:, None]
+
+
+def _reduce_on_device(
+    batch: ModelBatch, hidden: torch.Tensor, chunks: list[_Chunk], pooling: str, prefix_len: int, per_residue: bool
+) -> _PendingBatch:
+    """Reduce one batch's hidden states ``[T_real, hidden]`` to one weighted sum per chunk, on the device, and start
+    copying the results to the host without waiting for them.
 
     Each token carries a weight: ``1 / coverage`` on residues for mean pooling (so a residue seen by two windows
-    counts once), ``1 / num_windows`` on the ``<cls>`` token for cls pooling, 0 elsewhere (special tokens). The
-    weighted sums are formed on the device, one row per chunk, and only ``[num_chunks, hidden]`` goes to the host.
+    counts once), ``1 / num_windows`` on the ``<cls>`` token for cls pooling, 0 on other special tokens. Sums are
+    float32 whatever the model dtype.
     """
     weights = np.zeros(hidden.shape[0], dtype=np.float32)
     offset = 0
@@ -383,17 +414,19 @@ def _accumulate(
         spans.append((first, last))
         offset += len(chunk.token_ids)
     assert offset == hidden.shape[0], (offset, hidden.shape)
-    token_weights = torch.from_numpy(weights).to(hidden.device)
+    hidden = hidden.float()
+    token_weights = torch.from_numpy(weights).to(hidden.device, non_blocking=True)
     sums = torch.zeros(len(chunks), hidden.shape[1], dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, batch.token_example, hidden * token_weights[:, None])
-    sums_host = sums.cpu().numpy()
-    for row, chunk in enumerate(chunks):
-        pooled[chunk.seq] += sums_host[row]
-    if residues is None:
-        return
-    hidden_host = hidden.cpu().numpy()
-    for chunk, (first, last) in zip(chunks, spans):
-        residues[chunk.seq][chunk.start : chunk.end] += hidden_host[first:last] * chunk.residue_weights[:, None]
+    asynchronous = hidden.device.type == "cuda"
+    # non_blocking device->host copies land in pinned memory; the event says when they are complete.
+    sums_host = sums.to("cpu", non_blocking=asynchronous)
+    states_host = hidden.to("cpu", non_blocking=asynchronous) if per_residue else None
+    event = None
+    if asynchronous:
+        event = torch.cuda.Event()
+        event.record()
+    return _PendingBatch(chunks=chunks, sums=sums_host, residue_states=states_host, spans=spans, event=event)
 
 
 def write_embeddings(embeddings: Embeddings, path: str | Path) -> list[Path]:
