@@ -64,7 +64,7 @@ def test_heads_never_mix_sequences_in_a_batch(esm_dir: Path, task: str, batching
     for sequence in PROTEINS.values():
         ids = tokenizer(sequence)["input_ids"]
         target = [-100] + [i % 3 for i in range(len(ids) - 2)] + [-100] if task == "token_classification" else 1
-        examples.append(Example(source=0, token_ids=ids, target=target))
+        examples.append(Example(token_ids=ids, target=target))
     together = collate_examples(examples, task=task, batching=batching, pad_token_id=1, device=torch.device("cpu"))
     with torch.no_grad():
         logits = model(**together.inputs).logits
@@ -81,6 +81,7 @@ def test_heads_never_mix_sequences_in_a_batch(esm_dir: Path, task: str, batching
 
 
 def test_lora_on_porter6_lowers_loss_and_adapter_round_trips(esm_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
     out = tmp_path / "ss_lora"
     config = load_finetune_config(
         "token_classification",
@@ -100,7 +101,7 @@ def test_lora_on_porter6_lowers_loss_and_adapter_round_trips(esm_dir: Path, shar
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "model").exists()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["final"]["loss"] == pytest.approx(final_loss)
-    example = Example(source=0, token_ids=result.tokenizer("MKTAYIAKQRQISFVKSHFSRQ")["input_ids"], target=[-100] * 24)
+    example = Example(token_ids=result.tokenizer("MKTAYIAKQRQISFVKSHFSRQ")["input_ids"], target=[-100] * 24)
     batch = collate_examples([example], task="token_classification", batching="padded", pad_token_id=1,
                              device=torch.device("cpu"))  # fmt: skip
     with torch.no_grad():

@@ -54,6 +54,7 @@ def test_greedy_generation_on_cuda_equals_transformers(llama_dir: Path) -> None:
 
 
 def test_lora_finetune_on_cuda_with_packed_batches(esm_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
     config = load_finetune_config(
         "token_classification",
         [f"model={esm_dir}", f"data={shared_data / 'porter6_secondary_structure_sample.parquet'}",

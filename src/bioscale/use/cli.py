@@ -37,10 +37,11 @@ def _dtype(name: str | None):  # -> torch.dtype | None
 
 
 def _run(command: str, body: Callable[[], int]) -> int:
-    """Run ``body``, turning a ``ValueError`` (bad input) into one error line and exit status 2."""
+    """Run ``body``, turning a ``ValueError`` (bad input) or a missing optional package into one error line and
+    exit status 2."""
     try:
         return body()
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"bioscale {command}: error: {err}", file=sys.stderr)
         return 2
 

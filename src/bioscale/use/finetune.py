@@ -226,7 +226,6 @@ class LabelledData:
 class Example:
     """One model input: token ids with the special tokens, and its target (per-token ids or one value)."""
 
-    source: int  # index of the sequence in its split
     token_ids: list[int]
     target: list[int] | int | float
 
@@ -342,7 +341,7 @@ def build_examples(
     class_index = {name: i for i, name in enumerate(label_names or ())}
     examples: list[Example] = []
     num_cut = 0
-    for source, (i, tokens) in enumerate(zip(indices, residue_ids)):
+    for i, tokens in zip(indices, residue_ids):
         label = data.labels[i]
         if len(tokens) > window:
             num_cut += 1
@@ -352,10 +351,10 @@ def build_examples(
             for start in range(0, len(tokens), window):
                 piece = tokens[start : start + window]
                 target = [IGNORE_INDEX] * len(prefix) + label_ids[start : start + window] + [IGNORE_INDEX] * len(suffix)
-                examples.append(Example(source=source, token_ids=prefix + piece + suffix, target=target))
+                examples.append(Example(token_ids=prefix + piece + suffix, target=target))
         else:
             target = float(label) if task == "sequence_regression" else class_index[label]
-            examples.append(Example(source=source, token_ids=prefix + tokens[:window] + suffix, target=target))
+            examples.append(Example(token_ids=prefix + tokens[:window] + suffix, target=target))
     return examples, num_cut
 
 
