@@ -138,3 +138,9 @@ def test_value_checks_can_be_switched_off(esm: Esm2ForMaskedLM) -> None:
         esm(**batch)  # no error: the caller vouches for its data
     with pytest.raises(ValueError, match="position_ids do not restart"):
         esm(**batch)
+
+
+def test_kv_cache_with_packed_inputs_raises(llama: Llama3ForCausalLM) -> None:
+    batch = pack(*llama_padded_batch([5, 3]))
+    with pytest.raises(ValueError, match="not supported with packed inputs"):
+        llama(**batch, use_cache=True)

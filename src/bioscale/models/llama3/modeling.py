@@ -204,6 +204,8 @@ class Llama3Model(Llama3PreTrainedModel):
 
     def decode(self, batch: Batch, kv_cache: Cache | None = None) -> torch.Tensor:
         """Hidden states ``[B, S, D]`` (packed: ``[1, T, D]``) after the final RMSNorm; appends to ``kv_cache``."""
+        if batch.is_packed and kv_cache is not None:
+            raise ValueError("a KV cache (use_cache / past_key_values) is not supported with packed inputs")
         hidden_states = self.embed_tokens(batch.input_ids)
         rotary = self.rotary(batch.position_ids, hidden_states.dtype)
         dropout_p = self.config.attention_dropout if self.training else 0.0
