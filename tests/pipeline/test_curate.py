@@ -109,6 +109,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     source = kwargs.pop("source", None)
     with pytest.raises(ValueError, match=message):
         curate(source, out=tmp_path / "ds", max_records=20, **kwargs)
+    assert not (tmp_path / "ds").exists()  # a failed curation leaves nothing behind
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -135,6 +136,20 @@ def load_artifact(
     """An :class:`Artifact` from a directory (validated by :func:`read_artifact`) or an existing one (kind checked)."""
     path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
     return Artifact(path=path.resolve() if path.exists() else path, metadata=read_artifact(path, expected_kind))
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Create ``out`` for a new artifact; a non-empty ``out`` is refused unless ``overwrite`` (then emptied)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(f"output directory {out} is not empty; choose another --out or pass --overwrite")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def utc_now_iso() -> str:

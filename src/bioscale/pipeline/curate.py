@@ -11,6 +11,7 @@ skipped, mapped, filtered, duplicated, kept per split) goes into the artifact's 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -24,6 +25,7 @@ from bioscale.pipeline.artifacts import (
     ArtifactMetadata,
     Modality,
     Scale,
+    prepare_output_dir,
     source_lineage_entry,
     write_artifact,
 )
@@ -73,12 +75,22 @@ class _ShardWriter:
         self.ids, self.sequences = [], []
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"output directory {out} is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class CurationSettings:
+    """The validated parameters of one curation (recorded as the dataset artifact's ``config``)."""
+
+    source: str
+    kind: Modality
+    sequence_column: str
+    id_column: str | None
+    hf_split: str
+    min_length: int
+    max_length: int | None
+    chunk_length: int | None
+    unknown_residues: str
+    validation_fraction: float
+    max_records: int | None
+    shard_size: int
 
 
 def curate(
@@ -120,10 +132,9 @@ def curate(
 
     Raises:
         ValueError: a bad argument (named), an unreadable source (the data layer names file and record), or no
-            sequence left for training.
+            sequence left for training. Nothing is left at ``out`` after a failure.
     """
-    from bioscale.data.policy import InputPolicy
-    from bioscale.data.sources import iter_sequences, open_source
+    from bioscale.data.sources import open_source
 
     kind = check_modality(kind)
     preset = get_preset(scale)
@@ -145,42 +156,66 @@ def curate(
         max_records = preset.max_records
     if max_records is not None and max_records < 1:
         raise ValueError(f"max_records must be >= 1 or None; got {max_records}")
+    settings = CurationSettings(
+        source=str(source) if source is not None else preset.demo_source[kind], kind=kind,
+        sequence_column=sequence_column, id_column=id_column, hf_split=hf_split, min_length=min_length,
+        max_length=max_length, chunk_length=chunk_length, unknown_residues=unknown_residues,
+        validation_fraction=validation_fraction, max_records=max_records, shard_size=shard_size,
+    )
 
-    spec = str(source) if source is not None else preset.demo_source[kind]
     try:
-        opened = open_source(spec, sequence_column=sequence_column, id_column=id_column, hf_split=hf_split)
+        opened = open_source(settings.source, sequence_column=sequence_column, id_column=id_column, hf_split=hf_split)
     except FileNotFoundError as err:
-        raise ValueError(f"data source {spec}: {err}") from err
+        raise ValueError(f"data source {settings.source}: {err}") from err
     # Lineage names the file actually read (a demo spec resolves to the wheel's file), hashed.
-    lineage_target: str | Path = spec
-    if spec.startswith("demo:"):
+    lineage_target: str | Path = settings.source
+    if settings.source.startswith("demo:"):
         from bioscale.data.demo import demo_corpus
 
-        lineage_target = demo_corpus(spec[len("demo:") :])
+        lineage_target = demo_corpus(settings.source[len("demo:") :])
 
-    out = Path(out)
-    _prepare_out(out, overwrite)
-    writers = {name: _ShardWriter(out / name, shard_size) for name in SPLITS}
+    out = prepare_output_dir(out, overwrite)
+    try:
+        metadata = _write_dataset(out, opened, settings, seed=seed, scale=scale)
+        metadata = metadata.model_copy(update={"lineage": [source_lineage_entry(lineage_target)]})
+        metadata = write_artifact(out, metadata)
+    except BaseException:
+        # A half-written dataset is useless and would block a re-run: remove it (the error says what went wrong).
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    logger.info(
+        "dataset %s: %d train / %d validation sequences (%d duplicates, %d filtered by length)",
+        out, metadata.metrics["train_sequences"], metadata.metrics["validation_sequences"],
+        metadata.metrics["duplicates"], metadata.metrics["too_short"] + metadata.metrics["too_long"],
+    )
+    return Artifact(path=out.resolve(), metadata=metadata)
+
+
+def _write_dataset(out: Path, opened: Any, settings: CurationSettings, *, seed: int, scale: Scale) -> ArtifactMetadata:
+    """Stream the source through policy, filters and de-duplication into the split shards; the metadata to write."""
+    from bioscale.data.policy import InputPolicy
+    from bioscale.data.sources import iter_sequences
+
+    writers = {name: _ShardWriter(out / name, settings.shard_size) for name in SPLITS}
     for writer in writers.values():
         writer.directory.mkdir()
-
     # Windowing without overlap is exactly "cut into chunks"; proteins are not cropped here (training crops).
     policy = InputPolicy(
-        _POLICY_KIND[kind],
-        max_length=chunk_length,
+        _POLICY_KIND[settings.kind],
+        max_length=settings.chunk_length,
         crop="window",
-        window_stride=chunk_length,
-        unknown_residues=unknown_residues,
+        window_stride=settings.chunk_length,
+        unknown_residues=settings.unknown_residues,
     )
     seen: set[bytes] = set()  # 16-byte digests: ~100 MB per million unique sequences
     too_short = too_long = duplicates = 0
     capped = False
-    logger.info("curating %s (%s, scale %s) into %s", spec, kind, scale, out)
+    logger.info("curating %s (%s, scale %s) into %s", settings.source, settings.kind, scale, out)
     for record_id, sequence in iter_sequences(opened, policy):
-        if len(sequence) < min_length:
+        if len(sequence) < settings.min_length:
             too_short += 1
             continue
-        if max_length is not None and len(sequence) > max_length:
+        if settings.max_length is not None and len(sequence) > settings.max_length:
             too_long += 1
             continue
         digest = hashlib.blake2b(sequence.encode(), digest_size=16).digest()
@@ -188,8 +223,9 @@ def curate(
             duplicates += 1
             continue
         seen.add(digest)
-        writers[split_of(sequence, seed=seed, validation_fraction=validation_fraction)].add(record_id, sequence)
-        if max_records is not None and len(seen) >= max_records:
+        split = split_of(sequence, seed=seed, validation_fraction=settings.validation_fraction)
+        writers[split].add(record_id, sequence)
+        if settings.max_records is not None and len(seen) >= settings.max_records:
             capped = True
             break
     for writer in writers.values():
@@ -198,13 +234,14 @@ def curate(
     train, validation = writers["train"], writers["validation"]
     if train.num_records == 0:
         raise ValueError(
-            f"data source {spec}: no sequence left for training after the input policy and filters "
-            f"(read {policy.stats.records_read} records; {too_short} shorter than min_length={min_length}, "
-            f"{too_long} longer than max_length={max_length}, {duplicates} duplicates)"
+            f"data source {settings.source}: no sequence left for training after the input policy and filters "
+            f"(read {policy.stats.records_read} records; {too_short} shorter than min_length={settings.min_length}, "
+            f"{too_long} longer than max_length={settings.max_length}, {duplicates} duplicates)"
         )
     if validation.num_records == 0:
-        logger.warning("validation split is empty (%d unique sequences, fraction %g)", len(seen), validation_fraction)
-
+        logger.warning(
+            "validation split is empty (%d unique sequences, fraction %g)", len(seen), settings.validation_fraction
+        )
     metrics: dict[str, Any] = {f"policy_{k}": v for k, v in policy.stats.as_dict().items()}
     metrics.update(
         too_short=too_short,
@@ -219,34 +256,12 @@ def curate(
         validation_residues=validation.num_residues,
         validation_shards=validation.num_shards,
     )
-    config = {
-        "source": spec,
-        "kind": kind,
-        "sequence_column": sequence_column,
-        "id_column": id_column,
-        "hf_split": hf_split,
-        "min_length": min_length,
-        "max_length": max_length,
-        "chunk_length": chunk_length,
-        "unknown_residues": unknown_residues,
-        "validation_fraction": validation_fraction,
-        "max_records": max_records,
-        "shard_size": shard_size,
-        "split": "blake2b(sequence, key=seed) / 2^64 < validation_fraction",
-    }
-    metadata = ArtifactMetadata(
+    return ArtifactMetadata(
         kind="dataset",
-        modality=kind,
+        modality=settings.kind,
         paths={"train": "train", "validation": "validation"},
         metrics=metrics,
-        config=config,
-        lineage=[source_lineage_entry(lineage_target)],
+        config={**dataclasses.asdict(settings), "split": "blake2b(sequence, key=seed) / 2^64 < validation_fraction"},
         seed=seed,
         scale=scale,
     )
-    metadata = write_artifact(out, metadata)
-    logger.info(
-        "dataset %s: %d train / %d validation sequences (%d duplicates, %d filtered by length)",
-        out, train.num_records, validation.num_records, duplicates, too_short + too_long,
-    )
-    return Artifact(path=out.resolve(), metadata=metadata)

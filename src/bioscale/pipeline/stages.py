@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ from bioscale.pipeline.artifacts import (
     Scale,
     lineage_entry,
     load_artifact,
+    prepare_output_dir,
     read_artifact,
     source_lineage_entry,
     write_artifact,
@@ -61,14 +61,6 @@ def default_out(stage: str, scale: str, seed: int, root: str | Path = "outputs")
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"output directory {out} is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _hydra_value(value: str | Path) -> str:
@@ -121,8 +113,7 @@ def train_stage(
     preset = get_preset(scale)
     recipe = preset.recipe[modality]
     out = Path(out)
-    _prepare_out(out, overwrite)
-    run_dir = (out / "run").resolve()
+    run_dir = out.resolve() / "run"
     stage_overrides = [
         *preset.train_overrides[modality],
         f"data.source={_hydra_value(data.file('train'))}",
@@ -142,7 +133,8 @@ def train_stage(
     if device is not None:
         stage_overrides.append(f"device={device}")
     all_overrides = [*stage_overrides, *overrides]
-    cfg = load_config(recipe, all_overrides)
+    cfg = load_config(recipe, all_overrides)  # before creating anything: a bad override fails cleanly
+    prepare_output_dir(out, overwrite)
     logger.info("training recipe %s on %s (%d steps) into %s", recipe, data.file("train"), cfg.num_train_steps, run_dir)
     summary = train(cfg)
 
@@ -341,8 +333,7 @@ def evaluate(
         sequences, policy_counts = _read_sequences(dataset.file("validation"), modality, limit=max_sequences)
         data_label = f"validation split of {dataset.path}"
 
-    out = Path(out)
-    _prepare_out(out, overwrite)
+    out = prepare_output_dir(out, overwrite)
     models: dict[str, torch.nn.Module] = {"trained": trained}
     if random_baseline:
         models["random_init"] = random_init_like(trained, seed)
@@ -503,11 +494,7 @@ def run_pipeline(
     overwrite: bool = False,
 ) -> dict[str, Artifact]:
     """Curate → train → evaluate under ``out/{data,model,eval}``; return the three artifacts by stage name."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"output directory {out} is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
+    out = prepare_output_dir(out, overwrite)
     dataset = curate(source, out=out / "data", kind=kind, scale=scale, seed=seed, **(curate_kwargs or {}))
     model = train_stage(dataset, out=out / "model", scale=scale, seed=seed, overrides=train_overrides, device=device)
     evaluation = evaluate(model, out=out / "eval", scale=scale, seed=seed, device=device, **(eval_kwargs or {}))
