@@ -63,7 +63,13 @@ def _read_uniref(data_dir: Path, num_sequences: int | None) -> tuple[list[str], 
 
 
 def _hf_padded_embed(
-    hf_model: torch.nn.Module, tokenizer, seqs: list[str], *, batch_size: int, max_length: int, sort: bool,
+    hf_model: torch.nn.Module,
+    tokenizer,
+    seqs: list[str],
+    *,
+    batch_size: int,
+    max_length: int,
+    sort: bool,
     device: torch.device,
 ) -> tuple[np.ndarray, int]:
     """Mean-pooled residue embeddings with padded batches (the usual ``transformers`` loop); returns (pooled, tokens)."""
@@ -102,8 +108,8 @@ def bench_embedding(args: argparse.Namespace, device: torch.device, dtype: torch
     except (AttributeError, ValueError):  # transformers 4.x: sdpa is already the default where supported
         pass
     max_length = args.max_length
-    kwargs = dict(tokenizer=tokenizer, long_sequences="truncate", max_length=max_length, device=device, dtype=dtype,
-                  progress=False, max_tokens_per_batch=args.max_tokens)  # fmt: skip
+    kwargs = {"tokenizer": tokenizer, "long_sequences": "truncate", "max_length": max_length, "device": device, "dtype": dtype,
+                  "progress": False, "max_tokens_per_batch": args.max_tokens}  # fmt: skip
 
     import warnings
 
@@ -123,8 +129,8 @@ def bench_embedding(args: argparse.Namespace, device: torch.device, dtype: torch
     from bioscale.use.embed import resolve_batching
 
     batching = resolve_batching("auto", device, dtype)
-    rows.append(dict(what=f"bioscale embed ({batching}{', varlen' if batching == 'packed' else ''})",
-                     seconds=elapsed, seqs_per_s=len(ids) / elapsed, tokens_per_s=tokens / elapsed, max_abs_diff=0.0))  # fmt: skip
+    rows.append({"what": f"bioscale embed ({batching}{', varlen' if batching == 'packed' else ''})",
+                     "seconds": elapsed, "seqs_per_s": len(ids) / elapsed, "tokens_per_s": tokens / elapsed, "max_abs_diff": 0.0})  # fmt: skip
     for sort in (False, True):
         gc.collect()
         _sync(device)
@@ -134,9 +140,11 @@ def bench_embedding(args: argparse.Namespace, device: torch.device, dtype: torch
         _sync(device)
         elapsed = time.perf_counter() - start
         assert hf_tokens == tokens, (hf_tokens, tokens)
-        label = f"transformers EsmModel padded, batch {args.hf_batch_size}, " + ("length-sorted" if sort else "file order")
-        rows.append(dict(what=label, seconds=elapsed, seqs_per_s=len(ids) / elapsed, tokens_per_s=hf_tokens / elapsed,
-                         max_abs_diff=float(np.abs(pooled - ours.pooled).max())))  # fmt: skip
+        label = f"transformers EsmModel padded, batch {args.hf_batch_size}, " + (
+            "length-sorted" if sort else "file order"
+        )
+        rows.append({"what": label, "seconds": elapsed, "seqs_per_s": len(ids) / elapsed, "tokens_per_s": hf_tokens / elapsed,
+                         "max_abs_diff": float(np.abs(pooled - ours.pooled).max())})  # fmt: skip
     del model, hf_model
     gc.collect()
     if device.type == "cuda":
@@ -176,14 +184,23 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     rows = []
     for batch_size in args.gen_batch_sizes:
         prompts = _dna_prompts(args.data, batch_size, args.quick)
-        for name, impl in (("bioscale Llama3ForCausalLM.generate", model), ("transformers LlamaForCausalLM.generate", hf_model)):
-            kwargs = dict(max_new_tokens=new_tokens, tokenizer=tokenizer, stop_at_eos=False, device=device, dtype=dtype)
+        for name, impl in (
+            ("bioscale Llama3ForCausalLM.generate", model),
+            ("transformers LlamaForCausalLM.generate", hf_model),
+        ):
+            kwargs = {
+                "max_new_tokens": new_tokens,
+                "tokenizer": tokenizer,
+                "stop_at_eos": False,
+                "device": device,
+                "dtype": dtype,
+            }
             generate_dna(impl, prompts[:1], **{**kwargs, "max_new_tokens": 4})  # warm-up
             result = generate_dna(impl, prompts, **kwargs)
             assert result.num_new_tokens == batch_size * new_tokens
-            rows.append(dict(what=name, model=f"Llama 3 {size}", batch=batch_size, new_tokens=new_tokens,
-                             prompt_tokens=f"{min(map(len, prompts))}–{max(map(len, prompts))}",
-                             seconds=result.elapsed_s, tokens_per_s=result.tokens_per_s))  # fmt: skip
+            rows.append({"what": name, "model": f"Llama 3 {size}", "batch": batch_size, "new_tokens": new_tokens,
+                             "prompt_tokens": f"{min(map(len, prompts))}–{max(map(len, prompts))}",
+                             "seconds": result.elapsed_s, "tokens_per_s": result.tokens_per_s})  # fmt: skip
     del model, hf_model
     return rows
 
@@ -191,7 +208,9 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
 def _table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns) + " |")
+        lines.append(
+            "| " + " | ".join(format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns) + " |"
+        )
     return "\n".join(lines)
 
 

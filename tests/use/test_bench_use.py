@@ -20,7 +20,9 @@ def test_bench_use_quick_cpu(shared_data: Path, tmp_path: Path) -> None:
     assert out.name.endswith("-cpu-use.md")
     assert "| bioscale embed (padded) | ESM-2 debug | 24 |" in report
     assert report.count("| transformers EsmModel padded") == 2
-    assert report.count("Llama3ForCausalLM.generate") == 2 and report.count("transformers LlamaForCausalLM.generate") == 2
+    assert (
+        report.count("Llama3ForCausalLM.generate") == 2 and report.count("transformers LlamaForCausalLM.generate") == 2
+    )
     # Same weights in both embedding implementations: float32 results agree.
     for line in report.splitlines():
         if line.startswith("| transformers EsmModel"):

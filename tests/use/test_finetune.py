@@ -74,7 +74,9 @@ def test_heads_never_mix_sequences_in_a_batch(esm_dir: Path, task: str, batching
         else:
             per_example = list(logits)
         for example, joint in zip(examples, per_example):
-            alone = collate_examples([example], task=task, batching="padded", pad_token_id=1, device=torch.device("cpu"))
+            alone = collate_examples(
+                [example], task=task, batching="padded", pad_token_id=1, device=torch.device("cpu")
+            )
             reference = model(**alone.inputs).logits
             reference = alone.flatten(reference) if task == "token_classification" else reference[0]
             torch.testing.assert_close(joint, reference, atol=2e-5, rtol=0)

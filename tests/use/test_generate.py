@@ -20,7 +20,7 @@ def test_greedy_equals_transformers_llama(llama_dir: Path) -> None:
     loaded = load_model(llama_dir, task="causal_lm")
     hf_model = to_hf(loaded.model).eval()
     assert type(hf_model).__name__ == "LlamaForCausalLM"
-    kwargs = dict(max_new_tokens=24, tokenizer=loaded.tokenizer, device="cpu", dtype=torch.float32)
+    kwargs = {"max_new_tokens": 24, "tokenizer": loaded.tokenizer, "device": "cpu", "dtype": torch.float32}
     ours = generate_dna(loaded.model, PROMPTS, **kwargs)
     reference = generate_dna(hf_model, PROMPTS, **kwargs)
     assert [s.generated for s in ours.samples] == [s.generated for s in reference.samples]
@@ -33,8 +33,8 @@ def test_greedy_equals_transformers_llama(llama_dir: Path) -> None:
 
 
 def test_sampling_is_seeded_and_gives_num_samples(llama_dir: Path) -> None:
-    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=1.3, top_k=4, top_p=0.95, num_samples=3,
-                  stop_at_eos=False, device="cpu")  # fmt: skip
+    kwargs = {"max_new_tokens": 16, "do_sample": True, "temperature": 1.3, "top_k": 4, "top_p": 0.95, "num_samples": 3,
+                  "stop_at_eos": False, "device": "cpu"}  # fmt: skip
     first = generate_dna(llama_dir, ["ACGT", "GG"], seed=7, **kwargs)
     second = generate_dna(llama_dir, ["ACGT", "GG"], seed=7, **kwargs)
     assert [s.generated for s in first.samples] == [s.generated for s in second.samples]

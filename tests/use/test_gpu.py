@@ -45,7 +45,7 @@ def test_greedy_generation_on_cuda_equals_transformers(llama_dir: Path) -> None:
     loaded = load_model(llama_dir, task="causal_lm", device="cuda")
     hf_model = to_hf(loaded.model).eval()
     prompts = ["ACGTTGCA", "GATTACAGATTACAGGC", "T"]
-    kwargs = dict(max_new_tokens=32, tokenizer=loaded.tokenizer, device="cuda", dtype=torch.float32)
+    kwargs = {"max_new_tokens": 32, "tokenizer": loaded.tokenizer, "device": "cuda", "dtype": torch.float32}
     ours = generate_dna(loaded.model, prompts, **kwargs)
     reference = generate_dna(hf_model, prompts, **kwargs)
     assert [s.generated for s in ours.samples] == [s.generated for s in reference.samples]

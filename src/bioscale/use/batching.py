@@ -131,7 +131,9 @@ def collate_padded(
         inputs["labels"] = padded_labels
     lengths = mask.sum(dim=1)
     token_example = torch.repeat_interleave(torch.arange(len(token_ids)), lengths)
-    return ModelBatch(inputs=_to_device(inputs, device), token_example=token_example.to(device), token_mask=mask.to(device))
+    return ModelBatch(
+        inputs=_to_device(inputs, device), token_example=token_example.to(device), token_mask=mask.to(device)
+    )
 
 
 def _flat_labels(token_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -141,7 +143,9 @@ def _flat_labels(token_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[i
     return torch.tensor([t for row in labels for t in row], dtype=torch.long)
 
 
-def _to_device(inputs: dict[str, torch.Tensor | int], device: torch.device | str | None) -> dict[str, torch.Tensor | int]:
+def _to_device(
+    inputs: dict[str, torch.Tensor | int], device: torch.device | str | None
+) -> dict[str, torch.Tensor | int]:
     if device is None:
         return inputs
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -139,7 +139,9 @@ def finetune_main(argv: list[str]) -> int:
 
         recipe = args.recipe or args.task
         if recipe is None:
-            raise ValueError("give --task (token_classification, sequence_classification, sequence_regression) or --recipe")
+            raise ValueError(
+                "give --task (token_classification, sequence_classification, sequence_regression) or --recipe"
+            )
         overrides = list(args.overrides)
         for key, value in (("task", args.task), ("model", args.model), ("data", args.data),
                            ("output_dir", args.output_dir), ("max_steps", args.max_steps), ("device", args.device)):  # fmt: skip
@@ -229,7 +231,9 @@ def export_main(argv: list[str]) -> int:
 
         out = export_model(args.model, args.output)
         config = json.loads((out / "config.json").read_text())
-        print(f"exported {config.get('architectures', ['?'])[0]} ({config.get('model_type')}) to {out}", file=sys.stderr)
+        print(
+            f"exported {config.get('architectures', ['?'])[0]} ({config.get('model_type')}) to {out}", file=sys.stderr
+        )
         return 0
 
     return _run("export", body)

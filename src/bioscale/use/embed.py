@@ -86,7 +86,9 @@ class _Chunk:
 def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Token ids the tokenizer puts before and after a sequence (ESM-2: ``[<cls>]``, ``[<eos>]``)."""
     probe = next(
-        tok for tok in tokenizer.get_vocab() if len(tok) == 1 and tok.isalpha() and tok not in tokenizer.all_special_tokens
+        tok
+        for tok in tokenizer.get_vocab()
+        if len(tok) == 1 and tok.isalpha() and tok not in tokenizer.all_special_tokens
     )
     core = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
@@ -453,7 +455,9 @@ def write_embeddings(embeddings: Embeddings, path: str | Path) -> list[Path]:
             offsets = np.zeros(len(embeddings) + 1, dtype=np.int64)
             np.cumsum([len(r) for r in embeddings.per_residue], out=offsets[1:])
             rows_path, offsets_path = path.with_suffix(".per_residue.npy"), path.with_suffix(".offsets.npy")
-            np.save(rows_path, np.concatenate(embeddings.per_residue) if embeddings.per_residue else np.zeros((0, hidden)))
+            np.save(
+                rows_path, np.concatenate(embeddings.per_residue) if embeddings.per_residue else np.zeros((0, hidden))
+            )
             np.save(offsets_path, offsets)
             written += [rows_path, offsets_path]
         return written
@@ -514,4 +518,3 @@ def read_embeddings(path: str | Path) -> Embeddings:
         per_residue=per_residue,
         pooling=metadata.get(b"bioscale.pooling", b"unknown").decode(),
     )
-

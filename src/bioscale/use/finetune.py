@@ -145,7 +145,9 @@ class FinetuneConfig:
         if not self.data:
             raise ValueError("data is required (a parquet/CSV file with sequences and labels)")
         if self.task == "token_classification" and self.label_set not in ("auto", "dssp8", "dssp3"):
-            raise ValueError(f"label_set must be 'auto', 'dssp8' or 'dssp3' for token classification, got {self.label_set!r}")
+            raise ValueError(
+                f"label_set must be 'auto', 'dssp8' or 'dssp3' for token classification, got {self.label_set!r}"
+            )
         if self.task != "token_classification" and self.label_set != "auto":
             raise ValueError(f"label_set={self.label_set!r} applies to token_classification only; use 'auto'")
         if not 0.0 < self.val_fraction < 1.0 and self.val_data is None:
@@ -252,7 +254,11 @@ def read_labelled(path: str | Path, sequence_column: str, label_column: str, tas
     if not sequences_raw:
         raise ValueError(f"no rows in {str(path)!r}")
     id_column = next((c for c in ("id", "ID", "name", "Name") if c in table.column_names), None)
-    ids = [str(i) for i in table.column(id_column).to_pylist()] if id_column else [f"row{i}" for i in range(len(sequences_raw))]
+    ids = (
+        [str(i) for i in table.column(id_column).to_pylist()]
+        if id_column
+        else [f"row{i}" for i in range(len(sequences_raw))]
+    )
     sequences: list[str] = []
     labels: list[Any] = []
     for row, (record_id, sequence, label) in enumerate(zip(ids, sequences_raw, labels_raw)):
@@ -285,7 +291,10 @@ def split_by_sequence(sequences: Sequence[str], val_fraction: float, seed: int) 
     ``val_fraction``, so duplicates share a split and the split does not depend on row order. Both splits get at
     least one distinct sequence."""
     scores = np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest(), "big") / 2.0**64 for s in sequences]
+        [
+            int.from_bytes(hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest(), "big") / 2.0**64
+            for s in sequences
+        ]
     )
     is_val = scores < val_fraction
     distinct = {s for s in sequences}
@@ -418,7 +427,9 @@ def evaluate(
     targets: list[np.ndarray] = []
     loss_sum = 0.0
     count = 0
-    for indices in plan_batches([len(e.token_ids) for e in examples], max_tokens_per_batch, padded=batching == "padded"):
+    for indices in plan_batches(
+        [len(e.token_ids) for e in examples], max_tokens_per_batch, padded=batching == "padded"
+    ):
         batch_examples = [examples[i] for i in indices]
         batch = collate_examples(batch_examples, task=task, batching=batching, pad_token_id=pad_token_id, device=device)
         with _autocast(device, autocast_dtype):
@@ -448,7 +459,9 @@ def evaluate(
     return metrics
 
 
-def compute_metrics(task: str, predictions: np.ndarray, targets: np.ndarray, *, label_set: str = "auto") -> dict[str, float]:
+def compute_metrics(
+    task: str, predictions: np.ndarray, targets: np.ndarray, *, label_set: str = "auto"
+) -> dict[str, float]:
     """Metrics from flat predictions and targets.
 
     Token classification: ``accuracy`` over residues, plus ``q8`` and ``q3`` (DSSP8 run: predictions and labels
@@ -500,9 +513,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def finetune(
-    config: FinetuneConfig, *, loaded: LoadedModel | None = None, progress: bool = True
-) -> FinetuneResult:
+def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> FinetuneResult:
     """Fine-tune per ``config`` and save the result to ``config.output_dir`` (see the module docstring).
 
     Args:
@@ -565,7 +576,7 @@ def finetune(
     base_model, tokenizer = loaded.model, loaded.tokenizer
     base_model.to(device=device, dtype=torch.float32)  # float32 master weights; bf16 comes from autocast
 
-    build = dict(task=task, max_length=config.max_length, label_names=label_names, label_set=config.label_set)
+    build = {"task": task, "max_length": config.max_length, "label_names": label_names, "label_set": config.label_set}
     train_examples, train_cut = build_examples(data, train_idx, tokenizer, **build)  # type: ignore[arg-type]
     val_examples, val_cut = build_examples(val_data, val_idx, tokenizer, **build)  # type: ignore[arg-type]
     if train_cut + val_cut and task != "token_classification":
@@ -598,15 +609,15 @@ def finetune(
         min_lr_ratio=config.min_lr_ratio,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eval_kwargs = dict(
-        task=task,
-        batching=batching,
-        max_tokens_per_batch=config.max_tokens_per_batch,
-        pad_token_id=pad_id,
-        device=device,
-        label_set=config.label_set,
-        autocast_dtype=autocast_dtype,
-    )
+    eval_kwargs = {
+        "task": task,
+        "batching": batching,
+        "max_tokens_per_batch": config.max_tokens_per_batch,
+        "pad_token_id": pad_id,
+        "device": device,
+        "label_set": config.label_set,
+        "autocast_dtype": autocast_dtype,
+    }
     rng = np.random.default_rng(config.seed)
     lengths = [len(e.token_ids) for e in train_examples]
     # Step 0: the untrained head's validation metrics, the baseline every later number is read against.
@@ -646,7 +657,13 @@ def finetune(
             }
             history.append(record)
             if progress:
-                logger.info("step %d  loss %.4f  lr %.2e  %.0f tok/s", step, record["train_loss"], record["lr"], record["tokens_per_s"])
+                logger.info(
+                    "step %d  loss %.4f  lr %.2e  %.0f tok/s",
+                    step,
+                    record["train_loss"],
+                    record["lr"],
+                    record["tokens_per_s"],
+                )
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         if step % config.eval_every == 0 and step != config.max_steps:
             metrics = evaluate(model, val_examples, **eval_kwargs)  # type: ignore[arg-type]
@@ -719,7 +736,9 @@ def load_finetuned(
     if not config_path.is_file():
         raise ValueError(f"{str(path)!r} is not a fine-tuning output directory (no finetune_config.json)")
     saved = json.loads(config_path.read_text())
-    head_task = "token_classification" if saved["config"]["task"] == "token_classification" else "sequence_classification"
+    head_task = (
+        "token_classification" if saved["config"]["task"] == "token_classification" else "sequence_classification"
+    )
     if (path / "model").is_dir():
         return load_model(path / "model", task=head_task, device=device, dtype=dtype)
     adapter_dir = path / "adapter"

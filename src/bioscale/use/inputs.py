@@ -42,10 +42,14 @@ def read_table(path: str | Path) -> Any:
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
         return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
-    raise ValueError(f"cannot read {str(path)!r}: expected one of {FASTA_SUFFIXES + TABLE_SUFFIXES} (optionally .gz for FASTA)")
+    raise ValueError(
+        f"cannot read {str(path)!r}: expected one of {FASTA_SUFFIXES + TABLE_SUFFIXES} (optionally .gz for FASTA)"
+    )
 
 
-def pick_column(table: Any, requested: str | None, candidates: Sequence[str], what: str, path: str | Path) -> str | None:
+def pick_column(
+    table: Any, requested: str | None, candidates: Sequence[str], what: str, path: str | Path
+) -> str | None:
     """The column to use for ``what``: ``requested`` (must exist) or the first present name in ``candidates``."""
     names = list(table.column_names)
     if requested is not None:
@@ -92,7 +96,9 @@ def read_sequences(
                 )
             id_col = pick_column(table, id_column, DEFAULT_ID_COLUMNS, "id", path)
             seqs = [str(s) if s is not None else "" for s in table.column(seq_col).to_pylist()]
-            ids = [str(i) for i in table.column(id_col).to_pylist()] if id_col else [f"seq{i}" for i in range(len(seqs))]
+            ids = (
+                [str(i) for i in table.column(id_col).to_pylist()] if id_col else [f"seq{i}" for i in range(len(seqs))]
+            )
             records = list(zip(ids, seqs))
     elif isinstance(source, Mapping):
         origin = "the given dict"
@@ -106,7 +112,9 @@ def read_sequences(
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 records.append((str(item[0]), str(item[1])))
             else:
-                raise ValueError(f"sequence {index} must be a string or an (id, sequence) pair, got {type(item).__name__}")
+                raise ValueError(
+                    f"sequence {index} must be a string or an (id, sequence) pair, got {type(item).__name__}"
+                )
     else:
         raise ValueError(f"cannot read sequences from a {type(source).__name__}")
 

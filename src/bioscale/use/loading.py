@@ -91,7 +91,9 @@ def load_config(source: str | Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
-        where = "" if Path(resolved).is_dir() else " (not a local directory, and not loadable from the Hugging Face Hub)"
+        where = (
+            "" if Path(resolved).is_dir() else " (not a local directory, and not loadable from the Hugging Face Hub)"
+        )
         raise ValueError(f"cannot load a model config from {str(source)!r}{where}: {err}") from err
 
 
