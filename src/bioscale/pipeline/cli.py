@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bioscale.pipeline.artifacts import Artifact
 from bioscale.pipeline.scales import SCALES
+from bioscale.pipeline.stages import is_main_process
 from bioscale.pipeline.streams import resolve_input_artifact, stdout_to_stderr
 
 # Options that only the pipeline's train stage understands: their presence routes `bioscale train` here.
@@ -73,7 +74,8 @@ def _run(stage: str, body: Callable[[], Artifact]) -> int:
     try:
         with stdout_to_stderr() as emit:
             artifact = body()
-            emit(artifact.describe())
+            if is_main_process():  # one line per launch, also under torchrun
+                emit(artifact.describe())
     except (ValueError, FileNotFoundError) as err:
         print(f"bioscale {stage}: error: {err}", file=sys.stderr)
         return 2
@@ -88,7 +90,12 @@ def _run(stage: str, body: Callable[[], Artifact]) -> int:
 def _out(args: argparse.Namespace, stage: str) -> Path:
     from bioscale.pipeline.stages import default_out
 
-    return Path(args.out) if args.out else default_out(stage, args.scale, args.seed)
+    if args.out:
+        return Path(args.out)
+    if not is_main_process():
+        # Every rank must agree on the directory, and a time stamp may differ between them: require --out.
+        raise ValueError("under torchrun, pass --out DIR (the ranks cannot agree on a time-stamped default)")
+    return default_out(stage, args.scale, args.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,6 +228,7 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="a checkpoint directory instead of a model artifact (needs --data)")
     parser.add_argument("--data", default=None,
                         help="FASTA/parquet to evaluate on (default: the validation split of the model's dataset)")
+    parser.add_argument("--sequence-column", default="sequence", help="the sequence column of a parquet --data")
     _common(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--bf16", action="store_true", help="run forward passes under bf16 autocast")
@@ -245,7 +253,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         model = args.model or resolve_input_artifact(args.input, what="model artifact")
         return evaluate(
-            model, out=_out(args, "eval"), data=args.data, scale=args.scale, seed=args.seed,
+            model, out=_out(args, "eval"), data=args.data, sequence_column=args.sequence_column, scale=args.scale,
+            seed=args.seed,
             secondary_structure=False if args.no_ss else args.ss_data, max_sequences=args.max_sequences,
             random_baseline=not args.no_random_baseline, device=args.device, bf16=args.bf16,
             overwrite=args.overwrite,

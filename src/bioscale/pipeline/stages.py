@@ -53,7 +53,7 @@ _HYDRA_PLAIN = re.compile(r"^[\w./:\-]+$")
 
 
 def default_out(stage: str, scale: str, seed: int, root: str | Path = "outputs") -> Path:
-    """``outputs/<stage>/<UTC time>-<scale>-seed<seed>``, made unique with a counter if it already exists."""
+    """``outputs/<stage>/<local time>-<scale>-seed<seed>``, made unique with a counter if it already exists."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(root) / stage / f"{stamp}-{scale}-seed{seed}"
     candidate, n = base, 1
@@ -61,6 +61,11 @@ def default_out(stage: str, scale: str, seed: int, root: str | Path = "outputs")
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a ``torchrun`` launch (they train, but only rank 0 writes the artifact)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _hydra_value(value: str | Path) -> str:
@@ -134,7 +139,10 @@ def train_stage(
         stage_overrides.append(f"device={device}")
     all_overrides = [*stage_overrides, *overrides]
     cfg = load_config(recipe, all_overrides)  # before creating anything: a bad override fails cleanly
-    prepare_output_dir(out, overwrite)
+    if is_main_process():
+        # Under torchrun the other ranks touch no file before the process-group rendezvous inside train(), which
+        # rank 0 only reaches after this: no race with the clean-up.
+        prepare_output_dir(out, overwrite)
     logger.info("training recipe %s on %s (%d steps) into %s", recipe, data.file("train"), cfg.num_train_steps, run_dir)
     summary = train(cfg)
 
@@ -172,7 +180,8 @@ def train_stage(
         seed=seed,
         scale=scale,
     )
-    metadata = write_artifact(out, metadata)
+    if is_main_process():
+        metadata = write_artifact(out, metadata)
     return Artifact(path=out.resolve(), metadata=metadata)
 
 
@@ -206,13 +215,15 @@ def random_init_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return fresh.to(device=param.device, dtype=param.dtype).eval()
 
 
-def _read_sequences(spec: str | Path, modality: Modality, *, limit: int | None) -> tuple[list[str], dict[str, int]]:
+def _read_sequences(
+    spec: str | Path, modality: Modality, *, limit: int | None, sequence_column: str = "sequence"
+) -> tuple[list[str], dict[str, int]]:
     """Sequences of any source the data layer opens, with its input policy applied (no cropping: eval chunks)."""
     from bioscale.data.policy import InputPolicy
     from bioscale.data.sources import iter_sequences, open_source
 
     try:
-        source = open_source(str(spec))
+        source = open_source(str(spec), sequence_column=sequence_column)
     except FileNotFoundError as err:
         raise ValueError(f"evaluation data {spec}: {err}") from err
     policy = InputPolicy("protein" if modality == "protein" else "nucleotide", unknown_residues="map")
@@ -257,6 +268,7 @@ def evaluate(
     *,
     out: str | Path,
     data: str | Path | None = None,
+    sequence_column: str = "sequence",
     scale: Scale = "tiny",
     seed: int = 0,
     secondary_structure: str | Path | bool | None = None,
@@ -273,7 +285,7 @@ def evaluate(
     Args:
         model: a model artifact, or any checkpoint directory (bioscale or ``transformers`` ESM-2 / Llama).
         data: FASTA/parquet (any source the data layer opens) to evaluate on; default: the validation split of the
-            dataset artifact in the model's lineage.
+            dataset artifact in the model's lineage. ``sequence_column`` names its column for parquet/HF data.
         secondary_structure: the Porter6 parquet for the probe (proteins only); ``None`` looks for
             ``porter6_secondary_structure_sample.parquet`` in the shared data folder and skips the probe, with a
             note in the report and metrics, when it is absent; ``False`` disables the probe.
@@ -319,7 +331,7 @@ def evaluate(
     # ---- the evaluation sequences ----------------------------------------------------------------------------------
     notes: list[str] = []
     if data is not None:
-        sequences, policy_counts = _read_sequences(data, modality, limit=max_sequences)
+        sequences, policy_counts = _read_sequences(data, modality, limit=max_sequences, sequence_column=sequence_column)
         lineage.append(source_lineage_entry(data))
         data_label = str(data)
     else:
