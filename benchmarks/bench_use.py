@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import os
 import platform
 import sys
 import time
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_DATA = Path(os.environ.get("BIOSCALE_SHARED_DATA", REPO.parent / "shared" / "data"))  # as tests/conftest.py
 
 
 def _sync(device: torch.device) -> None:

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.inputs import SequencesLike, read_sequences
-from bioscale.use.loading import default_tokenizer, family_of_model, load_model
+from bioscale.use.loading import default_tokenizer, family_of_model, load_config, load_model
 
 Pooling = Literal["mean", "cls"]
 LongSequences = Literal["window", "truncate", "error"]
@@ -285,6 +285,10 @@ def embed(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if isinstance(model, (str, Path)):
+        load_config(model)  # a bad model path fails here, before the input is read
+    # The input is read before the weights are loaded, so a bad file fails in seconds, not after loading 650M weights.
+    ids, seqs = read_sequences(sequences, sequence_column=sequence_column, id_column=id_column)
+    if isinstance(model, (str, Path)):
         loaded = load_model(model, task="base", device=device, dtype=dtype)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     else:
@@ -295,7 +299,6 @@ def embed(
     tokenizer = tokenizer or default_tokenizer(family)
     encoder = base_model_of(model).eval()
 
-    ids, seqs = read_sequences(sequences, sequence_column=sequence_column, id_column=id_column)
     prefix, suffix = special_affixes(tokenizer)
     if pooling == "cls" and not prefix:
         raise ValueError("pooling='cls' needs a tokenizer that puts a <cls> token before each sequence")
