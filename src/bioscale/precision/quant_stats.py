@@ -359,7 +359,10 @@ class QuantStats:
             if key in self._pending:
                 table[row] = _reduce_rows(torch.stack(self._pending[key]).to(device))
         self._pending.clear()
-        table = _reduce_over_ranks(table)
+        # Activations and gradients differ per rank and are combined; the weight rows already describe the whole
+        # (gathered or replicated) weight on every rank and must not be counted once per rank.
+        is_weight = torch.tensor([role.startswith("weight") for _, role in keys], device=device)
+        table = torch.where(is_weight[:, None], table, _reduce_over_ranks(table))
         records = _to_records(step, keys, self._layers, table.tolist())
         if self.rank == 0:
             self._write(step, records)
