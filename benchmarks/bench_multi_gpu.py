@@ -18,11 +18,12 @@ measurement, so a phase that crashes or hangs still reports what it measured bef
   different code path). Scaling efficiency = (tokens/s per GPU on 2 GPUs) / (tokens/s on 1 GPU).
 - ``context`` (Llama 3 1B shape, causal LM on one DNA sequence per step): on 1 GPU without CP, and on 2 GPUs with CP=2
   plus FSDP2 over both, the sequence length is doubled from ``--context-start`` until a step runs out of memory, then
-  the midpoint (1.5×) between the last length that trained and the first that did not is tried. Each length trains
-  ``--context-steps`` timed steps after one warm-up step; tokens/s per GPU counts the sequence's tokens divided by the
-  number of GPUs; MFU uses the model spec's FLOPs per token at that length (PaLM's convention, non-causal attention
-  term) against the GPU's dense bf16 peak. After an out-of-memory step the model and optimizer are rebuilt, so the
-  next length starts from a clean allocator and fresh FSDP2 state.
+  bisected (``--context-refine`` times) between the longest length that trained and the shortest that did not.
+  Each length trains ``--context-steps`` timed steps after one warm-up step; tokens/s per GPU counts the sequence's
+  tokens divided by the number of GPUs; MFU uses the model spec's FLOPs per token at that length (PaLM's convention,
+  non-causal attention term) against the GPU's dense bf16 peak. After an out-of-memory step the model and optimizer
+  are rebuilt, so the next length starts from a clean allocator and fresh FSDP2 state. Activation checkpointing is
+  off by default (``--context-ac``): the limit is then activation memory, which CP divides by the number of GPUs.
 
 No ``torch.compile`` unless ``--compile`` (compile time would dominate short runs; the comparison is like for like).
 Synthetic tokens: speed and memory do not depend on their values.
@@ -279,7 +280,7 @@ def run_context_phase(args: argparse.Namespace, device: torch.device, rank: int,
     lengths = _doubling(args.context_start, args.context_max)
     fitted: int | None = None
     failed: int | None = None
-    refined = False
+    refinements = 0
     model = optimizer = config = None
     last_step_time = 0.0
     while lengths:
@@ -302,6 +303,8 @@ def run_context_phase(args: argparse.Namespace, device: torch.device, rank: int,
                 )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            if args.smoke_oom_above and length / world_size > args.smoke_oom_above:
+                raise torch.OutOfMemoryError(f"simulated: more than {args.smoke_oom_above} tokens per rank")
             rng = np.random.default_rng(7)  # the same sequence on every rank of the CP group
             times = []
             for step in range(1 + args.context_steps):
@@ -341,8 +344,9 @@ def run_context_phase(args: argparse.Namespace, device: torch.device, rank: int,
             if not (oom or "out of memory" in record.get("error", "").lower()):
                 break  # not a memory limit: stop rather than misreport
             lengths = []
-        if not lengths and not refined and fitted is not None and failed is not None:
-            refined = True
+        # Bisect between the longest length that trained and the shortest that did not.
+        if not lengths and refinements < args.context_refine and fitted is not None and failed is not None:
+            refinements += 1
             middle = (fitted + failed) // 2 // quantum * quantum
             if fitted < middle < failed:
                 lengths = [middle]
@@ -478,8 +482,8 @@ def render_report(rows: list[dict[str, Any]], runs: list[dict[str, Any]], env: d
         one, two = summaries.get(1, {}).get("max_length"), summaries.get(2, {}).get("max_length")
         ratio = f"{two / one:.2f}×" if one and two else "–"
         md += ["", f"Longest trained: 1 GPU {_fmt(one, ',d')}, 2 GPUs with CP=2 {_fmt(two, ',d')} tokens: {ratio} "
-               "(target ≥ 1.8×). Lengths are doubled until a step runs out of memory, then the midpoint is tried, so "
-               "the true maxima lie between the longest length that trained and the next one tried."]
+               "(target ≥ 1.8×). Lengths are doubled until a step runs out of memory, then bisected, so the true "
+               "maxima lie between the longest length that trained and the shortest that did not."]
         errors = [r for r in context if not r.get("ok") and not r.get("oom") and not r.get("skipped")]
         for r in errors:
             md.append(f"\nError at {r['gpus']} GPU(s), length {r['length']}: `{r.get('error')}`")
@@ -541,8 +545,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-start", type=int, default=16384)
     parser.add_argument("--context-max", type=int, default=1 << 20)
     parser.add_argument("--context-steps", type=int, default=2, help="timed steps per length (after 1 warm-up)")
+    parser.add_argument("--context-refine", type=int, default=2,
+                        help="bisection steps after the doubling search (2: the maximum to within 1.25x)")
     parser.add_argument("--fsdp-budget", type=float, default=60.0, help="seconds per fsdp run (guide, not a cut)")
-    parser.add_argument("--context-budget", type=float, default=110.0,
+    parser.add_argument("--context-budget", type=float, default=120.0,
                         help="seconds per context search: no new length starts that would end after it")
     parser.add_argument("--collective-timeout", type=float, default=120.0,
                         help="NCCL timeout: a rank stuck in a collective aborts after it")
@@ -550,6 +556,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=("fsdp", "context"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--phase-budget", type=float, default=600.0, help=argparse.SUPPRESS)
+    # Smoke tests of the search: lengths above this many tokens per rank raise a simulated out-of-memory error.
+    parser.add_argument("--smoke-oom-above", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
     if args.smoke:

@@ -336,4 +336,4 @@ def test_cp_model_matches_cp1_gpu(gpu_results: dict[str, dict[str, Any]], name: 
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if n.startswith("attention-")])
 def test_cp_attention_matches_unsharded_gpu(gpu_results: dict[str, dict[str, Any]], name: str) -> None:
     # bf16 on GPU: the CP side runs the flash varlen kernel (bottom-right causal alignment), the reference SDPA.
-    _check(gpu_results, name, {"out": 2e-2, "grad_q": 2e-2, "grad_k": 2e-2, "grad_v": 2e-2})
+    _check(gpu_results, name, {"out": 2e-2, "grad_q": 3e-2, "grad_k": 3e-2, "grad_v": 3e-2})
