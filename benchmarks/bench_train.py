@@ -13,8 +13,8 @@ What is compared. Sequences come from ``../shared/data``: the UniRef90 sample fo
 cropped to 1,022 residues + <cls>/<eos>, masked once per sequence with ESM's 15% / 80-10-10 recipe) and the
 OpenGenome2 metagenomic contigs for Llama 3 (8,192-token windows, causal LM). Steps are planned packed-first: the
 stream is packed greedily, in order, into micro-batches of ``tokens`` tokens, ``grad_acc`` of them per optimizer step;
-the padded variants train exactly the sequences of each step in micro-batches of ``mb`` sequences, padded to the
-longest (a multiple of 16), as ``transformers`` users do. Every variant therefore sees the same tokens, masks and
+the padded variants train exactly the sequences of each step in micro-batches of at most ``mb`` sequences, padded
+to the longest (a multiple of 16), as ``transformers`` users do. Every variant therefore sees the same tokens, masks and
 labels per step, starts from the same weights (the ``transformers`` model is converted from the bioscale init with
 ``bioscale.models.to_hf``), and its losses can be compared across the row.
 
@@ -117,6 +117,7 @@ class VariantSpec:
     fp8_recipe: str = "tensorwise"
     fp8_layers: tuple[int, ...] | None = None
     fp8_min_features: int = 0
+    quant_stats_freq: int = 0  # attach bioscale.precision.QuantStats recording every this many steps (0: off)
 
     @property
     def label(self) -> str:
@@ -127,6 +128,8 @@ class VariantSpec:
             parts.append(f"min{self.fp8_min_features}")
         if self.fp8_layers is not None:
             parts.append("L" + _format_ranges(self.fp8_layers))
+        if self.quant_stats_freq:
+            parts.append(f"qstats/{self.quant_stats_freq}")
         return f"packed_fp8[{','.join(parts)}]"
 
 
@@ -184,21 +187,25 @@ def parse_model(text: str) -> ModelCase:
 
 
 def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
-    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33``."""
+    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33:qstats=10``."""
     name, options = _parse_options(text, "--variants entry")
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     if options and name != "packed_fp8":
         raise ValueError(f"--variants {text!r}: only packed_fp8 takes options")
-    unknown = sorted(set(options) - {"recipe", "min_features", "layers"})
+    unknown = sorted(set(options) - {"recipe", "min_features", "layers", "qstats"})
     if unknown:
-        raise ValueError(f"--variants {text!r}: unknown options {unknown}; valid: layers, min_features, recipe")
+        raise ValueError(f"--variants {text!r}: unknown options {unknown}; valid: layers, min_features, qstats, recipe")
     layers = options.get("layers", defaults.fp8_layers)
+    recipe = options.get("recipe", defaults.fp8_recipe)
+    if recipe not in ("tensorwise", "rowwise"):
+        raise ValueError(f"--variants {text!r}: recipe must be tensorwise or rowwise")
     return VariantSpec(
         name=name,
-        fp8_recipe=options.get("recipe", defaults.fp8_recipe),
+        fp8_recipe=recipe,
         fp8_layers=None if layers in (None, "all") else _parse_ranges(layers),
         fp8_min_features=int(options.get("min_features", defaults.fp8_min_features)),
+        quant_stats_freq=int(options.get("qstats", 0)),
     )
 
 
@@ -316,12 +323,17 @@ def packed_batch(examples: Sequence[Example], indices: Sequence[int], case: Mode
 
 
 def padded_batches(examples: Sequence[Example], indices: Sequence[int], case: ModelCase) -> list[dict[str, Any]]:
-    """BSHD micro-batches of ``case.mb`` sequences each, right-padded to the longest, rounded up to 16."""
+    """BSHD micro-batches of at most ``case.mb`` sequences, right-padded to the longest, rounded up to 16.
+
+    The step's sequences are split into as few micro-batches as ``mb`` allows, of near-equal size, so a step never
+    ends with a one-sequence micro-batch (batch size 1 would specialise and recompile the dynamic-shape blocks).
+    """
     from bioscale.data import PAD_TOKEN_ID
 
     batches = []
-    for start in range(0, len(indices), case.mb):
-        chunk = [examples[i] for i in indices[start : start + case.mb]]
+    num_chunks = -(-len(indices) // case.mb)
+    for chunk_indices in np.array_split(np.asarray(indices), num_chunks):
+        chunk = [examples[int(i)] for i in chunk_indices]
         width = max(len(e) for e in chunk)
         width += (-width) % 16
         input_ids = np.full((len(chunk), width), PAD_TOKEN_ID, dtype=np.int64)
@@ -506,6 +518,15 @@ def run_variant(
                     torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_q"], 0)
                     torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_k"], 0)
             steps.append((micro, counts, sum(counts)))
+        quant_stats = None
+        if variant.quant_stats_freq:
+            from bioscale.precision import QuantStats
+
+            # Attached before the first forward, as the trainer does; its cost is part of the timed steps.
+            stats_dir = args.out_dir / f"quant_stats-{case.key}-every{variant.quant_stats_freq}"
+            quant_stats = QuantStats(model, freq=variant.quant_stats_freq, output_dir=stats_dir)
+            notes.append(f"quant stats every {variant.quant_stats_freq} steps -> {stats_dir.name}/")
+            result.notes = "; ".join(notes)
         loss_fn = _loss_fn(model, variant, task)
         # bf16 autocast over fp32 weights on GPU; CPUs without bf16 matrix units run bf16 slower than fp32, so the
         # CPU smoke test computes in fp32.
@@ -525,6 +546,8 @@ def run_variant(
             set_input_validation(index == 0)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_lr[index]
+            if quant_stats is not None:
+                quant_stats.begin_step(index + 1)
             step_loss = torch.zeros((), device=device)
             for batch, count in zip(micro, counts):
                 with autocast:
@@ -533,9 +556,13 @@ def run_variant(
                 step_loss += loss_sum.detach().float()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if quant_stats is not None:
+                quant_stats.end_step(index + 1)
             losses.append(step_loss / step_labels)
         _synchronize(device)
         elapsed = time.perf_counter() - timed_start
+        if quant_stats is not None:
+            quant_stats.close()
         if args.profile and device.type == "cuda":
             result.profile = profile_steps(steps[-min(3, len(steps)):], loss_fn, optimizer, autocast, device)
         result.losses = torch.stack(losses).tolist()
@@ -789,6 +816,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--merge", default=None, help="a results .json of an earlier call whose rows to keep")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="start no variant that would likely end after this many seconds (its row says skipped)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the report
     if args.quick:
@@ -820,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           flush=True)
     results: list[Result] = []
     examples_cache: dict[tuple[str, int], list[Example]] = {}
+    started = time.perf_counter()
     for case in cases:
         key = (case.data, case.max_length)
         if key not in examples_cache:
@@ -827,9 +857,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             examples_cache[key] = load_examples(case.data, case.max_length, args.data_dir, seed=args.seed, limit=limit)
         examples = examples_cache[key]
         plans = plan_steps(examples, case, args.warmup + args.steps)
+        longest = 0.0  # the slowest variant of this model so far: the estimate for the next one
         for variant in variants:
+            elapsed = time.perf_counter() - started
+            if args.time_budget_s is not None and elapsed + max(longest, 60.0) > args.time_budget_s:
+                results.append(Result(case.key, variant.label, status="skipped (time budget)"))
+                print(f"[{time.strftime('%H:%M:%S')}] {case.key} / {variant.label}: skipped, {elapsed:.0f} s used of "
+                      f"--time-budget-s {args.time_budget_s:.0f}", flush=True)
+                continue
             print(f"[{time.strftime('%H:%M:%S')}] {case.key} / {variant.label} ...", flush=True)
             result = run_variant(case, variant, examples, plans, warmup=args.warmup, device=device, args=args)
+            longest = max(longest, result.seconds or 0.0)
             results.append(result)
             print(
                 f"    {result.status}: {_fmt(result.tokens_per_s, ',.0f')} tok/s, {_fmt(result.step_ms, '.1f')} ms/step, "
@@ -838,6 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{_fmt(result.final_loss, '.4f')} ({result.seconds:.0f} s) {result.notes}",
                 flush=True,
             )
+            # Rewritten after every variant, so a call that runs out of time still leaves its numbers behind.
+            path = write_report(results, cases, args, args.out_dir, env)
     print()
     print(render_table(results))
     if args.loss_compare_steps:
@@ -848,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_profiles(results))
     path = write_report(results, cases, args, args.out_dir, env)
     print(f"\nwritten: {path}")
-    return 0 if all(r.status in ("ok", "OOM") for r in results) else 1
+    return 0 if all(r.status == "ok" or r.status == "OOM" or r.status.startswith("skipped") for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: set up from the carried wheels, then run one named job. Each job fits the
+# 10-minute limit of a device call; results land in $OUT (or benchmarks/results without it).
+#
+#   bash benchmarks/gpu_session.sh tests        # GPU tests of FP8 / quant stats (tests/precision/test_fp8_gpu.py)
+#   bash benchmarks/gpu_session.sh small        # table: ESM-2 8M, 150M, 650M x 4 variants
+#   bash benchmarks/gpu_session.sh large        # table: ESM-2 3B, Llama 3 1B x 4 variants (MERGE=<json> to merge)
+#   bash benchmarks/gpu_session.sh fp8sweep     # ESM-2 650M and 3B: FP8 recipes and width filters, with profiles
+#   bash benchmarks/gpu_session.sh loss3b       # ESM-2 3B: 500-step loss, packed bf16 vs packed FP8
+#   bash benchmarks/gpu_session.sh qstats       # quant-stats cost at freq=1 / freq=10 (ESM-2 650M, packed FP8)
+#
+# Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
+# (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats}
+out=${OUT:-benchmarks/results}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
+
+if ! python -c "import torchao" 2>/dev/null; then
+  pip install -q --no-index --find-links .whl torchao hydra-core omegaconf torchdata pydantic pyhmmer pyrodigal
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch, transformers, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'torchao', torchao.__version__)"
+
+bench() { python benchmarks/bench_train.py --out-dir "$out" ${MERGE:+--merge "$MERGE"} --time-budget-s 540 "$@"; }
+
+case "$job" in
+  tests)
+    python -m pytest -q tests/precision/test_fp8_gpu.py -p no:cacheprovider 2>&1 | tail -30 ;;
+  small)
+    bench --models esm2_8M,esm2_150M,esm2_650M ;;
+  large)
+    bench --models esm2_3B,llama3_1B ;;
+  fp8sweep)
+    bench --models esm2_650M,esm2_3B --variants packed,packed_fp8,packed_fp8:min_features=2048,packed_fp8:recipe=rowwise \
+      --profile --steps 8 --warmup 4 ;;
+  loss3b)
+    bench --models esm2_3B --variants packed,packed_fp8 --loss-compare-steps 500 ;;
+  qstats)
+    bench --models esm2_650M,esm2_3B --variants packed_fp8,packed_fp8:qstats=10,packed_fp8:qstats=1 --steps 20 ;;
+  *)
+    echo "unknown job $job" >&2; exit 2 ;;
+esac
