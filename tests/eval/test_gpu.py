@@ -1,4 +1,4 @@
-"""GPU: evaluation numbers on CUDA equal the CPU reference (fp32) or stay close (bf16 autocast); the tiny pipeline runs."""
+"""GPU: evaluation on CUDA equals the CPU reference (fp32) or stays close (bf16 autocast); the tiny pipeline runs."""
 
 from __future__ import annotations
 

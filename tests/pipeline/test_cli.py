@@ -17,7 +17,7 @@ import pytest
 
 from bioscale.cli import SUBCOMMANDS
 from bioscale.pipeline import read_artifact, trace_lineage
-from bioscale.pipeline.cli import data_main, eval_main, is_pipeline_train, train_stage_main
+from bioscale.pipeline.cli import data_main, eval_main, is_pipeline_train, pipeline_main, train_stage_main
 
 from .conftest import run_command, subprocess_env
 
@@ -98,3 +98,13 @@ def test_is_pipeline_train() -> None:
     assert not is_pipeline_train(["--help"], stdin_is_tty=False)
     assert not is_pipeline_train([], stdin_is_tty=True)
 
+
+
+def test_pipeline_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert pipeline_main(["--out", str(tmp_path / "p"), "--no-ss", "--seed", "2", "num_train_steps=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    evaluation = json.loads(lines[0])
+    assert evaluation["kind"] == "evaluation" and evaluation["seed"] == 2
+    assert [e.kind for e, _ in trace_lineage(evaluation["path"])] == ["model", "dataset", "source"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["data", "eval", "model"]
