@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +36,8 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("bioscale") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "src"))
 DEFAULT_DATA_DIR = Path(os.environ.get("BIOSCALE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help="folder with the UniRef90 and Porter6 files")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1500; --quick: 20)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000; --quick: 20)")
     parser.add_argument("--tokens", type=int, default=32768, help="packed tokens per optimizer step")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; --quick: 4e-3)")
     parser.add_argument("--warmup", type=int, default=100)
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="where the result .md goes (default: benchmarks/results; --quick: the work dir)")
     args = parser.parse_args(argv)
     if args.steps is None:
-        args.steps = 20 if args.quick else 1500
+        args.steps = 20 if args.quick else 1000
     if args.lr is None:
         args.lr = 4e-3 if args.quick else 1e-3
 
