@@ -121,6 +121,23 @@ def test_without_fp8_gpu_the_error_says_what_is_needed(monkeypatch: pytest.Monke
         apply_fp8(esm_model(), recipe="tensorwise")
 
 
+def test_token_count_not_a_multiple_of_16_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bioscale.precision.fp8 as fp8
+
+    if not hasattr(torch, "_scaled_mm"):
+        pytest.skip("torch without _scaled_mm")
+    monkeypatch.setattr(fp8, "check_fp8_hardware", lambda device=None: None)  # real FP8 GEMMs, on CPU
+    model = esm_model(num_layers=1)
+    apply_fp8(model, recipe="tensorwise")
+    with pytest.raises(ValueError, match=r"multiple of 16, got 30 .*pad_to_multiple_of=16"):
+        model(**masked_batch(batch=1, length=30))
+    try:
+        loss = model(**masked_batch(batch=1, length=32)).loss
+    except RuntimeError as exc:  # a torch build without CPU FP8 GEMMs: the check above is what this test is about
+        pytest.skip(f"no FP8 GEMM on this CPU build: {exc}")
+    assert torch.isfinite(loss)
+
+
 def test_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # makes `import torchao.float8` fail
     with pytest.raises(ImportError, match=r"pip install 'bioscale\[fp8\]'"):

@@ -178,12 +178,29 @@ def apply_fp8(
             return True
 
         float8.convert_to_float8_training(blocks[index], module_filter_fn=keep_in_fp8, config=config)
+        if not emulate:
+            for module in blocks[index].modules():
+                if isinstance(module, Float8Linear):
+                    module.register_forward_pre_hook(_check_token_count)
 
     log.info("FP8 (%s) on %d linears in blocks %s", recipe, len(converted), [i + 1 for i in selected])
     if skipped:
         log.warning("FP8: %d linears stay in high precision: %s", len(skipped), "; ".join(skipped))
     if not converted:
         log.warning("FP8 is enabled but no linear was converted; the run trains entirely in high precision")
+
+
+def _check_token_count(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    # The weight-gradient GEMM contracts over the tokens, so their count is an FP8 GEMM dimension too. Without this
+    # check a wrong count fails deep inside torch._scaled_mm, in backward. Shapes only: free under torch.compile.
+    x = args[0]
+    num_tokens = x.numel() // x.shape[-1]
+    if num_tokens % FP8_DIM_MULTIPLE:
+        raise ValueError(
+            f"FP8 layers need the number of tokens in a micro-batch to be a multiple of {FP8_DIM_MULTIPLE}, got "
+            f"{num_tokens} (input shape {tuple(x.shape)}); pad batches with data.pad_to_multiple_of=16 (packed: T, "
+            "padded: the sequence length)"
+        )
 
 
 def _is_float8_linear(module: nn.Module) -> bool:
