@@ -810,7 +810,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--lr-warmup", type=int, default=None, help="linear lr warm-up steps (default: 10%% of steps)")
     parser.add_argument("--loss-compare-steps", type=int, default=0,
-                        help="train this many steps (no warm-up exclusion) and compare the variants' losses")
+                        help="train this many steps in all (warm-up included) and compare the variants' losses")
     parser.add_argument("--profile", action="store_true", help="profile 3 extra steps per variant (top CUDA kernels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -823,8 +823,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
     if args.loss_compare_steps:
-        args.steps, args.warmup = args.loss_compare_steps, 0
-    if args.steps < 1 or args.warmup < 0:
+        # Every step's loss is recorded; the first few (compilation) are only left out of the throughput.
+        args.warmup = min(args.warmup, max(1, args.loss_compare_steps // 10))
+        args.steps = args.loss_compare_steps - args.warmup
+    if args.steps < 1 or args.warmup < 0 or args.loss_compare_steps < 0 or args.loss_compare_steps == 1:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if args.lr_warmup is None:
         args.lr_warmup = max(1, (args.warmup + args.steps) // 10)

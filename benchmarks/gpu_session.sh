@@ -19,7 +19,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
 
 if ! python -c "import torchao" 2>/dev/null; then
-  pip install -q --no-index --find-links .whl torchao hydra-core omegaconf torchdata pydantic pyhmmer pyrodigal
+  pip install -q --no-index --no-deps .whl/*.whl  # no package index there: every dependency is in the folder
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'torchao', torchao.__version__)"

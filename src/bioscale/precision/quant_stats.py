@@ -114,7 +114,7 @@ def cast_specs(config: Any) -> dict[str, tuple[CastSpec, ...]]:
 
 
 def _saturation_threshold(float8_dtype: torch.dtype) -> float:
-    """Smallest magnitude that the cast clamps rather than rounds: FP8 max plus half a unit in the last place.
+    """Magnitude beyond which the cast clamps rather than rounds: the FP8 max plus half a unit in the last place.
 
     Values between the FP8 maximum and this threshold round to the maximum anyway (round-to-nearest), so only values
     beyond it lose information to saturation. e4m3fn: 448 + 16 = 464; e5m2: 57344 + 4096 = 61440.
