@@ -11,7 +11,8 @@ import sys
 
 # subcommand -> (module, function, one-line help). The function takes ``argv: list[str]`` and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("bioscale.train.cli", "main", "train a model from a Hydra recipe (bioscale train --config-name L0_sanity)"),
+    # `bioscale train --config-name X` runs a recipe; with --input / piped stdin it is the pipeline's train stage.
+    "train": ("bioscale.pipeline.cli", "train_main", "train a model from a Hydra recipe (bioscale train --config-name L0_sanity)"),
     "data": ("bioscale.pipeline.cli", "data_main", "curate sequences into a dataset artifact"),
     "eval": ("bioscale.pipeline.cli", "eval_main", "evaluate a model artifact"),
     "pipeline": ("bioscale.pipeline.cli", "pipeline_main", "run data -> train -> eval"),
