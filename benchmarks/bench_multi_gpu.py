@@ -190,7 +190,7 @@ def _train_step(
     extra: dict[str, Any] = {"loss_reduction": "sum"}
     context: Any = contextlib.nullcontext()
     if cp is not None:
-        group, cp_rank, cp_size = cp
+        _, cp_rank, cp_size = cp
         shard = shard_batch_for_cp(batch, cp_rank, cp_size, shift_labels=True)
         batch, context = shard.batch, context_parallel(model, shard.layout)
     if not _is_causal(model):
@@ -226,13 +226,19 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
     for key in args.fsdp_models.split(",") if args.fsdp_models else models:
         family, size, tokens = models[key]
         tokens = args.fsdp_tokens or tokens
-        record: dict[str, Any] = {"phase": "fsdp", "model": key, "gpus": world_size, "tokens_per_gpu": tokens,
-                                  "ac": args.fsdp_ac}
+        record: dict[str, Any] = {
+            "phase": "fsdp",
+            "model": key,
+            "gpus": world_size,
+            "tokens_per_gpu": tokens,
+            "ac": args.fsdp_ac,
+        }
         model = optimizer = None
         try:
             _free(device)
-            model, optimizer, config = _build(family, size, "masked_lm", device=device, ac=args.fsdp_ac, cp_group=None,
-                                              compile_blocks=args.compile)
+            model, optimizer, config = _build(
+                family, size, "masked_lm", device=device, ac=args.fsdp_ac, cp_group=None, compile_blocks=args.compile
+            )
             rng = np.random.default_rng(1000 + rank)
             times, losses, sq_sum = [], [], 0.0
             for step in range(args.warmup + args.steps):
@@ -248,11 +254,17 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
             tokens_per_sec = tokens / step_time
             seq_len = effective_seq_len(sq_sum, tokens * len(times))
             flops = get_model_spec(family).flops_per_token(config, seq_len)
-            record.update(ok=True, step_time=step_time, tokens_per_sec_per_gpu=tokens_per_sec,
-                          mfu=compute_mfu(flops, tokens_per_sec, peak), peak_mem_gb=_peak_gb(device),
-                          effective_seq_len=seq_len, final_loss=losses[-1],
-                          num_params=sum(p.numel() for p in model.parameters()))
-        except Exception as err:  # one model's failure must not hide the other's numbers
+            record.update(
+                ok=True,
+                step_time=step_time,
+                tokens_per_sec_per_gpu=tokens_per_sec,
+                mfu=compute_mfu(flops, tokens_per_sec, peak),
+                peak_mem_gb=_peak_gb(device),
+                effective_seq_len=seq_len,
+                final_loss=losses[-1],
+                num_params=sum(p.numel() for p in model.parameters()),
+            )
+        except Exception as err:  # noqa: BLE001 — one model's failure must not hide the other's numbers
             record.update(ok=False, oom=_is_oom(err), error=f"{type(err).__name__}: {str(err)[:300]}")
             if not _is_oom(err):
                 traceback.print_exc()
@@ -288,18 +300,40 @@ def run_context_phase(args: argparse.Namespace, device: torch.device, rank: int,
         # Attention work grows ~quadratically with length: skip a trial that cannot finish before the deadline.
         predicted = last_step_time * (length / max(fitted or length, 1)) ** 2 * (args.context_steps + 1)
         if fitted is not None and time.monotonic() + predicted > deadline:
-            _log({"phase": "context", "gpus": world_size, "cp": world_size, "length": length, "ok": False,
-                  "skipped": "time budget"}, args.result_file, rank)
+            _log(
+                {
+                    "phase": "context",
+                    "gpus": world_size,
+                    "cp": world_size,
+                    "length": length,
+                    "ok": False,
+                    "skipped": "time budget",
+                },
+                args.result_file,
+                rank,
+            )
             break
-        record: dict[str, Any] = {"phase": "context", "gpus": world_size, "cp": world_size, "length": length,
-                                  "ac": args.context_ac, "model": f"llama3/{size}"}
+        record: dict[str, Any] = {
+            "phase": "context",
+            "gpus": world_size,
+            "cp": world_size,
+            "length": length,
+            "ac": args.context_ac,
+            "model": f"llama3/{size}",
+        }
         oom = False
         try:
             if model is None:
                 _free(device)
                 model, optimizer, config = _build(
-                    "llama3", size, "causal_lm", device=device, ac=args.context_ac,
-                    cp_group=mesh.cp_group if cp else None, compile_blocks=args.compile, vocab_size=20,
+                    "llama3",
+                    size,
+                    "causal_lm",
+                    device=device,
+                    ac=args.context_ac,
+                    cp_group=mesh.cp_group if cp else None,
+                    compile_blocks=args.compile,
+                    vocab_size=20,
                 )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -318,10 +352,16 @@ def run_context_phase(args: argparse.Namespace, device: torch.device, rank: int,
             step_time = float(np.median(times))
             tokens_per_sec = length / step_time / world_size
             flops = get_model_spec("llama3").flops_per_token(config, length)
-            record.update(ok=True, step_time=step_time, tokens_per_sec_per_gpu=tokens_per_sec,
-                          mfu=compute_mfu(flops, tokens_per_sec, peak), peak_mem_gb=_peak_gb(device), loss=loss)
+            record.update(
+                ok=True,
+                step_time=step_time,
+                tokens_per_sec_per_gpu=tokens_per_sec,
+                mfu=compute_mfu(flops, tokens_per_sec, peak),
+                peak_mem_gb=_peak_gb(device),
+                loss=loss,
+            )
             last_step_time = step_time
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 — recorded; out-of-memory ends the search, anything else is printed
             oom = _is_oom(err)
             record.update(ok=False, oom=oom, error=f"{type(err).__name__}: {str(err)[:300]}")
             if not oom:
@@ -350,8 +390,18 @@ def run_context_phase(args: argparse.Namespace, device: torch.device, rank: int,
             middle = (fitted + failed) // 2 // quantum * quantum
             if fitted < middle < failed:
                 lengths = [middle]
-    _log({"phase": "context", "gpus": world_size, "cp": world_size, "summary": True, "max_length": fitted,
-          "first_failed": failed}, args.result_file, rank)
+    _log(
+        {
+            "phase": "context",
+            "gpus": world_size,
+            "cp": world_size,
+            "summary": True,
+            "max_length": fitted,
+            "first_failed": failed,
+        },
+        args.result_file,
+        rank,
+    )
 
 
 def _doubling(start: int, maximum: int) -> list[int]:
@@ -401,8 +451,18 @@ def environment(smoke: bool) -> dict[str, Any]:
 def _launch(phase: str, nproc: int, args: argparse.Namespace, result_file: Path, budget: float) -> dict[str, Any]:
     """Run one phase under torchrun; returns how it ended (the measurements are in ``result_file``)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-        "--worker", phase, "--result-file", str(result_file), "--phase-budget", str(budget),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        __file__,
+        "--worker",
+        phase,
+        "--result-file",
+        str(result_file),
+        "--phase-budget",
+        str(budget),
         *args.passthrough,
     ]
     env = dict(os.environ)
@@ -412,7 +472,7 @@ def _launch(phase: str, nproc: int, args: argparse.Namespace, result_file: Path,
     start = time.monotonic()
     try:
         # Grace beyond the phase's own budget for start-up, the last trial and the collective timeout.
-        proc = subprocess.run(command, env=env, timeout=budget + args.collective_timeout + 90)
+        proc = subprocess.run(command, env=env, timeout=budget + args.collective_timeout + 90, check=False)
         status = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
         status = "killed at the time limit"
@@ -433,8 +493,9 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
-def render_report(rows: list[dict[str, Any]], runs: list[dict[str, Any]], env: dict[str, Any], command: str,
-                  args: argparse.Namespace) -> str:
+def render_report(
+    rows: list[dict[str, Any]], runs: list[dict[str, Any]], env: dict[str, Any], command: str, args: argparse.Namespace
+) -> str:
     md = [
         f"# Multi-GPU: FSDP2 scaling and context parallelism, {env['num_gpus']}× {env['gpu']}, {env['date']}",
         "",
@@ -444,16 +505,24 @@ def render_report(rows: list[dict[str, Any]], runs: list[dict[str, Any]], env: d
         command,
         "```",
         "",
-        "Method: see the docstring of `benchmarks/bench_multi_gpu.py` (FSDP2 as `bioscale.distributed.apply_fsdp` "
-        "applies it: bf16 compute, fp32 master weights and gradient reduction; synthetic tokens; median of the timed "
-        f"steps; {'torch.compile per block' if args.compile else 'no torch.compile'}).",
+        (
+            "Method: see the docstring of `benchmarks/bench_multi_gpu.py` (FSDP2 as `bioscale.distributed.apply_fsdp` "
+            "applies it: bf16 compute, fp32 master weights and gradient reduction; synthetic tokens; median of the "
+            f"timed steps; {'torch.compile per block' if args.compile else 'no torch.compile'})."
+        ),
     ]
     fsdp = [r for r in rows if r.get("phase") == "fsdp"]
     if fsdp:
-        md += ["", "## FSDP2 scaling, 1 → 2 GPUs (ESM-2, masked LM, packed)", "",
-               "| model | tokens / GPU / step | AC | 1 GPU tokens/s | 2 GPUs tokens/s per GPU | scaling efficiency | "
-               "MFU 1 GPU | MFU 2 GPUs | peak mem 1 / 2 GPUs (GB) |",
-               "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        md += [
+            "",
+            "## FSDP2 scaling, 1 → 2 GPUs (ESM-2, masked LM, packed)",
+            "",
+            (
+                "| model | tokens / GPU / step | AC | 1 GPU tokens/s | 2 GPUs tokens/s per GPU | scaling efficiency | "
+                "MFU 1 GPU | MFU 2 GPUs | peak mem 1 / 2 GPUs (GB) |"
+            ),
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for model in dict.fromkeys(r["model"] for r in fsdp):
             one = next((r for r in fsdp if r["model"] == model and r["gpus"] == 1), {})
             two = next((r for r in fsdp if r["model"] == model and r["gpus"] == 2), {})
@@ -462,28 +531,44 @@ def render_report(rows: list[dict[str, Any]], runs: list[dict[str, Any]], env: d
                 eff = two["tokens_per_sec_per_gpu"] / one["tokens_per_sec_per_gpu"]
             tokens = (one or two).get("tokens_per_gpu")
             md.append(
-                f"| {model} | {tokens} | {(one or two).get('ac')} | {_fmt(one.get('tokens_per_sec_per_gpu'), ',.0f', _why(one))} | "
-                f"{_fmt(two.get('tokens_per_sec_per_gpu'), ',.0f', _why(two))} | {_pct(eff)} | {_pct(one.get('mfu'))} | "
-                f"{_pct(two.get('mfu'))} | {_fmt(one.get('peak_mem_gb'), '.1f')} / {_fmt(two.get('peak_mem_gb'), '.1f')} |"
+                f"| {model} | {tokens} | {(one or two).get('ac')} "
+                f"| {_fmt(one.get('tokens_per_sec_per_gpu'), ',.0f', _why(one))} "
+                f"| {_fmt(two.get('tokens_per_sec_per_gpu'), ',.0f', _why(two))} | {_pct(eff)} "
+                f"| {_pct(one.get('mfu'))} | {_pct(two.get('mfu'))} "
+                f"| {_fmt(one.get('peak_mem_gb'), '.1f')} / {_fmt(two.get('peak_mem_gb'), '.1f')} |"
             )
         md += ["", "Target: scaling efficiency ≥ 95 %."]
     context = [r for r in rows if r.get("phase") == "context" and not r.get("summary")]
     summaries = {r["gpus"]: r for r in rows if r.get("phase") == "context" and r.get("summary")}
     if context:
-        md += ["", "## Longest Llama 3 1B DNA context: 1 GPU vs 2 GPUs with CP=2", "",
-               "| GPUs | CP | AC | sequence length | trains? | step time (s) | tokens/s per GPU | MFU | peak mem (GB) |",
-               "|---:|---:|---|---:|---|---:|---:|---:|---:|"]
+        md += [
+            "",
+            "## Longest Llama 3 1B DNA context: 1 GPU vs 2 GPUs with CP=2",
+            "",
+            "| GPUs | CP | AC | sequence length | trains? | step time (s) | tokens/s per GPU | MFU | peak mem (GB) |",
+            "|---:|---:|---|---:|---|---:|---:|---:|---:|",
+        ]
         for r in context:
-            verdict = "yes" if r.get("ok") else ("skipped (time)" if r.get("skipped") else ("OOM" if r.get("oom") else "error"))
+            verdict = (
+                "yes"
+                if r.get("ok")
+                else ("skipped (time)" if r.get("skipped") else ("OOM" if r.get("oom") else "error"))
+            )
             md.append(
-                f"| {r['gpus']} | {r['cp']} | {r.get('ac', '')} | {r['length']:,} | {verdict} | {_fmt(r.get('step_time'), '.2f')} | "
-                f"{_fmt(r.get('tokens_per_sec_per_gpu'), ',.0f')} | {_pct(r.get('mfu'))} | {_fmt(r.get('peak_mem_gb'), '.1f')} |"
+                f"| {r['gpus']} | {r['cp']} | {r.get('ac', '')} | {r['length']:,} | {verdict} "
+                f"| {_fmt(r.get('step_time'), '.2f')} | {_fmt(r.get('tokens_per_sec_per_gpu'), ',.0f')} "
+                f"| {_pct(r.get('mfu'))} | {_fmt(r.get('peak_mem_gb'), '.1f')} |"
             )
         one, two = summaries.get(1, {}).get("max_length"), summaries.get(2, {}).get("max_length")
         ratio = f"{two / one:.2f}×" if one and two else "–"
-        md += ["", f"Longest trained: 1 GPU {_fmt(one, ',d')}, 2 GPUs with CP=2 {_fmt(two, ',d')} tokens: {ratio} "
-               "(target ≥ 1.8×). Lengths are doubled until a step runs out of memory, then bisected, so the true "
-               "maxima lie between the longest length that trained and the shortest that did not."]
+        md += [
+            "",
+            (
+                f"Longest trained: 1 GPU {_fmt(one, ',d')}, 2 GPUs with CP=2 {_fmt(two, ',d')} tokens: {ratio} "
+                "(target ≥ 1.8×). Lengths are doubled until a step runs out of memory, then bisected, so the true "
+                "maxima lie between the longest length that trained and the shortest that did not."
+            ),
+        ]
         errors = [r for r in context if not r.get("ok") and not r.get("oom") and not r.get("skipped")]
         for r in errors:
             md.append(f"\nError at {r['gpus']} GPU(s), length {r['length']}: `{r.get('error')}`")
@@ -519,8 +604,9 @@ def driver_main(args: argparse.Namespace) -> Path:
     report = render_report(rows, runs, env, command, args)
     path = out_dir / f"{stem}.md"
     path.write_text(report)
-    (out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "command": command, "runs": runs,
-                                                       "rows": rows}, indent=1) + "\n")
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({"environment": env, "command": command, "runs": runs, "rows": rows}, indent=1) + "\n"
+    )
     result_file.unlink(missing_ok=True)
     print(report)
     print(f"[bench_multi_gpu] wrote {path} in {time.monotonic() - start:.0f} s", flush=True)
@@ -529,14 +615,17 @@ def driver_main(args: argparse.Namespace) -> Path:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--phases", default="fsdp,context", help="comma-separated: fsdp, context")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models, to check the script")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--fsdp-models", default=None, help=f"comma-separated subset of {list(FSDP_MODELS)}")
-    parser.add_argument("--fsdp-tokens", type=int, default=None, help="packed tokens per GPU per step (default per model)")
+    parser.add_argument(
+        "--fsdp-tokens", type=int, default=None, help="packed tokens per GPU per step (default per model)"
+    )
     parser.add_argument("--fsdp-ac", default="none", choices=("none", "selective", "full"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
@@ -545,13 +634,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-start", type=int, default=16384)
     parser.add_argument("--context-max", type=int, default=1 << 20)
     parser.add_argument("--context-steps", type=int, default=2, help="timed steps per length (after 1 warm-up)")
-    parser.add_argument("--context-refine", type=int, default=2,
-                        help="bisection steps after the doubling search (2: the maximum to within 1.25x)")
+    parser.add_argument(
+        "--context-refine",
+        type=int,
+        default=2,
+        help="bisection steps after the doubling search (2: the maximum to within 1.25x)",
+    )
     parser.add_argument("--fsdp-budget", type=float, default=60.0, help="seconds per fsdp run (guide, not a cut)")
-    parser.add_argument("--context-budget", type=float, default=120.0,
-                        help="seconds per context search: no new length starts that would end after it")
-    parser.add_argument("--collective-timeout", type=float, default=120.0,
-                        help="NCCL timeout: a rank stuck in a collective aborts after it")
+    parser.add_argument(
+        "--context-budget",
+        type=float,
+        default=120.0,
+        help="seconds per context search: no new length starts that would end after it",
+    )
+    parser.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=120.0,
+        help="NCCL timeout: a rank stuck in a collective aborts after it",
+    )
     # Internal: set by the driver for the torchrun workers.
     parser.add_argument("--worker", choices=("fsdp", "context"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)

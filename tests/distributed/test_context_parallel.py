@@ -96,14 +96,22 @@ def _attention_scenario(packed: bool, causal: bool, device: torch.device, dtype:
     if packed:
         cu = batch["cu_seq_lens_q"].to(device)
         reference_inputs = packed_attention_inputs(
-            backend="sdpa", causal=causal, cu_seqlens=cu, max_seqlen=batch["max_length_q"],
-            sequence_ids=sequence_ids_from_cu_seqlens(cu, shape[1]), dtype=dtype,
+            backend="sdpa",
+            causal=causal,
+            cu_seqlens=cu,
+            max_seqlen=batch["max_length_q"],
+            sequence_ids=sequence_ids_from_cu_seqlens(cu, shape[1]),
+            dtype=dtype,
         )
         valid = torch.ones(shape, dtype=torch.bool, device=device)
     else:
         mask = batch["attention_mask"].to(device)
         reference_inputs = padded_attention_inputs(
-            backend="sdpa", causal=causal, attention_mask=mask, query_length=shape[1], batch_size=shape[0],
+            backend="sdpa",
+            causal=causal,
+            attention_mask=mask,
+            query_length=shape[1],
+            batch_size=shape[0],
             device=device,
         )
         valid = mask.bool()
@@ -164,7 +172,11 @@ def _model_scenario(family: str, packed: bool, device: torch.device, dtype: torc
             dist.all_reduce(grad, group=group)  # FSDP2 / DDP over the (dp, cp) ranks do this sum in training
             grads[name] = grad
     logits = _gather(out.logits.detach(), shard.layout, group)
-    real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    real = (
+        batch["attention_mask"].bool()
+        if "attention_mask" in batch
+        else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    )
     real = real.to(device)
     assert grads.keys() == reference_grads.keys(), (sorted(grads), sorted(reference_grads))
     return {
@@ -183,8 +195,10 @@ def _data_scenario(device: torch.device) -> dict[str, float]:
     mine = make_batch("llama3", True, 16, None, seed=rank)
     received = broadcast_batch(mine if rank == 0 else None, group)
     expected = make_batch("llama3", True, 16, None, seed=0)
-    same = all(torch.equal(received[k], expected[k]) if isinstance(expected[k], torch.Tensor) else received[k] == expected[k]
-               for k in expected)
+    same = all(
+        torch.equal(received[k], expected[k]) if isinstance(expected[k], torch.Tensor) else received[k] == expected[k]
+        for k in expected
+    )
     assert_same_batch_across_cp(_to(received, device), group)  # must not raise
     try:
         assert_same_batch_across_cp(_to(mine, device), group)
@@ -252,7 +266,8 @@ def _worker(rank: int, port: int, device_type: str, out_dir: str, dtype_name: st
         for name, scenario in SCENARIOS.items():
             try:
                 results[name] = scenario(device, dtype)
-            except Exception:  # reported by the test of that scenario, so one failure does not hide the others
+            # Reported by the test of that scenario, so one failure does not hide the others.
+            except Exception:  # noqa: BLE001
                 results[name] = {"error": traceback.format_exc()}
             dist.barrier()
     finally:
@@ -317,7 +332,7 @@ def test_cp_data_sharing_cpu(cpu_results: dict[str, dict[str, Any]]) -> None:
     assert result["mismatch_detected"] == 1.0, "assert_same_batch_across_cp missed ranks holding different batches"
 
 
-# ---- GPU: NCCL, bf16 autocast (developer-run on 2 GPUs) ---------------------------------------------------------------
+# ---- GPU: NCCL, bf16 autocast (developer-run on 2 GPUs) -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,13 @@ def _batch(seed: int, vocab_size: int) -> dict[str, Any]:
     labels[0, cu[:-1].long()] = -100
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     return {
-        "input_ids": ids, "position_ids": positions, "labels": labels, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
-        "max_length_q": max(lengths), "max_length_k": max(lengths),
+        "input_ids": ids,
+        "position_ids": positions,
+        "labels": labels,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu.clone(),
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
     }
 
 
@@ -57,7 +62,9 @@ def _scenario(cp_size: int, dp_replicate: int, device: torch.device, dtype: torc
     reference = build_model(config, task="causal_lm", device=device).to(dtype)
     torch.manual_seed(0)
     model = build_model(config, task="causal_lm", device=device).to(dtype)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     # Unsharded reference over every data-parallel batch.
     batches = [_batch(seed, config.vocab_size) for seed in range(mesh.dp_size)]
@@ -84,12 +91,14 @@ def _scenario(cp_size: int, dp_replicate: int, device: torch.device, dtype: torc
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
 
-    reference_grads = dict((n, p.grad) for n, p in reference.named_parameters())
+    reference_grads = {n: p.grad for n, p in reference.named_parameters()}
     grad_err = 0.0
     for name, param in model.named_parameters():
         grad = param.grad.full_tensor()
         ref = reference_grads[name]
-        grad_err = max(grad_err, ((grad.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-12)).item())
+        grad_err = max(
+            grad_err, ((grad.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-12)).item()
+        )
 
     # One optimizer step each: the sharded parameters must stay equal to the reference's. AdamW's first step moves
     # every weight by +-lr whatever the gradient's size, so under bf16 noise a near-zero gradient could flip the
@@ -110,8 +119,9 @@ def _scenario(cp_size: int, dp_replicate: int, device: torch.device, dtype: torc
     }
 
 
-def _worker(rank: int, world: int, port: int, device_type: str, cp_size: int, dp_replicate: int, dtype_name: str,
-            out_dir: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, device_type: str, cp_size: int, dp_replicate: int, dtype_name: str, out_dir: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     if device_type == "cuda":
@@ -123,21 +133,26 @@ def _worker(rank: int, world: int, port: int, device_type: str, cp_size: int, dp
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result: dict[str, Any] = _scenario(cp_size, dp_replicate, device, getattr(torch, dtype_name))
-    except Exception:
+    except Exception:  # noqa: BLE001 — sent back to the test, which fails with the traceback
         result = {"error": traceback.format_exc()}
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run(world: int, device_type: str, cp_size: int, dp_replicate: int = 1, dtype_name: str = "float64") -> dict[str, Any]:
+def run(
+    world: int, device_type: str, cp_size: int, dp_replicate: int = 1, dtype_name: str = "float64"
+) -> dict[str, Any]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
-            _worker, args=(world, port, device_type, cp_size, dp_replicate, dtype_name, out_dir), nprocs=world,
-            join=True, start_method="spawn",
+            _worker,
+            args=(world, port, device_type, cp_size, dp_replicate, dtype_name, out_dir),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
         )
         results = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     for result in results:

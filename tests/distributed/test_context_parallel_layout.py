@@ -37,8 +37,13 @@ def packed_batch(lengths: list[int]) -> dict[str, Any]:
     labels = ids.clone()
     labels[0, cu[:-1].long()] = -100  # CLM collator: no target for a sequence's first token
     return {
-        "input_ids": ids, "position_ids": positions, "labels": labels, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
-        "max_length_q": max(lengths), "max_length_k": max(lengths),
+        "input_ids": ids,
+        "position_ids": positions,
+        "labels": labels,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu.clone(),
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
     }
 
 
@@ -59,7 +64,9 @@ def make_batch(packed: bool, lengths: list[int]) -> dict[str, Any]:
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("cp_size", CP_SIZES)
-def test_every_token_on_exactly_one_rank_and_unshard_restores_order(packed: bool, lengths: list[int], cp_size: int) -> None:
+def test_every_token_on_exactly_one_rank_and_unshard_restores_order(
+    packed: bool, lengths: list[int], cp_size: int
+) -> None:
     batch = make_batch(packed, lengths)
     shards = [shard_batch_for_cp(batch, rank, cp_size) for rank in range(cp_size)]
     local_shapes = {tuple(s.batch["input_ids"].shape) for s in shards}
@@ -123,7 +130,9 @@ def test_padded_batch_without_mask_gets_one_when_padding_is_added() -> None:
     batch = {"input_ids": torch.arange(2 * 7).view(2, 7) + 10}
     shard = shard_batch_for_cp(batch, 0, 2)
     assert "attention_mask" in shard.batch
-    restored = unshard_from_cp([shard_batch_for_cp(batch, r, 2).batch["attention_mask"] for r in range(2)], shard.layout)
+    restored = unshard_from_cp(
+        [shard_batch_for_cp(batch, r, 2).batch["attention_mask"] for r in range(2)], shard.layout
+    )
     assert bool(restored.all())
     assert "attention_mask" not in shard_batch_for_cp({"input_ids": torch.arange(8).view(1, 8)}, 0, 2).batch
 
@@ -132,8 +141,20 @@ def test_padded_batch_without_mask_gets_one_when_padding_is_added() -> None:
     ("batch", "message"),
     [
         ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "pixel_values": torch.zeros(1)}, "pixel_values"),
-        ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]])}, "row 0"),
-        ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 3], dtype=torch.int32)}, "end at the token count"),
+        (
+            {
+                "input_ids": torch.zeros(2, 4, dtype=torch.long),
+                "attention_mask": torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]]),
+            },
+            "row 0",
+        ),
+        (
+            {
+                "input_ids": torch.zeros(1, 4, dtype=torch.long),
+                "cu_seq_lens_q": torch.tensor([0, 3], dtype=torch.int32),
+            },
+            "end at the token count",
+        ),
         ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 3, dtype=torch.long)}, "labels"),
     ],
     ids=["unknown-key", "left-padding", "bad-cu-seqlens", "labels-shape"],
@@ -158,12 +179,20 @@ def _reference_inputs(batch: dict[str, Any], packed: bool, causal: bool) -> Any:
         sequence_ids = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.diff(cu).long())
         assert sequence_ids.numel() == num_tokens
         return packed_attention_inputs(
-            backend="sdpa", causal=causal, cu_seqlens=cu, max_seqlen=batch["max_length_q"], sequence_ids=sequence_ids,
+            backend="sdpa",
+            causal=causal,
+            cu_seqlens=cu,
+            max_seqlen=batch["max_length_q"],
+            sequence_ids=sequence_ids,
             dtype=torch.float64,
         )
     rows, width = batch["input_ids"].shape
     return padded_attention_inputs(
-        backend="sdpa", causal=causal, attention_mask=batch["attention_mask"], query_length=width, batch_size=rows,
+        backend="sdpa",
+        causal=causal,
+        attention_mask=batch["attention_mask"],
+        query_length=width,
+        batch_size=rows,
         device=torch.device("cpu"),
     )
 
@@ -173,7 +202,10 @@ def _simulated_cp_attention(
 ) -> torch.Tensor:
     """Every rank's CP attention in one process; the gathered buffer is the ranks' K/V concatenated (rank-major)."""
     num_heads, num_kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
-    local_kv = [torch.cat([lay.shard(k, 0.0), lay.shard(v, 0.0)], dim=2).reshape(-1, 2 * num_kv_heads, head_dim) for lay in layouts]
+    local_kv = [
+        torch.cat([lay.shard(k, 0.0), lay.shard(v, 0.0)], dim=2).reshape(-1, 2 * num_kv_heads, head_dim)
+        for lay in layouts
+    ]
     buffer = torch.cat(local_kv)
     outs = []
     for layout in layouts:
@@ -258,7 +290,9 @@ def test_model_under_cp_context_of_one_rank_matches_plain_forward(packed: bool) 
         out = model(**shard.batch, loss_reduction="sum")
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=0)
     valid = batch["attention_mask"].bool() if not packed else torch.ones_like(batch["input_ids"], dtype=torch.bool)
-    torch.testing.assert_close(shard.layout.unshard(out.logits[None])[valid], reference.logits[valid], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        shard.layout.unshard(out.logits[None])[valid], reference.logits[valid], rtol=1e-10, atol=1e-10
+    )
 
 
 def test_context_requires_apply_and_matching_layout() -> None:
@@ -266,13 +300,11 @@ def test_context_requires_apply_and_matching_layout() -> None:
 
     model = build_model(build_config("llama3", "debug"), task="causal_lm", device="cpu")
     shard = shard_batch_for_cp(packed_batch([6]), 1, 2)
-    with pytest.raises(ValueError, match="apply_context_parallel"):
-        with context_parallel(model, shard.layout):
-            pass
+    with pytest.raises(ValueError, match="apply_context_parallel"), context_parallel(model, shard.layout):
+        pass
     apply_context_parallel(model, None)  # a CP group of one rank
-    with pytest.raises(ValueError, match="cp_size=2"):
-        with context_parallel(model, shard.layout):
-            pass
+    with pytest.raises(ValueError, match="cp_size=2"), context_parallel(model, shard.layout):
+        pass
 
 
 def test_apply_rejects_sequence_level_heads_and_attention_dropout() -> None:

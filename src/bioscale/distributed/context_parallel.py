@@ -5,8 +5,8 @@ Design (Llama 3 paper, section 3.3.2): every rank holds two mirrored chunks of e
 tokens. In attention each rank all-gathers the keys and values of its CP group (one collective per layer, K and V
 fused; with grouped-query attention K/V are much smaller than Q) and its local queries attend to them with the
 ordinary single-GPU kernel: the flash varlen kernel on GPU (each local chunk a query segment whose keys are its
-sequence's prefix up to the chunk's end — causal — or its whole sequence — bidirectional), FlexAttention when the model
-asks for ``flex``, or SDPA with a dense mask (CPU, float32). The all-gather is autograd-aware: its backward
+sequence's prefix up to the chunk's end when causal, or its whole sequence when bidirectional), FlexAttention when
+the model asks for ``flex``, or SDPA with a dense mask (CPU, float32). The all-gather is autograd-aware: its backward
 reduce-scatters dK/dV to the ranks that own those tokens. Ring attention was not chosen: it needs per-step
 log-sum-exp merging and a per-step mask, and PyTorch's implementation serves padded SDPA batches only, not packed ones.
 See ``docs/context_parallel.md``.
@@ -126,9 +126,7 @@ def context_parallel_attention(
     return out.reshape(batch, seq_len, num_heads, head_dim)
 
 
-def attend_gathered(
-    q: torch.Tensor, kv: torch.Tensor, inputs: CPAttentionInputs, scale: float | None
-) -> torch.Tensor:
+def attend_gathered(q: torch.Tensor, kv: torch.Tensor, inputs: CPAttentionInputs, scale: float | None) -> torch.Tensor:
     """Local queries ``[1, T_loc, H, D]`` against the gathered buffer ``kv`` ``[cp * T_loc, 2 * H_kv, D]`` (K heads,
     then V heads); returns ``[1, T_loc, H, D]``. Separate from the collective so tests can simulate a CP group."""
     plan = inputs.plan

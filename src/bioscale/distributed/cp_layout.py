@@ -185,7 +185,7 @@ class CPLayout:
         return np.arange(num_original, dtype=np.int64) - original_starts[seq] + self.padded_starts[:-1][seq]
 
     # ---- sharding ----------------------------------------------------------------------------------------------------
-    def shard(self, x: torch.Tensor, fill: float | int | bool, *, rank: int | None = None) -> torch.Tensor:
+    def shard(self, x: torch.Tensor, fill: float, *, rank: int | None = None) -> torch.Tensor:
         """This rank's (or ``rank``'s) shard of ``x`` ``[*input_shape, ...]``: ``[*local_shape, ...]``.
 
         Padding positions (added for divisibility) get ``fill``.
@@ -204,9 +204,7 @@ class CPLayout:
         list of ``cp_size`` shards in rank order); padding added for divisibility is dropped."""
         stacked = torch.stack(list(shards)) if not isinstance(shards, torch.Tensor) else shards
         if tuple(stacked.shape[:3]) != (self.cp_size, *self.local_shape):
-            raise ValueError(
-                f"expected {self.cp_size} shards of shape {self.local_shape}, got {tuple(stacked.shape)}"
-            )
+            raise ValueError(f"expected {self.cp_size} shards of shape {self.local_shape}, got {tuple(stacked.shape)}")
         buffer = stacked.reshape(self.cp_size * self.num_local_tokens, *stacked.shape[3:])
         rows = self.global_to_buffer[self.original_to_padded]
         original = buffer[torch.from_numpy(rows).to(buffer.device)]
@@ -292,8 +290,9 @@ def shard_batch_for_cp(
     unknown = sorted(set(batch) - set(_TOKEN_KEYS) - set(_PACKED_KEYS))
     if unknown:
         raise ValueError(
-            f"shard_batch_for_cp: batch keys {unknown} are not understood (known: {sorted(_TOKEN_KEYS + _PACKED_KEYS)}); "
-            "context parallelism cannot tell how to split them along the sequence"
+            f"shard_batch_for_cp: batch keys {unknown} are not understood (known: "
+            f"{sorted(_TOKEN_KEYS + _PACKED_KEYS)}); context parallelism cannot tell how to split them along the "
+            "sequence"
         )
     input_ids = batch.get("input_ids")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

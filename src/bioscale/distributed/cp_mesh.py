@@ -1,4 +1,4 @@
-"""The ranks of a job as a device mesh ``(dp_replicate, dp_shard, cp)``: who shards, who replicates, who splits sequences.
+"""The ranks of a job as a mesh ``(dp_replicate, dp_shard, cp)``: who shards, who replicates, who splits sequences.
 
 torchtitan's arrangement: context parallelism is the innermost dimension, so the ranks of a CP group are consecutive
 (on one node, where their per-layer K/V all-gathers run over NVLink); data parallelism is outside it. FSDP2 shards
@@ -86,7 +86,9 @@ def build_parallel_mesh(device_type: str, *, cp_size: int = 1, dp_replicate: int
         return ParallelMesh(None, None, 1, 1, 1, 0)
     world_size = dist.get_world_size()
     if world_size % (cp_size * dp_replicate):
-        raise ValueError(f"cp_size={cp_size} x dp_replicate={dp_replicate} must divide the number of ranks ({world_size})")
+        raise ValueError(
+            f"cp_size={cp_size} x dp_replicate={dp_replicate} must divide the number of ranks ({world_size})"
+        )
     dp_shard = world_size // (cp_size * dp_replicate)
     # FSDP2 shards over dp_shard and cp together (see the module docstring).
     if dp_replicate == 1:
