@@ -844,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index on torch 2.11
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left over (none in the bf16 paths)
     env = environment()
