@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -300,7 +301,9 @@ def _flex_block_mask(plan: CPAttentionPlan) -> Any:
         return same & (k_pos[kv_idx] <= q_pos[q_idx]) if causal else same & k_ok[kv_idx]
 
     device = q_seq.device
-    kwargs = {"_compile": True} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
+        kwargs["_compile"] = True  # avoids materialising the [T_loc, T] mask for long sequences
     return create_block_mask(cp_mask, None, None, q_seq.numel(), k_seq.numel(), device=device, **kwargs)
 
 
