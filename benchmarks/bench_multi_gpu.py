@@ -103,6 +103,7 @@ def _build(
     ac: str,
     cp_group: Any,
     compile_blocks: bool,
+    prefetch: int = 0,
     **overrides: Any,
 ) -> tuple[torch.nn.Module, Any, Any]:
     """Model on meta → (CP) → AC → (compile) → FSDP2 over every rank → materialise; plus fused AdamW."""
@@ -119,6 +120,13 @@ def _build(
         apply_compile(model)
     param_dtype = torch.bfloat16 if device.type == "cuda" else None
     apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if prefetch > 0:
+        # Explicit prefetch: issue the all-gathers of the next `prefetch` blocks (forward) / previous ones (backward)
+        # early, beyond FSDP2's implicit one-block lookahead; helps when the CPU cannot run far enough ahead.
+        blocks = list(model.layers)
+        for index, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch) : index][::-1])
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
@@ -232,12 +240,20 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
             "gpus": world_size,
             "tokens_per_gpu": tokens,
             "ac": args.fsdp_ac,
+            "prefetch": args.fsdp_prefetch,
         }
         model = optimizer = None
         try:
             _free(device)
             model, optimizer, config = _build(
-                family, size, "masked_lm", device=device, ac=args.fsdp_ac, cp_group=None, compile_blocks=args.compile
+                family,
+                size,
+                "masked_lm",
+                device=device,
+                ac=args.fsdp_ac,
+                cp_group=None,
+                compile_blocks=args.compile,
+                prefetch=args.fsdp_prefetch,
             )
             rng = np.random.default_rng(1000 + rank)
             times, losses, sq_sum = [], [], 0.0
@@ -508,7 +524,8 @@ def render_report(
         (
             "Method: see the docstring of `benchmarks/bench_multi_gpu.py` (FSDP2 as `bioscale.distributed.apply_fsdp` "
             "applies it: bf16 compute, fp32 master weights and gradient reduction; synthetic tokens; median of the "
-            f"timed steps; {'torch.compile per block' if args.compile else 'no torch.compile'})."
+            f"timed steps; {'torch.compile per block' if args.compile else 'no torch.compile'}; explicit FSDP2 "
+            f"prefetch depth {args.fsdp_prefetch})."
         ),
     ]
     fsdp = [r for r in rows if r.get("phase") == "fsdp"]
@@ -627,6 +644,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--fsdp-tokens", type=int, default=None, help="packed tokens per GPU per step (default per model)"
     )
     parser.add_argument("--fsdp-ac", default="none", choices=("none", "selective", "full"))
+    parser.add_argument(
+        "--fsdp-prefetch",
+        type=int,
+        default=0,
+        help="explicit FSDP2 prefetch depth in blocks (0: FSDP2's implicit prefetch only)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--context-size", default="1B", help="llama3 size for the context phase")

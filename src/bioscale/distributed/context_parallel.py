@@ -135,8 +135,10 @@ def attend_gathered(q: torch.Tensor, kv: torch.Tensor, inputs: CPAttentionInputs
     num_kv_heads = kv.shape[1] // 2
     use_varlen = inputs.kernel == "auto" and varlen_available(q.device, q.dtype)
     index = plan.varlen_kv_index if use_varlen else plan.dense_kv_index
-    # index_select's backward scatter-adds, so keys used by two query segments (causal prefixes) get both gradients.
-    k_all, v_all = kv.index_select(0, index).unsqueeze(0).split(num_kv_heads, dim=2)
+    # index_select returns contiguous copies (what the flash kernel wants) and its backward scatter-adds, so keys used
+    # by two query segments (causal prefixes) get both gradients.
+    k_all = kv[:, :num_kv_heads].index_select(0, index).unsqueeze(0)
+    v_all = kv[:, num_kv_heads:].index_select(0, index).unsqueeze(0)
     if use_varlen:
         inner = AttentionInputs(
             backend="varlen",
