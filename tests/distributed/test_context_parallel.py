@@ -344,7 +344,7 @@ def gpu_results() -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if n.startswith("model-")])
 def test_cp_model_matches_cp1_gpu(gpu_results: dict[str, dict[str, Any]], name: str) -> None:
     # bf16 activations: the CP=1 and CP=2 runs accumulate in different orders (other kernels, other key splits).
-    _check(gpu_results, name, {"loss": 1e-2, "num_label_tokens": 0, "logits": 2e-2, "grads": 5e-2})
+    _check(gpu_results, name, {"loss": 1e-2, "num_label_tokens": 0, "logits": 3e-2, "grads": 5e-2})
 
 
 @pytest.mark.multi_gpu

@@ -107,7 +107,7 @@ def _scenario(cp_size: int, dp_replicate: int, device: torch.device, dtype: torc
         if dtype == torch.float64:
             torch.optim.AdamW(module.parameters(), lr=1e-2).step()
         else:
-            torch.optim.SGD(module.parameters(), lr=0.1).step()
+            torch.optim.SGD(module.parameters(), lr=0.01).step()
     param_err = max(
         (p.full_tensor().double() - r.double()).abs().max().item()
         for p, r in zip(model.parameters(), reference.parameters())
