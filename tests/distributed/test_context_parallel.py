@@ -116,10 +116,11 @@ def _attention_scenario(packed: bool, causal: bool, device: torch.device, dtype:
         )
         valid = mask.bool()
     generator = torch.Generator(device=device).manual_seed(1)
-    q = torch.randn(*shape, 4, 8, device=device, dtype=dtype, generator=generator).requires_grad_()
-    k = torch.randn(*shape, 2, 8, device=device, dtype=dtype, generator=generator).requires_grad_()
-    v = torch.randn(*shape, 2, 8, device=device, dtype=dtype, generator=generator).requires_grad_()
-    weight = torch.randn(*shape, 4, 8, device=device, dtype=dtype, generator=generator)
+    head_dim = 64 if device.type == "cuda" else 8  # a head size every flash kernel build supports
+    q = torch.randn(*shape, 4, head_dim, device=device, dtype=dtype, generator=generator).requires_grad_()
+    k = torch.randn(*shape, 2, head_dim, device=device, dtype=dtype, generator=generator).requires_grad_()
+    v = torch.randn(*shape, 2, head_dim, device=device, dtype=dtype, generator=generator).requires_grad_()
+    weight = torch.randn(*shape, 4, head_dim, device=device, dtype=dtype, generator=generator)
     reference = attention_forward(q, k, v, reference_inputs, scale=0.3)
     reference_grads = torch.autograd.grad((reference * weight)[valid].sum(), (q, k, v))
 
