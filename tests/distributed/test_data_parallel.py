@@ -1,12 +1,13 @@
-"""``torchrun --nproc_per_node=2`` on CPU (gloo): DDP and FSDP2 give the loss trajectory of one process with the
-same global batch.
+"""``torchrun --nproc_per_node=2`` on CPU (gloo): DDP, FSDP2 and FSDP2 with context parallelism (cp_size=2) give the
+loss trajectory of one process with the same global batch.
 
 Every run starts from the same weights (``model.init_from``: FSDP2 initialises sharded parameters on their own
 ranks, and on CPU DTensor's random ops do not reproduce the unsharded init). Each rank trains on micro-batches of one
 sequence with ``grad_acc_steps=2``, so gradient sync must be off for the first micro-batch and on for the second
 (``no_sync`` / ``set_requires_gradient_sync``); the single process trains on micro-batches of four. With
 ``data.shuffle=false`` rank r of 2 reads sequences r, r+2, ... and the single process reads 0, 1, 2, ..., so every
-step covers the same four sequences. Sequences vary in length, so the loss must be normalised by the global label
+step covers the same four sequences. With ``cp_size=2`` both ranks read the one data stream (micro-batches of four)
+and each keeps its chunks of every sequence. Sequences vary in length, so the loss must be normalised by the global label
 count, not per rank. Tolerance: relative 1e-5 on each loss (float32 summation order differs between layouts).
 """
 
@@ -39,10 +40,10 @@ OVERRIDES = [
     "data.crop=window",
     "data.max_seq_length=64",
     "data.shuffle=false",
-    "+model.overrides.vocab_size=33",
-    "+model.overrides.pad_token_id=1",
-    "+model.overrides.bos_token_id=0",
-    "+model.overrides.eos_token_id=2",
+    "++model.overrides.vocab_size=33",
+    "++model.overrides.pad_token_id=1",
+    "++model.overrides.bos_token_id=0",
+    "++model.overrides.eos_token_id=2",
     "optimizer.lr=3e-3",
     "scheduler.warmup_steps=1",
 ]
@@ -80,11 +81,19 @@ def _torchrun(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProces
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_match_one_process_with_the_same_global_batch(strategy, initial_weights, single_process, tmp_path):
-    result = _torchrun(tmp_path, [f"parallelism.strategy={strategy}", f"model.init_from={initial_weights}",
-                                  "data.micro_batch_size=1", "grad_acc_steps=2",
-                                  f"checkpoint.save_every_n_steps={STEPS}"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # Two data-parallel ranks, two micro-batches of one sequence each per step.
+        ["parallelism.strategy=ddp", "data.micro_batch_size=1", "grad_acc_steps=2"],
+        ["parallelism.strategy=fsdp2", "data.micro_batch_size=1", "grad_acc_steps=2"],
+        # One data stream split over a CP group of two ranks (each holds two mirrored chunks of every sequence).
+        ["parallelism.strategy=fsdp2", "cp_size=2", "data.micro_batch_size=4", "grad_acc_steps=1"],
+    ],
+    ids=["ddp", "fsdp2", "fsdp2_cp2"],
+)
+def test_two_ranks_match_one_process_with_the_same_global_batch(layout, initial_weights, single_process, tmp_path):
+    result = _torchrun(tmp_path, [*layout, f"model.init_from={initial_weights}", f"checkpoint.save_every_n_steps={STEPS}"])
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["num_label_tokens"] for r in records] == [r["num_label_tokens"] for r in single_process]

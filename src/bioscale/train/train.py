@@ -1,7 +1,7 @@
 """The training loop, in one function that reads top to bottom: ``train(cfg) -> summary``.
 
 setup (process group from torchrun's environment, run directory, seeds) → model on ``meta`` → FP8 conversion →
-parallelize (activation checkpointing → per-block compile → FSDP2) → materialise (``to_empty`` + ``init_weights``, or
+parallelize (context parallelism → activation checkpointing → per-block compile → FSDP2) → materialise (``to_empty`` + ``init_weights``, or
 weights from ``model.init_from``) → DDP → AdamW + schedule → data → resume from the latest complete checkpoint → loop
 (gradient accumulation with communication only on the last micro-batch, loss normalised by the global number of label
 tokens, clipping, skip-and-count of non-finite steps, metrics, checkpoints, profiling) → final export → summary.
@@ -13,7 +13,6 @@ this file only composes it, so a reader sees the whole run on one screen per pha
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ from bioscale.train.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
+from bioscale.models.loss import IGNORE_INDEX
 from bioscale.train.config import TrainConfig, config_to_yaml, validate_config
 from bioscale.train.export import export_final_model
 from bioscale.train.metrics import (
@@ -116,7 +116,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        _check_unavailable_features(cfg)
+        # Context parallelism (cp_size > 1): each group of cp_size consecutive ranks splits the sequences of one data
+        # stream; data parallelism runs across the groups. Without it every rank is its own data-parallel rank.
+        cp = _ContextParallel(cfg.cp_size, device, rank=rank, world_size=world_size)
         # The same seed on every rank: DDP starts from rank 0's weights anyway, and FSDP2's sharded init draws from
         # one stream. Per-rank streams (dropout) are seeded after init.
         _seed_everything(cfg.seed)
@@ -156,7 +158,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             apply_fp8(model, recipe=cfg.fp8_config.recipe, layers=cfg.fp8_layers, fsdp_float8_all_gather=fp8_all_gather)
 
-        # ---- 4. Parallelize, in torchtitan's order: (TP) → (CP) → activation checkpointing → compile → FSDP2 ----------
+        # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
+        cp.apply(model)
         apply_ac(model, cfg.activation_checkpointing)
         if cfg.compile:
             apply_compile(model)
@@ -174,10 +177,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         _seed_everything(cfg.seed + rank)
         quant_stats = None
-        if cfg.quant_stats_config.enabled:
-            attach_quant_stats = _import_optional(
-                "bioscale.precision.quant_stats", "attach_quant_stats", "quant_stats_config.enabled=true"
-            )
+        if cfg.quant_stats_config.enabled:  # hooks on the materialised FP8 layers, before the first (compiled) forward
+            from bioscale.precision.quant_stats import attach_quant_stats
+
             quant_stats = attach_quant_stats(model, run_dir=run_dir, freq=cfg.quant_stats_config.freq, rank=rank)
 
         # ---- 6. Optimizer and learning-rate schedule ----------------------------------------------------------------
@@ -190,9 +192,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             total_steps=cfg.num_train_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio,
         )
 
-        # ---- 7. Data: an endless, resumable stream of micro-batches for this rank -----------------------------------
+        # ---- 7. Data: an endless, resumable stream of micro-batches for this data-parallel rank -------------------
         tokenizer = get_tokenizer(cfg.data.tokenizer)
-        loader = build_dataloader(cfg.data, tokenizer, rank=rank, world_size=world_size)
+        _check_vocabulary(tokenizer, model_config)
+        loader = build_dataloader(cfg.data, tokenizer, rank=cp.dp_rank, world_size=cp.dp_size)
 
         # ---- 8. Resume from the latest complete checkpoint -----------------------------------------------------------
         state = TrainState()
@@ -246,13 +249,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state.step += 1
             step = state.step
             profiler.step_begin(step)
+            if quant_stats is not None:
+                quant_stats.begin_step(step)
             step_start = time.perf_counter()
             with profiler.range(f"step_{step}"):
                 with profiler.range("data"):
                     micro_batches = [next(data_iter) for _ in range(cfg.grad_acc_steps)]
                     counts = [count_tokens(batch, pad_token_id=tokenizer.pad_token_id) for batch in micro_batches]
                     seq_len_sq_sum = sum(_sum_sq_seq_lens(b, c) for b, c in zip(micro_batches, counts))
-                    local_labels = sum(int(c["num_label_tokens"]) for c in counts)
+                    # Under CP each rank keeps its chunks of every sequence (labels shifted before the split for CLM).
+                    micro_batches, cp_layouts = cp.shard(micro_batches, causal=task == "causal_lm",
+                                                         pad_token_id=tokenizer.pad_token_id)
+                    local_labels = sum(_num_label_tokens(batch) for batch in micro_batches)
                     # The loss is the sum over every label token of the global batch divided by their global count:
                     # an MLM micro-batch's masked-token count varies, so averaging per-micro-batch means would weight
                     # tokens unequally (torchtitan's normalisation).
@@ -263,7 +271,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 loss_sum = torch.zeros((), device=device)
                 for index, batch in enumerate(micro_batches):
                     with grad_sync(model, enabled=index == len(micro_batches) - 1):
-                        with profiler.range("forward"), autocast:
+                        with profiler.range("forward"), autocast, cp.forward(model, cp_layouts[index]):
                             micro_loss_sum = model_loss(model, batch, task=task)
                         with profiler.range("backward"):
                             (micro_loss_sum * loss_scale).backward()
@@ -293,7 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step_time = time.perf_counter() - step_start
             profiler.step_end(step)
             if quant_stats is not None:
-                quant_stats.step(step)
+                quant_stats.end_step(step)
             if state.num_consecutive_bad_steps >= cfg.nan_tolerance:
                 checkpointer.close()
                 latest = checkpointer.latest()
@@ -304,12 +312,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "the data, then resume with checkpoint.resume_from_checkpoint=true."
                 )
 
+            # Token counts are of this rank's data stream; a CP group shares one stream, so each of its ranks counts
+            # 1/cp_size of it (summed over ranks at log time, every token counts once).
+            cp_share = 1.0 / cfg.cp_size
             window.add(
                 loss=loss_value,
                 num_label_tokens=float(global_labels),
-                num_tokens=sum(int(c["num_tokens"]) for c in counts),
-                num_real_tokens=sum(int(c["num_real_tokens"]) for c in counts),
-                seq_len_sq_sum=seq_len_sq_sum,
+                num_tokens=cp_share * sum(c["num_tokens"] for c in counts),
+                num_real_tokens=cp_share * sum(c["num_real_tokens"] for c in counts),
+                seq_len_sq_sum=cp_share * seq_len_sq_sum,
                 step_time=step_time,
             )
             if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
@@ -364,6 +375,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "world_size": world_size,
             "device": str(device),
             "strategy": cfg.parallelism.strategy if world_size > 1 else "single",
+            "cp_size": cfg.cp_size,
             "num_train_steps": cfg.num_train_steps,
             "final_step": state.step,
             "resumed_from_step": resumed_from,
@@ -484,21 +496,60 @@ def _load_pretrained_weights(model: nn.Module, path: str) -> None:
         )
 
 
-def _check_unavailable_features(cfg: TrainConfig) -> None:
-    if cfg.cp_size > 1:
-        if importlib.util.find_spec("bioscale.distributed.context_parallel") is None:
-            raise ValueError(f"cp_size={cfg.cp_size}: context parallelism is not available yet; use cp_size=1")
+class _ContextParallel:
+    """The loop's view of ``bioscale.distributed.context_parallel``: mesh, model preparation, batch sharding, forward.
+
+    With ``cp_size == 1`` every method is a no-op and every rank is its own data-parallel rank. Otherwise each group
+    of ``cp_size`` consecutive ranks shares one data stream and splits its sequences; gradients of CP ranks are
+    partial (each saw its own tokens), and FSDP2 or DDP over all ranks sums them like those of data-parallel ranks,
+    so the loss normalisation (x world size / global label count) is unchanged.
+    """
+
+    def __init__(self, cp_size: int, device: torch.device, *, rank: int, world_size: int) -> None:
+        self.size = cp_size
+        self.dp_rank, self.dp_size = rank, world_size
+        if cp_size == 1:
+            return
+        try:
+            from bioscale.distributed import context_parallel, cp_layout, cp_mesh
+        except ImportError as err:
+            raise ValueError(f"cp_size={cp_size}: context parallelism is not available ({err}); use cp_size=1") from err
+        self._cp, self._layout = context_parallel, cp_layout
+        self.mesh = cp_mesh.build_parallel_mesh(device.type, cp_size=cp_size)
+        self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
+
+    def apply(self, model: nn.Module) -> None:
+        if self.size > 1:
+            self._cp.apply_context_parallel(model, self.mesh.cp_group)
+
+    def shard(self, batches: list[dict[str, Any]], *, causal: bool, pad_token_id: int) -> tuple[list, list]:
+        """This rank's shards of ``batches`` and their layouts (the batches unchanged without CP)."""
+        if self.size == 1:
+            return batches, [None] * len(batches)
+        shards = [
+            self._layout.shard_batch_for_cp(b, self.mesh.cp_rank, self.size, shift_labels=causal,
+                                            pad_token_id=pad_token_id)
+            for b in batches
+        ]
+        return [s.batch for s in shards], [s.layout for s in shards]
+
+    def forward(self, model: nn.Module, layout: Any) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward: the model's attention sees this rank's CP plan."""
+        return self._cp.context_parallel(model, layout) if self.size > 1 else contextlib.nullcontext()
+
+
+def _num_label_tokens(batch: dict[str, Any]) -> int:
+    """Loss terms in a micro-batch (``shift_labels`` once context parallelism shifted them before sharding)."""
+    labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def _check_vocabulary(tokenizer: Any, model_config: Any) -> None:
+    if len(tokenizer) > model_config.vocab_size:
         raise ValueError(
-            f"cp_size={cfg.cp_size}: bioscale.distributed.context_parallel exists but this training loop does not "
-            "shard batches along the sequence yet; use cp_size=1"
+            f"the {len(tokenizer)}-token tokenizer does not fit the model's vocab_size={model_config.vocab_size}; "
+            f"set model.overrides.vocab_size={len(tokenizer)} (e.g. +model.overrides.vocab_size={len(tokenizer)})"
         )
-
-
-def _import_optional(module: str, name: str, switch: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{switch} needs {module}.{name}, which is not available: {err}") from err
 
 
 def _check_same_world_size(path: Path, world_size: int) -> None:
