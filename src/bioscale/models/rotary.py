@@ -149,4 +149,6 @@ def apply_rotary(
         q_rot = q * cos + rotate_half(q) * sin
         k_rot = k * cos + rotate_half(k) * sin
         return q_rot.to(q_dtype), k_rot.to(k_dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    # The tables are float32; under autocast q/k are bf16, and the product would silently promote to float32 (so the
+    # attention kernel would see float32). Rotate at the tables' precision and hand back the activation dtype.
+    return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
