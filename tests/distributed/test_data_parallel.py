@@ -86,7 +86,7 @@ def _torchrun(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProces
     [
         # Two data-parallel ranks, two micro-batches of one sequence each per step.
         ["parallelism.strategy=ddp", "data.micro_batch_size=1", "grad_acc_steps=2"],
-        ["parallelism.strategy=fsdp2", "data.micro_batch_size=1", "grad_acc_steps=2"],
+        ["parallelism.strategy=fsdp2", "data.micro_batch_size=1", "grad_acc_steps=2", "checkpoint.async_save=true"],
         # One data stream split over a CP group of two ranks (each holds two mirrored chunks of every sequence).
         ["parallelism.strategy=fsdp2", "cp_size=2", "data.micro_batch_size=4", "grad_acc_steps=1"],
     ],
