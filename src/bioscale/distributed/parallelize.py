@@ -88,15 +88,17 @@ def apply_ac(model: nn.Module, mode: str) -> None:
         layers[index] = checkpoint_wrapper(block, **kwargs)
 
 
-def apply_compile(model: nn.Module, *, fullgraph: bool = False) -> None:
+def apply_compile(model: nn.Module, *, fullgraph: bool = False, dynamic: bool | None = None) -> None:
     """``torch.compile`` each transformer block in place.
 
     ``nn.Module.compile`` (rather than replacing the block with ``torch.compile(block)``) keeps parameter names free
     of ``_orig_mod.``, so checkpoints do not depend on whether compile was on. ``fullgraph`` defaults to False so an
-    attention backend with a data-dependent branch costs a graph break rather than a crash.
+    attention backend with a data-dependent branch costs a graph break rather than a crash. ``dynamic``: None lets
+    Dynamo specialise first and generalise on the first shape change; True compiles for dynamic shapes at once
+    (padded batches, whose ``[B, S]`` changes every step).
     """
     for block in _blocks(model):
-        block.compile(fullgraph=fullgraph)
+        block.compile(fullgraph=fullgraph, dynamic=dynamic)
 
 
 def apply_fsdp(

@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer
-    from bioscale.models import build_config, build_model, get_model_spec
+    from bioscale.models import build_config, build_model, get_model_spec, input_validation
 
     # ---- 1. Setup: process group (NCCL on GPU, gloo on CPU), run directory, seeds --------------------------------
     dist_info = init_distributed(cfg.device)
@@ -162,7 +162,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cp.apply(model)
         apply_ac(model, cfg.activation_checkpointing)
         if cfg.compile:
-            apply_compile(model)
+            # Packed micro-batches keep their shape stable enough for automatic dynamic shapes (see _to_device);
+            # padded ones change [B, S] every step, so compile those blocks for dynamic shapes from the start.
+            apply_compile(model, dynamic=None if cfg.use_sequence_packing else True)
         if use_fsdp:
             apply_fsdp(model, param_dtype=fsdp_param_dtype, reduce_dtype=torch.float32)
 
@@ -243,6 +245,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         window = _Window()
         last_record: dict[str, Any] = {}
         start_time = time.perf_counter()
+        first_step = state.step + 1
 
         # ---- 9. The loop ------------------------------------------------------------------------------------------
         while state.step < cfg.num_train_steps:
@@ -265,13 +268,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     # an MLM micro-batch's masked-token count varies, so averaging per-micro-batch means would weight
                     # tokens unequally (torchtitan's normalisation).
                     global_labels = all_reduce_sum(torch.tensor(float(local_labels), device=device)).clamp(min=1.0)
-                    micro_batches = [_to_device(batch, device) for batch in micro_batches]
+                    micro_batches = [_to_device(b, device, compiled=cfg.compile, max_seq_length=cfg.data.max_seq_length)
+                                     for b in micro_batches]
                 # DDP and FSDP2 average gradients over ranks; scaling by world_size turns that mean into the sum.
                 loss_scale = world_size / global_labels
                 loss_sum = torch.zeros((), device=device)
                 for index, batch in enumerate(micro_batches):
                     with grad_sync(model, enabled=index == len(micro_batches) - 1):
-                        with profiler.range("forward"), autocast, cp.forward(model, cp_layouts[index]):
+                        # The model's value checks of its inputs cost a host sync per forward: the run's first step
+                        # checks the data pipeline's batches, later steps trust it.
+                        with profiler.range("forward"), autocast, cp.forward(model, cp_layouts[index]), \
+                                input_validation(step == first_step):
                             micro_loss_sum = model_loss(model, batch, task=task)
                         with profiler.range("backward"):
                             (micro_loss_sum * loss_scale).backward()
@@ -449,8 +456,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(batch: dict[str, Any], device: torch.device, *, compiled: bool, max_seq_length: int) -> dict[str, Any]:
+    """Move a micro-batch to ``device``; under ``torch.compile`` also keep a packed batch's metadata shape-stable.
+
+    A packed batch's ``max_length_q/k`` is a Python int that changes every step and would make the compiled blocks
+    recompile until Dynamo gives up specialising it; the flash varlen kernel only needs an upper bound, so it is fixed
+    at ``max_seq_length`` (never below the real one). ``cu_seq_lens_q/k`` change length with the number of
+    sequences: marking that dimension dynamic saves the recompile that automatic dynamic shapes would cost.
+    """
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if compiled and "cu_seq_lens_q" in batch:
+        for key in ("max_length_q", "max_length_k"):
+            if key in batch:
+                batch[key] = max(int(batch[key]), max_seq_length)
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            if key in batch:
+                torch._dynamo.maybe_mark_dynamic(batch[key], 0)
+    return batch
 
 
 def _sum_sq_seq_lens(batch: dict[str, Any], counts: dict[str, int]) -> float:
