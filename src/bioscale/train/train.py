@@ -204,19 +204,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         checkpointer = CheckpointManager(
             ckpt_dir, rank=rank, keep_last_n=cfg.checkpoint.keep_last_n, async_save=cfg.checkpoint.async_save
         )
+
+        def get_trainer_state() -> dict[str, Any]:
+            return {"train_state": vars(state).copy(), "scheduler": scheduler.state_dict()}
+
+        def set_trainer_state(saved: dict[str, Any]) -> None:
+            vars(state).update(saved["train_state"])
+            scheduler.load_state_dict(saved["scheduler"])
+
+        def get_rank_state() -> dict[str, Any]:
+            return {"rng": get_rng_state(), "dataloader": loader.state_dict()}
+
+        def set_rank_state(saved: dict[str, Any]) -> None:
+            set_rng_state(saved["rng"])
+            loader.load_state_dict(saved["dataloader"])
+
         stateful = {
             "model_optim": ModelOptimizerState(model, optimizer),
-            "trainer": PickledState(
-                "trainer",
-                get=lambda: {"train_state": vars(state).copy(), "scheduler": scheduler.state_dict()},
-                set=lambda s: (vars(state).update(s["train_state"]), scheduler.load_state_dict(s["scheduler"])),
-            ),
+            "trainer": PickledState("trainer", get=get_trainer_state, set=set_trainer_state),
             # Per rank: its RNG streams and its position in its shard of the data.
-            "rank": PickledState(
-                f"rank_{rank}",
-                get=lambda: {"rng": get_rng_state(), "dataloader": loader.state_dict()},
-                set=lambda s: (set_rng_state(s["rng"]), loader.load_state_dict(s["dataloader"])),
-            ),
+            "rank": PickledState(f"rank_{rank}", get=get_rank_state, set=set_rank_state),
         }
         resumed_from = None
         latest = checkpointer.latest()
@@ -267,7 +274,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     # The loss is the sum over every label token of the global batch divided by their global count:
                     # an MLM micro-batch's masked-token count varies, so averaging per-micro-batch means would weight
                     # tokens unequally (torchtitan's normalisation).
-                    global_labels = all_reduce_sum(torch.tensor(float(local_labels), device=device)).clamp(min=1.0)
+                    global_labels = all_reduce_sum(torch.tensor(local_labels, device=device)).clamp(min=1).float()
                     micro_batches = [_to_device(b, device, compiled=cfg.compile, max_seq_length=cfg.data.max_seq_length)
                                      for b in micro_batches]
                 # DDP and FSDP2 average gradients over ranks; scaling by world_size turns that mean into the sum.
