@@ -66,8 +66,16 @@ def single_process(initial_weights, tmp_path_factory) -> list[dict]:
     from bioscale.train.train import train
 
     run_dir = tmp_path_factory.mktemp("single")
-    cfg = load_config("L0_sanity_llama3", [*OVERRIDES, f"run_dir={run_dir}", f"model.init_from={initial_weights}",
-                                           "data.micro_batch_size=4", "grad_acc_steps=1"])
+    cfg = load_config(
+        "L0_sanity_llama3",
+        [
+            *OVERRIDES,
+            f"run_dir={run_dir}",
+            f"model.init_from={initial_weights}",
+            "data.micro_batch_size=4",
+            "grad_acc_steps=1",
+        ],
+    )
     train(cfg)
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -75,10 +83,22 @@ def single_process(initial_weights, tmp_path_factory) -> list[dict]:
 def _torchrun(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "bioscale.cli", "train", "--config-name", "L0_sanity_llama3", *OVERRIDES, f"run_dir={run_dir}",
-           *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "bioscale.cli",
+        "train",
+        "--config-name",
+        "L0_sanity_llama3",
+        *OVERRIDES,
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +113,9 @@ def _torchrun(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProces
     ids=["ddp", "fsdp2", "fsdp2_cp2"],
 )
 def test_two_ranks_match_one_process_with_the_same_global_batch(layout, initial_weights, single_process, tmp_path):
-    result = _torchrun(tmp_path, [*layout, f"model.init_from={initial_weights}", f"checkpoint.save_every_n_steps={STEPS}"])
+    result = _torchrun(
+        tmp_path, [*layout, f"model.init_from={initial_weights}", f"checkpoint.save_every_n_steps={STEPS}"]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["num_label_tokens"] for r in records] == [r["num_label_tokens"] for r in single_process]

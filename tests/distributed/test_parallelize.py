@@ -76,7 +76,13 @@ def test_a_plain_process_has_no_process_group(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     info = init_distributed("cpu")
-    assert (info.rank, info.world_size, info.device.type, info.is_distributed, info.is_main) == (0, 1, "cpu", False, True)
+    assert (info.rank, info.world_size, info.device.type, info.is_distributed, info.is_main) == (
+        0,
+        1,
+        "cpu",
+        False,
+        True,
+    )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             init_distributed("cuda")

@@ -47,8 +47,13 @@ def subprocess_env() -> dict[str, str]:
 def run_cli(args: list[str], *, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """``python -m bioscale.cli <args>`` in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "bioscale.cli", *args], env=subprocess_env(), capture_output=True, text=True,
-        timeout=timeout, **kwargs,
+        [sys.executable, "-m", "bioscale.cli", *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        **kwargs,
     )
 
 

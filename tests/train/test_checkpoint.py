@@ -51,7 +51,7 @@ def test_round_trip_restores_model_optimizer_and_extra_state(tmp_path, async_sav
 
     model2, optimizer2 = _model_and_optimizer(1)  # different weights, empty optimizer state
     box2: dict = {}
-    step, path = manager.latest()
+    _, path = manager.latest()
     manager.load(path, _state(model2, optimizer2, box2))
     assert box2 == box
     for a, b in zip(model.parameters(), model2.parameters()):

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import FAST, losses, run_cli, run_in_process, subprocess_env
@@ -42,9 +41,19 @@ from bioscale.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+
 def test_bioscale_train_l0_sanity_runs_as_a_command(tmp_path):
-    result = run_cli(["train", "--config-name", "L0_sanity", "num_train_steps=3", f"run_dir={tmp_path}",
-                      "device=cpu", "logging.log_every_n_steps=1"])
+    result = run_cli(
+        [
+            "train",
+            "--config-name",
+            "L0_sanity",
+            "num_train_steps=3",
+            f"run_dir={tmp_path}",
+            "device=cpu",
+            "logging.log_every_n_steps=1",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json"):
         assert (tmp_path / name).is_file(), name
@@ -67,8 +76,13 @@ def test_stop_and_go_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     run_in_process("L0_sanity", straight_dir, common)
 
     args = ["--config-name", "L0_sanity", *FAST, *common, f"run_dir={stopped_dir}"]
-    proc = subprocess.Popen([sys.executable, "-c", _HANG_AFTER_STEP, *args], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANG_AFTER_STEP, *args],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()  # blocks until step N + 1 is logged (or the process died)
         assert line.strip() == f"step {N + 1} logged", proc.stderr.read()[-3000:]

@@ -31,8 +31,14 @@ def test_recipe_families_match_their_objectives():
 def test_overrides_reach_nested_and_top_level_keys():
     cfg = load_config(
         "L0_sanity",
-        ["num_train_steps=7", "optimizer.lr=0.5", "fp8_layers=[1,2]", "+model.overrides.num_hidden_layers=3",
-         "checkpoint.ckpt_dir=/tmp/x", "parallelism.strategy=ddp"],
+        [
+            "num_train_steps=7",
+            "optimizer.lr=0.5",
+            "fp8_layers=[1,2]",
+            "+model.overrides.num_hidden_layers=3",
+            "checkpoint.ckpt_dir=/tmp/x",
+            "parallelism.strategy=ddp",
+        ],
     )
     assert cfg.num_train_steps == 7
     assert cfg.optimizer.lr == 0.5

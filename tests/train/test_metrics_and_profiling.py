@@ -28,8 +28,13 @@ def test_mfu_is_model_flops_over_peak():
 
 def test_gpu_peaks_are_matched_by_name(monkeypatch):
     assert gpu_peak_flops(torch.device("cpu")) is None
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)):
+    for name, peak in (
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Some Future GPU", None),
+    ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert gpu_peak_flops(torch.device("cuda", 0)) == peak, name
 
@@ -40,23 +45,31 @@ def test_effective_seq_len_weights_attention_by_sequence():
     sq = _sum_sq_seq_lens(packed, {"num_sequences": 2})
     assert sq == 34
     assert effective_seq_len(sq, 8) == pytest.approx(34 / 8)
-    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
-              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    padded = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+    }
     assert _sum_sq_seq_lens(padded, {"num_sequences": 2}) == 34
 
 
 def test_metrics_logger_writes_strict_json_and_drops_records_past_a_resume(tmp_path):
     logger = MetricsLogger(tmp_path, enabled=True, total_steps=4, tensorboard=True, progress_bar=False)
     for step in (1, 2, 3):
-        logger.log({"step": step, "loss": float("nan") if step == 2 else 1.0 / step, "lr": 0.1,
-                    "tokens_per_sec_per_gpu": 10.0, "real_tokens_per_sec_per_gpu": 8.0})
+        logger.log(
+            {
+                "step": step,
+                "loss": float("nan") if step == 2 else 1.0 / step,
+                "lr": 0.1,
+                "tokens_per_sec_per_gpu": 10.0,
+                "real_tokens_per_sec_per_gpu": 8.0,
+            }
+        )
     assert logger.close() == tmp_path / "loss.png"
     assert (tmp_path / "loss.png").stat().st_size > 0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[1])["loss"] is None  # NaN is not JSON
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    resumed = MetricsLogger(tmp_path, enabled=True, total_steps=4, start_step=2, tensorboard=False,
-                            progress_bar=False)
+    resumed = MetricsLogger(tmp_path, enabled=True, total_steps=4, start_step=2, tensorboard=False, progress_bar=False)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     resumed.close(plot=False)
     assert perplexity(1000.0) == math.inf
@@ -70,8 +83,9 @@ def test_disabled_logger_writes_nothing(tmp_path):
 
 
 def test_torch_profiler_traces_the_window(tmp_path):
-    profiler = StepProfiler(enabled=True, mode="torch", start_step=2, end_step=3, run_dir=tmp_path, rank=0,
-                            device=torch.device("cpu"))
+    profiler = StepProfiler(
+        enabled=True, mode="torch", start_step=2, end_step=3, run_dir=tmp_path, rank=0, device=torch.device("cpu")
+    )
     for step in range(1, 5):
         profiler.step_begin(step)
         with profiler.range("forward"):
@@ -84,8 +98,9 @@ def test_torch_profiler_traces_the_window(tmp_path):
 
 
 def test_nsys_mode_without_cuda_is_off_with_a_warning(tmp_path, caplog):
-    profiler = StepProfiler(enabled=True, mode="nsys", start_step=1, end_step=1, run_dir=tmp_path, rank=0,
-                            device=torch.device("cpu"))
+    profiler = StepProfiler(
+        enabled=True, mode="nsys", start_step=1, end_step=1, run_dir=tmp_path, rank=0, device=torch.device("cpu")
+    )
     assert not profiler.enabled
     profiler.step_begin(1)
     profiler.step_end(1)

@@ -36,9 +36,14 @@ PROTEIN_CLM = [
 def l0_run(tmp_path_factory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("l0_sanity") / "run"
     summary = run_in_process(
-        "L0_sanity", run_dir,
-        [f"num_train_steps={L0_STEPS}", "logging.tensorboard=true", "checkpoint.save_final_model=true",
-         "checkpoint.save_every_n_steps=20"],
+        "L0_sanity",
+        run_dir,
+        [
+            f"num_train_steps={L0_STEPS}",
+            "logging.tensorboard=true",
+            "checkpoint.save_final_model=true",
+            "checkpoint.save_every_n_steps=20",
+        ],
     )
     return run_dir, summary
 
@@ -68,8 +73,18 @@ def test_l0_sanity_run_directory_holds_every_artifact(l0_run):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (ckpt_dir / export / name).is_file(), f"{export}/{name}"
     record = read_metrics(run_dir / "metrics.jsonl")[-1]
-    required = {"step", "loss", "perplexity", "grad_norm", "lr", "step_time", "tokens_per_sec_per_gpu",
-                "real_tokens_per_sec_per_gpu", "mfu", "peak_mem_gb"}
+    required = {
+        "step",
+        "loss",
+        "perplexity",
+        "grad_norm",
+        "lr",
+        "step_time",
+        "tokens_per_sec_per_gpu",
+        "real_tokens_per_sec_per_gpu",
+        "mfu",
+        "peak_mem_gb",
+    }
     assert required <= set(record)
     assert record["step"] == L0_STEPS
     assert record["perplexity"] == pytest.approx(math.exp(record["loss"]))
@@ -99,21 +114,30 @@ def test_export_loads_with_from_pretrained_and_matches_the_trained_weights(l0_ru
     assert type(exported).__name__ == "Esm2ForMaskedLM"
     plain = transformers.EsmForMaskedLM.from_pretrained(ckpt_dir / "final_model_hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "final_model")
-    batch = tokenizer(["MKTAYIAKQRQISFVKSHFSRQ", "MSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQK"], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["MKTAYIAKQRQISFVKSHFSRQ", "MSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQK"], return_tensors="pt", padding=True
+    )
     batch.pop("token_type_ids", None)
     with torch.no_grad():
         expected = reference(**batch).logits
         torch.testing.assert_close(exported(**batch).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(expected, build_model(build_config("esm2", "debug"), task="masked_lm",
-                                                    device="cpu")(**batch).logits)  # training changed something
+    assert not torch.allclose(
+        expected, build_model(build_config("esm2", "debug"), task="masked_lm", device="cpu")(**batch).logits
+    )  # training changed something
 
 
 def test_grad_accumulation_equals_the_full_batch(tmp_path):
-    full = run_in_process("L0_sanity_llama3", tmp_path / "full",
-                          [*PROTEIN_CLM, "num_train_steps=4", "data.micro_batch_size=4", "grad_acc_steps=1"])
-    accumulated = run_in_process("L0_sanity_llama3", tmp_path / "acc",
-                                 [*PROTEIN_CLM, "num_train_steps=4", "data.micro_batch_size=2", "grad_acc_steps=2"])
+    full = run_in_process(
+        "L0_sanity_llama3",
+        tmp_path / "full",
+        [*PROTEIN_CLM, "num_train_steps=4", "data.micro_batch_size=4", "grad_acc_steps=1"],
+    )
+    run_in_process(
+        "L0_sanity_llama3",
+        tmp_path / "acc",
+        [*PROTEIN_CLM, "num_train_steps=4", "data.micro_batch_size=2", "grad_acc_steps=2"],
+    )
     full_records = read_metrics(tmp_path / "full" / "metrics.jsonl")
     acc_records = read_metrics(tmp_path / "acc" / "metrics.jsonl")
     # Same sequences per step (the label counts agree exactly) ...
@@ -144,8 +168,11 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     _inject_nan(monkeypatch, {3, 4})
-    summary = run_in_process("L0_sanity", tmp_path, ["num_train_steps=6", "nan_tolerance=3",
-                                                     "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=10"])
+    summary = run_in_process(
+        "L0_sanity",
+        tmp_path,
+        ["num_train_steps=6", "nan_tolerance=3", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=10"],
+    )
     assert summary["num_skipped_steps"] == 2
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["loss"] is None for r in records] == [False, False, True, True, False, False]
@@ -167,8 +194,9 @@ def test_too_many_consecutive_non_finite_steps_stop_and_keep_the_last_good_check
 
     _inject_nan(monkeypatch, set(range(3, 100)))
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps \(up to step 4\).*step_2"):
-        run_in_process("L0_sanity", tmp_path, ["num_train_steps=10", "nan_tolerance=2",
-                                               "checkpoint.save_every_n_steps=2"])
+        run_in_process(
+            "L0_sanity", tmp_path, ["num_train_steps=10", "nan_tolerance=2", "checkpoint.save_every_n_steps=2"]
+        )
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_2"]
 
 

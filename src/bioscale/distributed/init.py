@@ -59,9 +59,9 @@ def init_distributed(device: str = "auto", *, timeout: timedelta = timedelta(min
     """
     device_type = resolve_device_type(device)
     launched = all(var in os.environ for var in _TORCHRUN_VARS)
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -76,9 +76,7 @@ def init_distributed(device: str = "auto", *, timeout: timedelta = timedelta(min
 
     if launched and not dist.is_initialized():
         if device_type == "cuda":
-            dist.init_process_group(
-                backend="cuda:nccl,cpu:gloo", timeout=timeout, device_id=torch_device
-            )
+            dist.init_process_group(backend="cuda:nccl,cpu:gloo", timeout=timeout, device_id=torch_device)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
     if dist.is_initialized():

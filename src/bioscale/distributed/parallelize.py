@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,7 +31,7 @@ AC_MODES = ("none", "full", "selective")
 def _blocks(model: nn.Module) -> nn.ModuleList:
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004  (a user-facing config error)
             f"{type(model).__name__} exposes no `layers` nn.ModuleList; bioscale models list their transformer "
             "blocks there so parallelism can wrap them"
         )

@@ -30,8 +30,8 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +144,7 @@ class CheckpointManager:
     All ranks call :meth:`save` and :meth:`load` (they are collective); only rank 0 touches folder names.
     """
 
-    def __init__(
-        self, ckpt_dir: str | Path, *, rank: int, keep_last_n: int = 2, async_save: bool = False
-    ) -> None:
+    def __init__(self, ckpt_dir: str | Path, *, rank: int, keep_last_n: int = 2, async_save: bool = False) -> None:
         if keep_last_n < 1:
             raise ValueError(f"checkpoint.keep_last_n must be >= 1; got {keep_last_n}")
         self.ckpt_dir = Path(ckpt_dir)
@@ -188,7 +186,9 @@ class CheckpointManager:
             # Newer torch returns a response object holding the upload future.
             future = getattr(future, "upload_completion", future)
             self._pending = (step, future)
-            logger.info("checkpoint step %d staged in %.2fs, writing in the background", step, time.perf_counter() - start)
+            logger.info(
+                "checkpoint step %d staged in %.2fs, writing in the background", step, time.perf_counter() - start
+            )
         else:
             with _quiet_single_process():
                 dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
@@ -214,8 +214,11 @@ class CheckpointManager:
         tmp = self.ckpt_dir / f"{_TMP_PREFIX}{step_dir_name(step)}"
         final = self.ckpt_dir / step_dir_name(step)
         if self.rank == 0:
-            marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                      "time": time.time()}
+            marker = {
+                "step": step,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "time": time.time(),
+            }
             with open(tmp / COMPLETE_MARKER, "w") as f:
                 json.dump(marker, f)
                 f.flush()

@@ -23,8 +23,13 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     parser.add_argument("--config-name", "-cn", dest="config_name", default=None, help="recipe name (see below)")
-    parser.add_argument("--config-dir", "-cd", dest="config_dir", default=None,
-                        help="folder of your own recipes (default: the recipes shipped in bioscale/configs)")
+    parser.add_argument(
+        "--config-dir",
+        "-cd",
+        dest="config_dir",
+        default=None,
+        help="folder of your own recipes (default: the recipes shipped in bioscale/configs)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help", "-h", action="store_true", help="show this help and the recipes, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_train_steps=100")
@@ -50,13 +55,17 @@ def _help_text(config_dir: str | None) -> str:
 
 def _setup_logging() -> None:
     # Only rank 0 talks at INFO; other ranks report warnings and errors (prefixed with their rank).
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     if logging.getLogger().handlers:
         return
     level = logging.INFO if rank == 0 else logging.WARNING
     prefix = f"[rank{rank}] " if "RANK" in os.environ else ""
-    logging.basicConfig(level=level, stream=sys.stderr, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_help_text(args.config_dir))
         return 0
     if args.config_name is None:
-        print(f"usage: {USAGE}\nbioscale train: error: --config-name is required; "
-              "`bioscale train --help` lists the recipes", file=sys.stderr)
+        print(
+            f"usage: {USAGE}\nbioscale train: error: --config-name is required; "
+            "`bioscale train --help` lists the recipes",
+            file=sys.stderr,
+        )
         return 2
 
     from bioscale.train.config import config_to_yaml, load_config

@@ -9,6 +9,7 @@ written as ``config.yaml`` into the run directory by the trainer. Each component
 sub-config (``cfg.optimizer``, ``cfg.checkpoint``, ...).
 """
 
+# ruff: noqa: UP045  (Optional[...] on purpose: see the comment above ModelConfig)
 from __future__ import annotations
 
 import importlib.resources
@@ -307,9 +308,8 @@ def validate_config(cfg: TrainConfig) -> None:
             "profiler.start_step and profiler.end_step must satisfy 1 <= start_step <= end_step; "
             f"got {cfg.profiler.start_step}..{cfg.profiler.end_step}"
         )
-    if cfg.fp8_layers is not None:
-        if not cfg.fp8_layers or any(layer < 1 for layer in cfg.fp8_layers):
-            raise ValueError(f"fp8_layers lists 1-indexed transformer blocks (>= 1); got {cfg.fp8_layers}")
+    if cfg.fp8_layers is not None and (not cfg.fp8_layers or any(layer < 1 for layer in cfg.fp8_layers)):
+        raise ValueError(f"fp8_layers lists 1-indexed transformer blocks (>= 1); got {cfg.fp8_layers}")
     if cfg.use_sequence_packing != cfg.data.use_sequence_packing:
         raise ValueError(
             f"use_sequence_packing={cfg.use_sequence_packing} conflicts with "

@@ -142,15 +142,18 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step and self.path.exists() else []
+        kept = (
+            [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step and self.path.exists() else []
+        )
         with open(self.path, "w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in kept)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events of steps after the resume point that an interrupted run had written.
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         if wandb:
             try:
                 import wandb as wandb_module
@@ -162,8 +165,15 @@ class MetricsLogger:
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                             dynamic_ncols=True, mininterval=0.5)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
 
     def advance(self, step: int) -> None:
         """Move the progress bar to ``step`` (called every step, logged or not)."""

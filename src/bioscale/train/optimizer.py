@@ -8,7 +8,7 @@ fights the normalisation.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def build_optimizer(

@@ -27,7 +27,14 @@ class StepProfiler:
     """Start/stop profiling around steps ``start_step..end_step`` and label phases inside them."""
 
     def __init__(
-        self, *, enabled: bool, mode: str, start_step: int, end_step: int, run_dir: str | Path, rank: int,
+        self,
+        *,
+        enabled: bool,
+        mode: str,
+        start_step: int,
+        end_step: int,
+        run_dir: str | Path,
+        rank: int,
         device: torch.device,
     ) -> None:
         if mode not in PROFILER_MODES:

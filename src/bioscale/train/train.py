@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
+from torch import nn
 
 from bioscale.distributed import (
     all_reduce_sum,
@@ -39,6 +39,7 @@ from bioscale.distributed import (
     init_distributed,
     unwrap_model,
 )
+from bioscale.models.loss import IGNORE_INDEX
 from bioscale.train.checkpoint import (
     COMPLETE_MARKER,
     CheckpointManager,
@@ -47,7 +48,6 @@ from bioscale.train.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
-from bioscale.models.loss import IGNORE_INDEX
 from bioscale.train.config import TrainConfig, config_to_yaml, validate_config
 from bioscale.train.export import export_final_model
 from bioscale.train.metrics import (
@@ -125,8 +125,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         use_fsdp = world_size > 1 and cfg.parallelism.strategy == "fsdp2"
         use_ddp = world_size > 1 and cfg.parallelism.strategy == "ddp"
         if world_size == 1 and dist_info.is_distributed:
-            logger.info("one rank: parallelism.strategy=%s has nothing to shard or replicate; training unwrapped",
-                        cfg.parallelism.strategy)
+            logger.info(
+                "one rank: parallelism.strategy=%s has nothing to shard or replicate; training unwrapped",
+                cfg.parallelism.strategy,
+            )
         # bf16: FSDP2 keeps fp32 master weights and computes in bf16 on GPU; elsewhere autocast does the casting.
         # On CPU gloo's collectives lack bf16 support worth relying on, so the sharded path stays fp32 there.
         bf16 = cfg.dtype == "bf16"
@@ -146,8 +148,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         task = TASK_FOR_OBJECTIVE[cfg.data.objective]
         model = build_model(model_config, task=task, device="meta")
         num_params = sum(p.numel() for p in model.parameters())
-        logger.info("model %s/%s (%s, %.1fM parameters), %d rank(s) on %s", cfg.model.name, cfg.model.size,
-                    type(model).__name__, num_params / 1e6, world_size, device)
+        logger.info(
+            "model %s/%s (%s, %.1fM parameters), %d rank(s) on %s",
+            cfg.model.name,
+            cfg.model.size,
+            type(model).__name__,
+            num_params / 1e6,
+            world_size,
+            device,
+        )
 
         # ---- 3. Converters (before parallelize: FSDP2 must shard the converted modules) ----------------------------
         # Under FSDP2, tensorwise FP8 also all-gathers the weights in FP8 (half the traffic of bf16); their scales
@@ -186,12 +195,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # ---- 6. Optimizer and learning-rate schedule ----------------------------------------------------------------
         optimizer = build_optimizer(
-            model, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
-            weight_decay=cfg.optimizer.weight_decay, fused=cfg.optimizer.fused, device=device,
+            model,
+            lr=cfg.optimizer.lr,
+            betas=cfg.optimizer.betas,
+            eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay,
+            fused=cfg.optimizer.fused,
+            device=device,
         )
         scheduler = build_lr_scheduler(
-            optimizer, kind=cfg.scheduler.kind, warmup_steps=cfg.scheduler.warmup_steps,
-            total_steps=cfg.num_train_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio,
+            optimizer,
+            kind=cfg.scheduler.kind,
+            warmup_steps=cfg.scheduler.warmup_steps,
+            total_steps=cfg.num_train_steps,
+            min_lr_ratio=cfg.scheduler.min_lr_ratio,
         )
 
         # ---- 7. Data: an endless, resumable stream of micro-batches for this data-parallel rank -------------------
@@ -234,19 +251,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             assert state.step == resumed_from, (state.step, resumed_from)
             logger.info("resumed from %s (step %d)", path, resumed_from)
         elif latest is not None and dist_info.is_main:
-            logger.warning("%s holds checkpoints of an earlier run (latest %s) that this run will overwrite as it "
-                           "reaches their steps; pass checkpoint.resume_from_checkpoint=true to continue it instead",
-                           ckpt_dir, latest[1].name)
+            logger.warning(
+                "%s holds checkpoints of an earlier run (latest %s) that this run will overwrite as it "
+                "reaches their steps; pass checkpoint.resume_from_checkpoint=true to continue it instead",
+                ckpt_dir,
+                latest[1].name,
+            )
         data_iter = iter(loader)
 
         metrics = MetricsLogger(
-            run_dir, enabled=dist_info.is_main, total_steps=cfg.num_train_steps, start_step=state.step,
-            tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-            progress_bar=cfg.logging.progress_bar, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            run_dir,
+            enabled=dist_info.is_main,
+            total_steps=cfg.num_train_steps,
+            start_step=state.step,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            progress_bar=cfg.logging.progress_bar,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
         profiler = StepProfiler(
-            enabled=cfg.profiler.enabled, mode=cfg.profiler.mode, start_step=cfg.profiler.start_step,
-            end_step=cfg.profiler.end_step, run_dir=run_dir, rank=rank, device=device,
+            enabled=cfg.profiler.enabled,
+            mode=cfg.profiler.mode,
+            start_step=cfg.profiler.start_step,
+            end_step=cfg.profiler.end_step,
+            run_dir=run_dir,
+            rank=rank,
+            device=device,
         )
         peak_flops = gpu_peak_flops(device)
         window = _Window()
@@ -268,15 +299,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     counts = [count_tokens(batch, pad_token_id=tokenizer.pad_token_id) for batch in micro_batches]
                     seq_len_sq_sum = sum(_sum_sq_seq_lens(b, c) for b, c in zip(micro_batches, counts))
                     # Under CP each rank keeps its chunks of every sequence (labels shifted before the split for CLM).
-                    micro_batches, cp_layouts = cp.shard(micro_batches, causal=task == "causal_lm",
-                                                         pad_token_id=tokenizer.pad_token_id)
+                    micro_batches, cp_layouts = cp.shard(
+                        micro_batches, causal=task == "causal_lm", pad_token_id=tokenizer.pad_token_id
+                    )
                     local_labels = sum(_num_label_tokens(batch) for batch in micro_batches)
                     # The loss is the sum over every label token of the global batch divided by their global count:
                     # an MLM micro-batch's masked-token count varies, so averaging per-micro-batch means would weight
                     # tokens unequally (torchtitan's normalisation).
                     global_labels = all_reduce_sum(torch.tensor(local_labels, device=device)).clamp(min=1).float()
-                    micro_batches = [_to_device(b, device, compiled=cfg.compile, max_seq_length=cfg.data.max_seq_length)
-                                     for b in micro_batches]
+                    micro_batches = [
+                        _to_device(b, device, compiled=cfg.compile, max_seq_length=cfg.data.max_seq_length)
+                        for b in micro_batches
+                    ]
                 # DDP and FSDP2 average gradients over ranks; scaling by world_size turns that mean into the sum.
                 loss_scale = world_size / global_labels
                 loss_sum = torch.zeros((), device=device)
@@ -284,8 +318,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     with grad_sync(model, enabled=index == len(micro_batches) - 1):
                         # The model's value checks of its inputs cost a host sync per forward: the run's first step
                         # checks the data pipeline's batches, later steps trust it.
-                        with profiler.range("forward"), autocast, cp.forward(model, cp_layouts[index]), \
-                                input_validation(step == first_step):
+                        with (
+                            profiler.range("forward"),
+                            autocast,
+                            cp.forward(model, cp_layouts[index]),
+                            input_validation(step == first_step),
+                        ):
                             micro_loss_sum = model_loss(model, batch, task=task)
                         with profiler.range("backward"):
                             (micro_loss_sum * loss_scale).backward()
@@ -308,8 +346,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         # schedule, so the step <-> data <-> lr mapping of a resumed run stays the same.
                         state.num_skipped_steps += 1
                         state.num_consecutive_bad_steps += 1
-                        logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
-                                       step, loss_value, grad_norm_value)
+                        logger.warning(
+                            "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+                            step,
+                            loss_value,
+                            grad_norm_value,
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
             step_time = time.perf_counter() - step_start
@@ -338,10 +380,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 step_time=step_time,
             )
             if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
-                totals = all_reduce_sum(torch.tensor(
-                    [window.num_tokens, window.num_real_tokens, window.seq_len_sq_sum], dtype=torch.float64,
-                    device=device,
-                )).tolist()
+                totals = all_reduce_sum(
+                    torch.tensor(
+                        [window.num_tokens, window.num_real_tokens, window.seq_len_sq_sum],
+                        dtype=torch.float64,
+                        device=device,
+                    )
+                ).tolist()
                 tokens_per_sec = totals[0] / world_size / window.time
                 real_tokens_per_sec = totals[1] / world_size / window.time
                 seq_len = effective_seq_len(totals[2], totals[1])
@@ -379,8 +424,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         final_model_hf_dir = ckpt_dir / "final_model_hf"
         if cfg.checkpoint.save_final_model:
             export_final_model(
-                model, model_config=model_config, task=task, tokenizer=tokenizer, out_dir=final_model_dir,
-                hf_out_dir=final_model_hf_dir, is_main=dist_info.is_main,
+                model,
+                model_config=model_config,
+                task=task,
+                tokenizer=tokenizer,
+                out_dir=final_model_dir,
+                hf_out_dir=final_model_hf_dir,
+                is_main=dist_info.is_main,
             )
         plot_path = metrics.close()
         summary = {
@@ -411,8 +461,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         if dist_info.is_main:
             (run_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-            logger.info("done: %d steps, final loss %s, summary in %s", state.step, summary["final_loss"],
-                        run_dir / "summary.json")
+            logger.info(
+                "done: %d steps, final loss %s, summary in %s",
+                state.step,
+                summary["final_loss"],
+                run_dir / "summary.json",
+            )
         barrier()
         return summary
     finally:
@@ -439,8 +493,16 @@ class _Window:
         self.time = 0.0
         self.steps = 0
 
-    def add(self, *, loss: float, num_label_tokens: float, num_tokens: int, num_real_tokens: int,
-            seq_len_sq_sum: float, step_time: float) -> None:
+    def add(
+        self,
+        *,
+        loss: float,
+        num_label_tokens: float,
+        num_tokens: int,
+        num_real_tokens: int,
+        seq_len_sq_sum: float,
+        step_time: float,
+    ) -> None:
         # A skipped step's loss is left out of the mean; its tokens still took the time.
         if math.isfinite(loss):
             self.weighted_loss += loss * num_label_tokens
@@ -556,8 +618,9 @@ class _ContextParallel:
         if self.size == 1:
             return batches, [None] * len(batches)
         shards = [
-            self._layout.shard_batch_for_cp(b, self.mesh.cp_rank, self.size, shift_labels=causal,
-                                            pad_token_id=pad_token_id)
+            self._layout.shard_batch_for_cp(
+                b, self.mesh.cp_rank, self.size, shift_labels=causal, pad_token_id=pad_token_id
+            )
             for b in batches
         ]
         return [s.batch for s in shards], [s.layout for s in shards]
