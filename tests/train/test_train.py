@@ -207,3 +207,22 @@ def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path):
     run_in_process("L0_sanity", tmp_path / "eager", packed)
     run_in_process("L0_sanity", tmp_path / "compiled", [*packed, "compile=true", "activation_checkpointing=selective"])
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_train_accepts_a_config_built_in_python(tmp_path, monkeypatch):
+    from bioscale.data import DataConfig
+    from bioscale.train.config import CheckpointConfig, LoggingConfig, TrainConfig
+    from bioscale.train.train import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(
+        num_train_steps=2,
+        device="cpu",
+        dtype="fp32",
+        data=DataConfig(source="demo:protein", max_seq_length=64, micro_batch_size=4),
+        logging=LoggingConfig(log_every_n_steps=1, tensorboard=False, progress_bar=False),
+        checkpoint=CheckpointConfig(save_final_model=False),
+    )
+    summary = train(cfg)
+    assert summary["final_step"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "outputs" / "run" / "metrics.jsonl")] == [1, 2]

@@ -243,12 +243,17 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ValueError(f"invalid configuration for recipe {config_name!r}: {_describe(err)}") from err
     assert isinstance(cfg, TrainConfig), type(cfg)
-    if cfg.run_dir is None:
-        cfg.run_dir = str(Path("outputs") / config_name)
-    if cfg.checkpoint.ckpt_dir is None:
-        cfg.checkpoint.ckpt_dir = str(Path(cfg.run_dir) / "checkpoints")
+    resolve_paths(cfg, config_name)
     validate_config(cfg)
     return cfg
+
+
+def resolve_paths(cfg: TrainConfig, name: str = "run") -> None:
+    """Fill the derived defaults in place: ``run_dir = outputs/<name>``, ``ckpt_dir = <run_dir>/checkpoints``."""
+    if cfg.run_dir is None:
+        cfg.run_dir = str(Path("outputs") / name)
+    if cfg.checkpoint.ckpt_dir is None:
+        cfg.checkpoint.ckpt_dir = str(Path(cfg.run_dir) / "checkpoints")
 
 
 def _describe(err: BaseException) -> str:

@@ -48,7 +48,7 @@ from bioscale.train.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
-from bioscale.train.config import TrainConfig, config_to_yaml, validate_config
+from bioscale.train.config import TrainConfig, config_to_yaml, resolve_paths, validate_config
 from bioscale.train.export import export_final_model
 from bioscale.train.metrics import (
     MetricsLogger,
@@ -102,6 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         NonFiniteLossError: ``nan_tolerance`` consecutive non-finite steps (the last good checkpoint is kept).
     """
     validate_config(cfg)
+    resolve_paths(cfg)  # for configs built in Python rather than by load_config
     from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer
     from bioscale.models import build_config, build_model, get_model_spec, input_validation
 
