@@ -8,21 +8,35 @@ and the exact command to ``<out-dir>/<YYYY-MM-DD>-<gpu>.md`` (plus a ``.json`` o
     python benchmarks/bench_train.py --models esm2_650M --variants packed,packed_fp8 --profile
     python benchmarks/bench_train.py --models esm2_3B --loss-compare-steps 500 --variants packed,packed_fp8
     python benchmarks/bench_train.py --quick --device cpu --models esm2_debug    # a 10-second smoke test
+    python benchmarks/bench_train.py --models @tokens-esm2 --variants packed:params=bf16   # a named suite
 
 What is compared. Sequences come from ``../shared/data``: the UniRef90 sample for ESM-2 (lengths as they come,
 cropped to 1,022 residues + <cls>/<eos>, masked once per sequence with ESM's 15% / 80-10-10 recipe) and the
 OpenGenome2 metagenomic contigs for Llama 3 (8,192-token windows, causal LM). Steps are planned packed-first: the
-stream is packed greedily, in order, into micro-batches of ``tokens`` tokens, ``grad_acc`` of them per optimizer step;
-the padded variants train exactly the sequences of each step in micro-batches of at most ``mb`` sequences, padded
-to the longest (a multiple of 16), as ``transformers`` users do. Every variant therefore sees the same tokens, masks and
-labels per step, starts from the same weights (the ``transformers`` model is converted from the bioscale init with
-``bioscale.models.to_hf``), and its losses can be compared across the row.
+stream is packed in order into micro-batches of ``tokens`` tokens, ``grad_acc`` of them per optimizer step (see
+:func:`plan_steps`: ESM-2 starts a new micro-batch when a protein does not fit; Llama cuts the DNA window that
+overflows and continues it in the next micro-batch, so every micro-batch is full); the padded variants train exactly
+the sequences of each step in micro-batches of at most ``mb`` sequences, padded to the longest (a multiple of 16), as
+``transformers`` users do. Every variant therefore sees the same tokens, masks and labels per step, starts from the
+same weights (the ``transformers`` model is converted from the bioscale init with ``bioscale.models.to_hf``), and its
+losses can be compared across the row.
 
 - ``hf_padded``: ``transformers`` ``EsmForMaskedLM`` / ``LlamaForCausalLM`` with SDPA, eager, bf16 autocast.
 - ``padded``: bioscale, SDPA, padded batches, blocks compiled with dynamic shapes, bf16 autocast.
 - ``packed``: bioscale, ``varlen`` attention on packed batches padded to the fixed budget (static shapes, one compile),
   masked-only LM head, per-block ``torch.compile``, bf16 autocast.
 - ``packed_fp8``: ``packed`` with torchao FP8 linears (``--fp8-recipe``, ``--fp8-layers``, ``--fp8-min-features``).
+
+Weights and optimizer (``--param-dtype`` or per variant ``packed:params=bf16``; the row's variant says which unless
+it is the default ``fp32``):
+
+- ``fp32``: fp32 weights, bf16 autocast, fp32 AdamW states (the trainer's single-GPU setting).
+- ``bf16``: bf16 weights *and* bf16 AdamW states, no fp32 master copy, no autocast. Fastest, but not a training
+  recipe as it stands: updates smaller than half a bf16 ulp of a weight (lr * update < ~2**-9 * |w|) are lost, so
+  late in a run with a decayed lr the weights stop moving. Use it as an upper bound for what bf16 weights can gain.
+- ``bf16-master``: bf16 weights for compute, fp32 master weights and fp32 AdamW states in the optimizer
+  (:class:`MasterWeightAdamW`: gradients cast to fp32, fused AdamW on the masters, masters copied back), the
+  numerically safe way to get bf16 weights on one GPU (Megatron / apex O2 style).
 
 All variants use fused AdamW (foreach on CPU). Throughput counts real (unpadded) tokens; MFU uses the model spec's
 training FLOPs per token at the token-weighted mean sequence length, against 989 TFLOP/s (H100 SXM dense bf16) and
@@ -78,6 +92,8 @@ class ModelCase:
         tokens: token budget of a packed micro-batch (every packed micro-batch is padded to exactly this).
         grad_acc: packed micro-batches per optimizer step.
         ac: activation checkpointing of the bioscale variants: ``none``, ``selective`` or ``full``.
+        packing: how :func:`plan_steps` fills a micro-batch: ``greedy`` (a sequence that does not fit opens the next
+            one) or ``split`` (it is cut, and its tail opens the next one, so every micro-batch is exactly full).
     """
 
     key: str
@@ -89,6 +105,23 @@ class ModelCase:
     tokens: int
     grad_acc: int = 1
     ac: str = "none"
+    packing: str = "greedy"
+
+    @property
+    def label(self) -> str:
+        """Name in the table: the key plus every option that differs from its registered default, spelled as on the
+        command line (``esm2_650M:tokens=32768``), so several budgets of one model fit in one report."""
+        default = MODEL_CASES.get(self.key)
+        if default is None:
+            return self.key
+        changed = [name for name in CASE_OPTIONS if getattr(self, name) != getattr(default, name)]
+        return ":".join([self.key, *(f"{name}={getattr(self, name)}" for name in changed)])
+
+
+# --models options: field -> parser
+CASE_OPTIONS: dict[str, type] = {
+    "tokens": int, "mb": int, "grad_acc": int, "ac": str, "packing": str, "max_length": int,
+}
 
 
 MODEL_CASES: dict[str, ModelCase] = {
@@ -102,11 +135,35 @@ MODEL_CASES: dict[str, ModelCase] = {
         # 80 GB: fp32 weights + AdamW take ~46 GB, so the H100 needs a smaller budget and selective AC; on an H200
         # use esm2_3B:tokens=16384:ac=none.
         ModelCase("esm2_3B", "esm2", "esm2_t36_3B", "uniref", 1024, 4, 8192, ac="selective"),
-        ModelCase("llama3_debug", "llama3", "debug", "dna", 1024, 2, 2048),
-        ModelCase("llama3_1B", "llama3", "1B", "dna", 8192, 2, 16384),
+        # The OpenGenome2 sample's contigs are all 8,192 bp: 8,190-nt windows (+ <bos>/<eos>) make an 8,192-token
+        # window and a 4-token tail per contig. Greedy packing of [8192, 4, 8192, 4, ...] into 16,384 tokens puts one
+        # window and one tail per micro-batch (50% padding, measured 2026-11-22); split packing fills every one.
+        ModelCase("llama3_debug", "llama3", "debug", "dna", 1024, 2, 2048, packing="split"),
+        ModelCase("llama3_1B", "llama3", "1B", "dna", 8192, 2, 16384, packing="split"),
     )
 }
 DEFAULT_MODELS = ("esm2_8M", "esm2_150M", "esm2_650M", "esm2_3B", "llama3_1B")
+
+# Named lists of --models entries (``--models @tokens-esm2``): micro-batch token budgets worth measuring next. A
+# bigger budget amortises the per-step costs that do not grow with tokens (fused AdamW: 5.2 ms of a 175 ms ESM-2 650M
+# step; the weight casts of autocast; kernel launches) and gives the GEMMs more rows. Peak memory grows ~linearly with
+# the budget: 650M at 65,536 and 3B at 32,768 need an H200 (the row says OOM on an H100). Each suite fits one
+# 10-minute device call with one or two variants, --steps 8 --warmup 4.
+MODEL_SUITES: dict[str, tuple[str, ...]] = {
+    "tokens-esm2": (
+        "esm2_650M",
+        "esm2_650M:tokens=32768",
+        "esm2_650M:tokens=65536",
+        "esm2_3B:tokens=16384:ac=none",
+        "esm2_3B:tokens=32768:ac=selective",
+    ),
+    "tokens-llama": ("llama3_1B", "llama3_1B:tokens=32768", "llama3_1B:tokens=8192:grad_acc=2"),
+}
+PARAM_DTYPES = ("fp32", "bf16", "bf16-master")
+PARAM_NOTES = {
+    "bf16": "bf16 weights + bf16 AdamW states, no fp32 master",
+    "bf16-master": "bf16 weights, fp32 master weights + AdamW states",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +175,28 @@ class VariantSpec:
     fp8_layers: tuple[int, ...] | None = None
     fp8_min_features: int = 0
     quant_stats_freq: int = 0  # attach bioscale.precision.QuantStats recording every this many steps (0: off)
+    params: str = "fp32"  # weights / optimizer: one of PARAM_DTYPES (see the module docstring)
+    compile_mode: str | None = None  # torch.compile mode of the blocks (None: default; e.g. max-autotune-no-cudagraphs)
+    attn_impl: str | None = None  # flash kernels behind varlen_attn: None (torch's built-in FA2), "FA3" or "FA4"
 
     @property
     def label(self) -> str:
-        if self.name != "packed_fp8":
-            return self.name
-        parts = [self.fp8_recipe]
-        if self.fp8_min_features:
-            parts.append(f"min{self.fp8_min_features}")
-        if self.fp8_layers is not None:
-            parts.append("L" + _format_ranges(self.fp8_layers))
-        if self.quant_stats_freq:
-            parts.append(f"qstats/{self.quant_stats_freq}")
-        return f"packed_fp8[{','.join(parts)}]"
+        parts = []
+        if self.name == "packed_fp8":
+            parts.append(self.fp8_recipe)
+            if self.fp8_min_features:
+                parts.append(f"min{self.fp8_min_features}")
+            if self.fp8_layers is not None:
+                parts.append("L" + _format_ranges(self.fp8_layers))
+            if self.quant_stats_freq:
+                parts.append(f"qstats/{self.quant_stats_freq}")
+        if self.params != "fp32":
+            parts.append(f"params={self.params}")
+        if self.compile_mode:
+            parts.append(f"compile={self.compile_mode}")
+        if self.attn_impl:
+            parts.append(f"attn={self.attn_impl}")
+        return f"{self.name}[{','.join(parts)}]" if parts else self.name
 
 
 def _parse_options(text: str, what: str) -> tuple[str, dict[str, str]]:
@@ -165,19 +231,34 @@ def _format_ranges(values: Sequence[int]) -> str:
     return ",".join(groups)
 
 
+def expand_models(text: str) -> list[str]:
+    """The comma-separated ``--models`` value with every ``@suite`` replaced by its entries (:data:`MODEL_SUITES`)."""
+    entries: list[str] = []
+    for item in filter(None, text.split(",")):
+        if item.startswith("@"):
+            if item[1:] not in MODEL_SUITES:
+                suites = ", ".join("@" + name for name in MODEL_SUITES)
+                raise ValueError(f"unknown model suite {item!r}; choose from {suites}")
+            entries.extend(MODEL_SUITES[item[1:]])
+        else:
+            entries.append(item)
+    return entries
+
+
 def parse_model(text: str) -> ModelCase:
-    """``esm2_3B`` or ``esm2_3B:tokens=16384:ac=none:mb=8:grad_acc=2``."""
+    """``esm2_3B`` or ``esm2_3B:tokens=16384:ac=none:mb=8:grad_acc=2:packing=split``."""
     key, options = _parse_options(text, "--models entry")
     if key not in MODEL_CASES:
         raise ValueError(f"unknown model {key!r}; choose from {', '.join(MODEL_CASES)}")
     case = MODEL_CASES[key]
-    fields = {"mb": int, "tokens": int, "grad_acc": int, "ac": str, "max_length": int}
-    unknown = sorted(set(options) - set(fields))
+    unknown = sorted(set(options) - set(CASE_OPTIONS))
     if unknown:
-        raise ValueError(f"--models {text!r}: unknown options {unknown}; valid: {sorted(fields)}")
-    case = dataclasses.replace(case, **{k: fields[k](v) for k, v in options.items()})
+        raise ValueError(f"--models {text!r}: unknown options {unknown}; valid: {sorted(CASE_OPTIONS)}")
+    case = dataclasses.replace(case, **{k: CASE_OPTIONS[k](v) for k, v in options.items()})
     if case.ac not in ("none", "selective", "full"):
         raise ValueError(f"--models {text!r}: ac must be none, selective or full")
+    if case.packing not in ("greedy", "split"):
+        raise ValueError(f"--models {text!r}: packing must be greedy or split")
     if case.tokens % 16 or case.tokens < case.max_length:
         raise ValueError(
             f"--models {text!r}: tokens={case.tokens} must be a multiple of 16 (FP8 GEMMs) and >= max_length="
@@ -187,25 +268,41 @@ def parse_model(text: str) -> ModelCase:
 
 
 def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
-    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33:qstats=10``."""
+    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33:qstats=10:params=bf16``.
+
+    Every variant takes ``params`` (:data:`PARAM_DTYPES`; default ``--param-dtype``); the bioscale ones also
+    ``compile`` (a ``torch.compile`` mode, default ``--compile-mode``); the packed ones ``attn`` (``FA3`` / ``FA4``:
+    see :func:`flash_attention_impl`); ``packed_fp8`` also the FP8 options.
+    """
     name, options = _parse_options(text, "--variants entry")
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    if options and name != "packed_fp8":
-        raise ValueError(f"--variants {text!r}: only packed_fp8 takes options")
-    unknown = sorted(set(options) - {"recipe", "min_features", "layers", "qstats"})
+    valid = {"params"} | ({"compile"} if name != "hf_padded" else set()) | ({"attn"} if "packed" in name else set())
+    if name == "packed_fp8":
+        valid |= {"recipe", "min_features", "layers", "qstats"}
+    unknown = sorted(set(options) - valid)
     if unknown:
-        raise ValueError(f"--variants {text!r}: unknown options {unknown}; valid: layers, min_features, qstats, recipe")
+        raise ValueError(f"--variants {text!r}: unknown options {unknown}; valid for {name}: {sorted(valid)}")
     layers = options.get("layers", defaults.fp8_layers)
     recipe = options.get("recipe", defaults.fp8_recipe)
     if recipe not in ("tensorwise", "rowwise"):
         raise ValueError(f"--variants {text!r}: recipe must be tensorwise or rowwise")
+    params = options.get("params", defaults.param_dtype)
+    if params not in PARAM_DTYPES:
+        raise ValueError(f"--variants {text!r}: params must be one of {', '.join(PARAM_DTYPES)}")
+    compile_mode = options.get("compile", defaults.compile_mode if name != "hf_padded" else None)
+    attn_impl = options.get("attn")
+    if attn_impl not in (None, "FA3", "FA4"):
+        raise ValueError(f"--variants {text!r}: attn must be FA3 or FA4 (torch's built-in FA2 is the default)")
     return VariantSpec(
         name=name,
         fp8_recipe=recipe,
         fp8_layers=None if layers in (None, "all") else _parse_ranges(layers),
         fp8_min_features=int(options.get("min_features", defaults.fp8_min_features)),
         quant_stats_freq=int(options.get("qstats", 0)),
+        params=params,
+        compile_mode=compile_mode or None,
+        attn_impl=attn_impl,
     )
 
 
@@ -273,67 +370,99 @@ def load_examples(kind: str, max_length: int, data_dir: Path, *, seed: int, limi
 
 @dataclasses.dataclass
 class StepPlan:
-    """The sequences of one optimizer step, as packed micro-batches (lists of example indices)."""
+    """The sequences of one optimizer step, as packed micro-batches (each a list of training sequences)."""
 
-    packs: list[list[int]]
+    packs: list[list[Example]]
 
     @property
-    def indices(self) -> list[int]:
-        return [index for pack in self.packs for index in pack]
+    def sequences(self) -> list[Example]:
+        return [example for pack in self.packs for example in pack]
+
+
+def cut_example(example: Example, at: int, *, causal: bool) -> tuple[Example, Example]:
+    """``example`` cut into ``[:at]`` and ``[at:]``, two sequences of their own.
+
+    The tail becomes a new attention segment, so under a causal objective nothing precedes its first token: that label
+    becomes -100, as ``CLMCollator`` marks the first token of every sequence (one label per cut is lost). Masked-LM
+    labels need no change.
+    """
+    assert 0 < at < len(example), (at, len(example))
+    tail_labels = example.labels[at:].copy()
+    if causal:
+        tail_labels[0] = IGNORE_INDEX
+    return Example(example.input_ids[:at], example.labels[:at]), Example(example.input_ids[at:], tail_labels)
 
 
 def plan_steps(examples: Sequence[Example], case: ModelCase, num_steps: int) -> list[StepPlan]:
-    """Greedy in-order packing of the (cycled) examples into ``num_steps`` steps of ``grad_acc`` micro-batches."""
-    stream = itertools.cycle(range(len(examples)))
+    """In-order packing of the (cycled) examples into ``num_steps`` steps of ``grad_acc`` micro-batches of at most
+    ``case.tokens`` tokens.
+
+    ``case.packing="greedy"``: a sequence that does not fit opens the next micro-batch; the rest of this one is padding.
+    ``"split"``: it is cut (:func:`cut_example`): its head fills this micro-batch exactly and its tail opens the next,
+    the way genomic pretraining streams DNA (Megatron-style GPT data, Evo 2: concatenate, then chunk to the context),
+    except that attention stays within each piece. Every micro-batch is then full: on the OpenGenome2 sample
+    (``[8192, 4, 8192, 4, ...]`` tokens into 16,384) greedy pads 50% of each micro-batch, split 0%. First-fit with a
+    lookahead would not help there: two windows fill the budget exactly, so a tail can never join them and could
+    only be put off until the lookahead holds nothing but tails.
+    """
+    causal = case.data == "dna"
+    stream = (examples[i] for i in itertools.cycle(range(len(examples))))
     steps: list[StepPlan] = []
-    pending: int | None = None
+    pending: Example | None = None
     for _ in range(num_steps):
         packs = []
         for _ in range(case.grad_acc):
-            pack: list[int] = []
+            pack: list[Example] = []
             used = 0
-            while True:
-                index = pending if pending is not None else next(stream)
+            while used < case.tokens:
+                example = pending if pending is not None else next(stream)
                 pending = None
-                if used + len(examples[index]) > case.tokens:
-                    pending = index  # opens the next micro-batch
+                space = case.tokens - used
+                if len(example) > space:
+                    if case.packing == "split":
+                        head, pending = cut_example(example, space, causal=causal)
+                        pack.append(head)
+                    else:
+                        pending = example  # opens the next micro-batch
                     break
-                pack.append(index)
-                used += len(examples[index])
+                pack.append(example)
+                used += len(example)
             packs.append(pack)
         steps.append(StepPlan(packs))
     return steps
 
 
-def packed_batch(examples: Sequence[Example], indices: Sequence[int], case: ModelCase) -> dict[str, Any]:
+def packed_batch(pack: Sequence[Example], case: ModelCase) -> dict[str, Any]:
     """A THD micro-batch of exactly ``case.tokens`` tokens: the sequences, then one ``<pad>`` segment (label -100)."""
     from bioscale.data import PAD_TOKEN_ID, collate_packed
 
-    batch = collate_packed([examples[i].input_ids for i in indices], pad_to_multiple_of=case.tokens)
-    labels = np.concatenate([examples[i].labels for i in indices])
+    batch = collate_packed([e.input_ids for e in pack], pad_to_multiple_of=case.tokens)
+    labels = np.concatenate([e.labels for e in pack])
     padded_labels = np.full(batch["input_ids"].shape[1], IGNORE_INDEX, dtype=np.int64)
     padded_labels[: len(labels)] = labels
     batch["labels"] = torch.from_numpy(padded_labels)[None]
     # A fixed max_length: the real maximum changes every step and would recompile the blocks each time. The padding
-    # segment is shorter than the next sequence, which did not fit, so it never exceeds max_length either.
+    # segment (greedy packing only) is shorter than the next sequence, which did not fit, so it never exceeds
+    # max_length either; split pieces are never longer than the sequence they came from.
     max_length = max(case.max_length, int(batch["max_length_q"]))
     batch["max_length_q"] = batch["max_length_k"] = max_length
     assert int(batch["input_ids"][0, len(labels):].ne(PAD_TOKEN_ID).sum()) == 0
     return batch
 
 
-def padded_batches(examples: Sequence[Example], indices: Sequence[int], case: ModelCase) -> list[dict[str, Any]]:
+def padded_batches(sequences: Sequence[Example], case: ModelCase) -> list[dict[str, Any]]:
     """BSHD micro-batches of at most ``case.mb`` sequences, right-padded to the longest, rounded up to 16.
 
-    The step's sequences are split into as few micro-batches as ``mb`` allows, of near-equal size, so a step never
-    ends with a one-sequence micro-batch (batch size 1 would specialise and recompile the dynamic-shape blocks).
+    The step's sequences are split into as few micro-batches as ``mb`` allows, of near-equal size (they differ by at
+    most one sequence), so a step ends with a one-sequence micro-batch only when it must (3 sequences at ``mb=2``, as
+    split Llama steps often have): batch size 1 is specialised by Dynamo, one more compile, during the warm-up.
     """
     from bioscale.data import PAD_TOKEN_ID
 
     batches = []
-    num_chunks = -(-len(indices) // case.mb)
-    for chunk_indices in np.array_split(np.asarray(indices), num_chunks):
-        chunk = [examples[int(i)] for i in chunk_indices]
+    num_chunks = -(-len(sequences) // case.mb)
+    for chunk_indices in np.array_split(np.arange(len(sequences)), num_chunks):
+        chunk = [sequences[int(i)] for i in chunk_indices]
         width = max(len(e) for e in chunk)
         width += (-width) % 16
         input_ids = np.full((len(chunk), width), PAD_TOKEN_ID, dtype=np.int64)
@@ -396,10 +525,74 @@ def _model_config(case: ModelCase, attn_backend: str) -> Any:
     return build_config(case.family, case.size, **overrides)
 
 
+class MasterWeightAdamW:
+    """AdamW over fp32 master copies of a model's bf16 weights.
+
+    The model computes with bf16 weights (no autocast, no per-forward weight casts, bf16 residual stream); ``step()``
+    casts their gradients to fp32, runs (fused) AdamW on the fp32 masters with fp32 moments, and copies the masters
+    back into the bf16 weights. Bytes per parameter: 2 (weight) + 2 (grad) + 4 (master) + 8 (moments), plus a transient
+    fp32 grad during the step. The casts run one kernel per tensor; a flat buffer would make them one each.
+    """
+
+    def __init__(self, params: Any, masters: Sequence[torch.Tensor], **adamw_kwargs: Any) -> None:
+        self.params = [p for p in params]
+        if len(masters) != len(self.params):
+            raise ValueError(f"{len(masters)} master tensors for {len(self.params)} parameters")
+        self.masters = [m.detach().float().requires_grad_(p.requires_grad) for p, m in zip(self.params, masters)]
+        self.optimizer = torch.optim.AdamW([m for m in self.masters if m.requires_grad], **adamw_kwargs)
+        self.param_groups = self.optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for param, master in zip(self.params, self.masters):
+            master.grad = None if param.grad is None else param.grad.float()
+        self.optimizer.step()
+        torch._foreach_copy_(self.params, self.masters)  # rounds to bf16
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        del set_to_none  # gradients are always dropped: the fp32 ones are rebuilt every step
+        for tensor in itertools.chain(self.params, self.masters):
+            tensor.grad = None
+
+
+@contextlib.contextmanager
+def flash_attention_impl(impl: str | None) -> Iterator[None]:
+    """Routes torch's flash-attention ops (``varlen_attn`` included) to ``impl`` for the block, then back to FA2.
+
+    ``FA3`` needs the ``flash_attn_interface`` module (FlashAttention 3, Hopper build); ``FA4`` needs
+    ``flash_attn.cute`` (PyPI ``flash-attn-4``: CuTe DSL, Hopper and Blackwell) — carry their wheels to the device.
+    torch registers both names (``torch.nn.attention.activate_flash_attention_impl``, a prototype in 2.13).
+    """
+    if impl is None:
+        yield
+        return
+    from torch.nn import attention
+
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        raise ValueError(f"attn={impl}: torch {torch.__version__} has no activate_flash_attention_impl")
+    attention.activate_flash_attention_impl(impl)
+    try:
+        yield
+    finally:
+        attention.restore_flash_attention_impl()
+
+
+def build_optimizer(
+    model: torch.nn.Module, masters: Sequence[torch.Tensor] | None, device: torch.device, args: argparse.Namespace
+) -> Any:
+    """Fused AdamW on CUDA (foreach on CPU), over the model's weights or, given ``masters``, fp32 master copies."""
+    kwargs = {"lr": args.lr, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01}
+    kwargs["fused"] = device.type == "cuda" or None
+    if masters is not None:
+        return MasterWeightAdamW(model.parameters(), masters, **kwargs)
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
 def build_variant_model(
     case: ModelCase, variant: VariantSpec, device: torch.device, args: argparse.Namespace
-) -> tuple[torch.nn.Module, list[str]]:
-    """The model of ``variant``, initialised from ``args.seed`` (identical weights for every variant)."""
+) -> tuple[torch.nn.Module, list[str], list[torch.Tensor] | None]:
+    """The model of ``variant``, initialised from ``args.seed`` (identical weights for every variant), its notes and,
+    for ``params=bf16-master``, fp32 copies of the initial weights (the optimizer's masters)."""
     from bioscale.distributed.parallelize import apply_ac
     from bioscale.models import build_model, to_hf
 
@@ -426,7 +619,7 @@ def build_variant_model(
         if args.compile:
             # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
             for block in model.layers:
-                block.compile(dynamic=True if not packed else None)
+                block.compile(dynamic=True if not packed else None, mode=variant.compile_mode)
     model.to_empty(device=device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
@@ -440,10 +633,14 @@ def build_variant_model(
             hf_model.config._attn_implementation = "sdpa"
         notes.append(f"transformers {type(hf_model).__name__}, attn={hf_model.config._attn_implementation}")
         model = hf_model
-    if args.param_dtype == "bf16":
+    masters = None
+    if variant.params != "fp32":
+        if variant.params == "bf16-master":
+            masters = [p.detach().clone() for p in model.parameters()]  # the fp32 init, before rounding
         model.to(torch.bfloat16)
+        notes.append(PARAM_NOTES[variant.params])
     model.train()
-    return model, notes
+    return model, notes, masters
 
 
 def _loss_fn(model: torch.nn.Module, variant: VariantSpec, task: str) -> Any:
@@ -479,7 +676,6 @@ def _free_memory(device: torch.device) -> None:
 def run_variant(
     case: ModelCase,
     variant: VariantSpec,
-    examples: Sequence[Example],
     plans: Sequence[StepPlan],
     *,
     warmup: int,
@@ -489,25 +685,23 @@ def run_variant(
     """Train ``warmup + len(plans) - warmup`` steps of ``variant``; time all but the warm-up steps."""
     from bioscale.models import get_model_spec, set_input_validation
 
-    result = Result(case.key, variant.label)
+    result = Result(case.label, variant.label)
     start = time.perf_counter()
     packed = variant.name.startswith("packed")
     task = "masked_lm" if case.data == "uniref" else "causal_lm"
     _free_memory(device)
     model = optimizer = None
+    attention_impl = contextlib.ExitStack()
     try:
-        model, notes = build_variant_model(case, variant, device, args)
+        attention_impl.enter_context(flash_attention_impl(variant.attn_impl))
+        model, notes, masters = build_variant_model(case, variant, device, args)
         result.notes = "; ".join(notes)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
-            fused=device.type == "cuda" or None,
-        )
+        optimizer = build_optimizer(model, masters, device, args)
+        del masters
         steps = []  # per step: (micro-batches on the device, their label counts, the step's label count)
         for plan in plans:
             micro = (
-                [packed_batch(examples, pack, case) for pack in plan.packs]
-                if packed
-                else padded_batches(examples, plan.indices, case)
+                [packed_batch(pack, case) for pack in plan.packs] if packed else padded_batches(plan.sequences, case)
             )
             counts = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro]
             micro = [_to_device(mb, device) for mb in micro]
@@ -523,7 +717,8 @@ def run_variant(
             from bioscale.precision import QuantStats
 
             # Attached before the first forward, as the trainer does; its cost is part of the timed steps.
-            stats_dir = args.out_dir / f"quant_stats-{case.key}-every{variant.quant_stats_freq}"
+            slug = re.sub(r"[^A-Za-z0-9_]+", "-", case.label)
+            stats_dir = args.out_dir / f"quant_stats-{slug}-every{variant.quant_stats_freq}"
             quant_stats = QuantStats(model, freq=variant.quant_stats_freq, output_dir=stats_dir)
             notes.append(f"quant stats every {variant.quant_stats_freq} steps -> {stats_dir.name}/")
             result.notes = "; ".join(notes)
@@ -532,7 +727,7 @@ def run_variant(
         # CPU smoke test computes in fp32.
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
-            if args.param_dtype == "fp32" and device.type == "cuda"
+            if variant.params == "fp32" and device.type == "cuda"
             else contextlib.nullcontext()
         )
         warmup_lr = [args.lr * min(1.0, (i + 1) / max(1, args.lr_warmup)) for i in range(len(steps))]
@@ -569,11 +764,11 @@ def run_variant(
         result.first_loss, result.final_loss = result.losses[0], result.losses[-1]
 
         timed = plans[warmup:]
-        real = [len(examples[i]) for plan in timed for i in plan.indices]
+        real = [len(e) for plan in timed for e in plan.sequences]
         computed = sum(
             (case.tokens * len(plan.packs))
             if packed
-            else sum(b["input_ids"].numel() for b in padded_batches(examples, plan.indices, case))
+            else sum(b["input_ids"].numel() for b in padded_batches(plan.sequences, case))
             for plan in timed
         )
         num_real = float(sum(real))
@@ -597,6 +792,7 @@ def run_variant(
         traceback.print_exc()
         result.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     finally:
+        attention_impl.close()
         set_input_validation(True)
         del model, optimizer
         _free_memory(device)
@@ -723,7 +919,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dataclasses.asdict(r) for r in results]
     commands = [" ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_train.py", *args.argv])]
-    cases_info = {c.key: dataclasses.asdict(c) for c in cases}
+    cases_info = {c.label: {**dataclasses.asdict(c), "key": c.label} for c in cases}
     if args.merge and Path(args.merge).exists():
         earlier = json.loads(Path(args.merge).read_text())
         done = {(r["model"], r["variant"]) for r in rows}
@@ -734,7 +930,7 @@ def write_report(
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
     all_results = [Result(**r) for r in rows]
     order = {key: i for i, key in enumerate(MODEL_CASES)}
-    all_results.sort(key=lambda r: (order.get(r.model, 99), VARIANTS.index(r.variant.split("[")[0])))
+    all_results.sort(key=lambda r: (order.get(r.model.split(":")[0], 99), VARIANTS.index(r.variant.split("[")[0])))
     md = [
         f"# Training throughput, {env['gpu']}, {env['date']}",
         "",
@@ -747,16 +943,21 @@ def write_report(
         *commands,
         "```",
         "",
-        "Real UniRef90 / OpenGenome2 sequences from `../shared/data` (lengths as they come); every variant trains the "
+        "Real UniRef90 / OpenGenome2 sequences from `../shared/data` (lengths as they come; with `split` packing a "
+        "sequence that overflows a micro-batch is cut and continues in the next); every variant trains the "
         "same steps (same sequences, masks and initial weights). tokens/s counts unpadded tokens; MFU uses the model "
         "spec's training FLOPs per token at the token-weighted mean length, against 989 TFLOP/s (H100 SXM dense bf16) "
         "and 789 TFLOP/s (bf16 GEMM rate measured on the lent H100). `pad %` is the share of computed positions that "
-        f"are padding. Settings: {json.dumps(_settings(args))}.",
+        "are padding. Weights: fp32 + bf16 autocast unless the variant says `params=bf16` (bf16 weights and bf16 AdamW "
+        "states, no fp32 master) or `params=bf16-master` (bf16 weights, fp32 master weights and AdamW states). "
+        f"Settings: {json.dumps(_settings(args))}.",
         "",
-        "| model | mb (padded) | tokens / packed micro-batch | micro-batches / step | AC (bioscale) | max length |",
-        "|---|---:|---:|---:|---|---:|",
+        "| model | mb (padded) | tokens / packed micro-batch | micro-batches / step | AC (bioscale) | max length "
+        "| packing |",
+        "|---|---:|---:|---:|---|---:|---|",
         *[
-            f"| {c['key']} | {c['mb']} | {c['tokens']} | {c['grad_acc']} | {c['ac']} | {c['max_length']} |"
+            f"| {c['key']} | {c['mb']} | {c['tokens']} | {c['grad_acc']} | {c['ac']} | {c['max_length']} "
+            f"| {c.get('packing', 'greedy')} |"
             for c in cases_info.values()
         ],
         "",
@@ -779,6 +980,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr,
         "param_dtype": args.param_dtype,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "seed": args.seed,
         "loss_compare_steps": args.loss_compare_steps,
     }
@@ -791,18 +993,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma-separated; {', '.join(MODEL_CASES)}; per-model options as "
-                             "name:tokens=16384:mb=8:ac=selective:grad_acc=1")
+                             "name:tokens=16384:mb=8:ac=selective:grad_acc=1:packing=split; or a suite: "
+                             f"{', '.join('@' + k for k in MODEL_SUITES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated; hf_padded, padded, packed, packed_fp8[:recipe=rowwise:min_features=4096"
-                             ":layers=1-30]")
+                             ":layers=1-30]; any of them [:params=bf16|bf16-master], bioscale ones "
+                             "[:compile=<torch.compile mode>]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compilation happens here)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up + 2 timed steps, small data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", choices=("on", "off", "auto"), default="auto",
                         help="per-block torch.compile of the bioscale variants (auto: on for CUDA)")
-    parser.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="fp32 weights with bf16 autocast (the trainer's single-GPU setting), or bf16 weights")
+    parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="fp32",
+                        help="default weights/optimizer of every variant: fp32 weights with bf16 autocast (the "
+                             "trainer's single-GPU setting); bf16 weights and bf16 AdamW states (no master copy); "
+                             "bf16 weights with fp32 master weights and AdamW states")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs (GEMM epilogue "
+                             "fusion) or reduce-overhead (CUDA graphs); default: torch's default")
     parser.add_argument("--fp8-recipe", choices=("tensorwise", "rowwise"), default="tensorwise")
     parser.add_argument("--fp8-layers", default=None, help="1-indexed blocks for FP8, e.g. '2-32' (default: all)")
     parser.add_argument("--fp8-min-features", type=int, default=0,
@@ -837,7 +1046,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cases = [parse_model(text) for text in args.models.split(",") if text]
+        cases = [parse_model(text) for text in expand_models(args.models)]
         variants = [parse_variant(text, args) for text in args.variants.split(",") if text]
     except ValueError as exc:
         print(f"bench_train: {exc}", file=sys.stderr)
@@ -865,12 +1074,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in variants:
             elapsed = time.perf_counter() - started
             if args.time_budget_s is not None and elapsed + max(longest, 60.0) > args.time_budget_s:
-                results.append(Result(case.key, variant.label, status="skipped (time budget)"))
-                print(f"[{time.strftime('%H:%M:%S')}] {case.key} / {variant.label}: skipped, {elapsed:.0f} s used of "
+                results.append(Result(case.label, variant.label, status="skipped (time budget)"))
+                print(f"[{time.strftime('%H:%M:%S')}] {case.label} / {variant.label}: skipped, {elapsed:.0f} s used of "
                       f"--time-budget-s {args.time_budget_s:.0f}", flush=True)
                 continue
-            print(f"[{time.strftime('%H:%M:%S')}] {case.key} / {variant.label} ...", flush=True)
-            result = run_variant(case, variant, examples, plans, warmup=args.warmup, device=device, args=args)
+            print(f"[{time.strftime('%H:%M:%S')}] {case.label} / {variant.label} ...", flush=True)
+            result = run_variant(case, variant, plans, warmup=args.warmup, device=device, args=args)
             longest = max(longest, result.seconds or 0.0)
             results.append(result)
             print(

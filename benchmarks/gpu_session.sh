@@ -8,12 +8,19 @@
 #   bash benchmarks/gpu_session.sh fp8sweep     # ESM-2 650M and 3B: FP8 recipes and width filters, with profiles
 #   bash benchmarks/gpu_session.sh loss3b       # ESM-2 3B: 500-step loss, packed bf16 vs packed FP8
 #   bash benchmarks/gpu_session.sh qstats       # quant-stats cost at freq=1 / freq=10 (ESM-2 650M, packed FP8)
+#   bash benchmarks/gpu_session.sh llama        # Llama 3 1B: split packing (0% pad) vs greedy (50%), bf16 and FP8
+#   bash benchmarks/gpu_session.sh params       # fp32+autocast vs bf16 weights vs bf16 weights + fp32 master
+#   bash benchmarks/gpu_session.sh tokens       # ESM-2 650M / 3B at 16k, 32k, 64k tokens per micro-batch
+#   bash benchmarks/gpu_session.sh compile      # ESM-2 650M: max-autotune (GEMM epilogue fusion) and CUDA graphs
+#   bash benchmarks/gpu_session.sh fa4          # ESM-2 650M, Llama 3 1B: varlen attention on FA4 vs FA2 (needs its
+#                                               # wheels in .whl: flash-attn-4, nvidia-cutlass-dsl and their deps)
 #
+# benchmarks/NOTES.md says what each job is expected to show.
 # Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
 # (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats}
+job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fa4}
 out=${OUT:-benchmarks/results}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
@@ -40,6 +47,20 @@ case "$job" in
     bench --models esm2_3B --variants packed,packed_fp8 --loss-compare-steps 500 ;;
   qstats)
     bench --models esm2_650M,esm2_3B --variants packed_fp8,packed_fp8:qstats=10,packed_fp8:qstats=1 --steps 20 ;;
+  llama)
+    bench --models llama3_1B,llama3_1B:packing=greedy --variants packed,packed:params=bf16-master,packed_fp8 \
+      --steps 8 --warmup 4 --profile ;;
+  params)
+    bench --models esm2_650M,esm2_3B:tokens=16384:ac=none \
+      --variants packed,packed:params=bf16,packed:params=bf16-master --steps 8 --warmup 4 ;;
+  tokens)
+    bench --models @tokens-esm2 --variants packed:params=bf16-master --steps 8 --warmup 4 ;;
+  compile)
+    bench --models esm2_650M --variants packed:params=bf16-master,packed:params=bf16-master:compile=max-autotune-no-cudagraphs,packed:params=bf16-master:compile=reduce-overhead \
+      --steps 8 --warmup 4 --profile ;;
+  fa4)
+    bench --models esm2_650M,llama3_1B --variants packed:params=bf16-master,packed:params=bf16-master:attn=FA4 \
+      --steps 8 --warmup 4 --profile ;;
   *)
     echo "unknown job $job" >&2; exit 2 ;;
 esac

@@ -6,11 +6,13 @@ sequences and masks, the first-step losses of ``transformers``, bioscale padded 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,37 +42,122 @@ def test_model_and_variant_options(bench) -> None:
     variant = bench.parse_variant("packed_fp8:min_features=2048:layers=2-4,7", args)
     assert (variant.fp8_recipe, variant.fp8_min_features, variant.fp8_layers) == ("rowwise", 2048, (2, 3, 4, 7))
     assert variant.label == "packed_fp8[rowwise,min2048,L2-4,7]"
-    with pytest.raises(ValueError, match="only packed_fp8"):
+    with pytest.raises(ValueError, match="unknown options"):
         bench.parse_variant("packed:recipe=rowwise", args)
 
 
-def test_steps_and_batches_hold_the_same_sequences(bench) -> None:
+def _toy_examples(bench, lengths: list[int]) -> list:
     rng = torch.Generator().manual_seed(0)
     examples = []
-    for length in torch.randint(5, 60, (200,), generator=rng).tolist():
+    for length in lengths:
         ids = torch.randint(4, 29, (length,), generator=rng).numpy()
         labels = ids.copy()
         labels[::3] = -100
         examples.append(bench.Example(ids, labels))
-    case = bench.ModelCase("toy", "esm2", "debug", "uniref", max_length=64, mb=3, tokens=128, grad_acc=2)
-    plans = bench.plan_steps(examples, case, num_steps=5)
-    flat = [i for plan in plans for i in plan.indices]
-    assert flat == list(range(len(flat)))  # in order, nothing skipped or repeated
+    return examples
+
+
+def _check_batches(bench, plans, case) -> None:
+    """Fixed-shape packed micro-batches within budget, and the padded batches train the same labels."""
     for plan in plans:
-        assert len(plan.packs) == 2
+        assert len(plan.packs) == case.grad_acc
         for pack in plan.packs:
-            assert sum(len(examples[i]) for i in pack) <= case.tokens
-            batch = bench.packed_batch(examples, pack, case)
+            real = sum(len(e) for e in pack)
+            assert real <= case.tokens
+            batch = bench.packed_batch(pack, case)
             assert batch["input_ids"].shape == (1, case.tokens)  # fixed shape: one compile
             assert batch["max_length_q"] == case.max_length
-            real = sum(len(examples[i]) for i in pack)
             assert (batch["labels"][0, real:] == -100).all()
-        padded = bench.padded_batches(examples, plan.indices, case)
+        padded = bench.padded_batches(plan.sequences, case)
         sizes = [b["input_ids"].shape[0] for b in padded]
-        assert len(sizes) == -(-len(plan.indices) // case.mb) and max(sizes) <= case.mb and max(sizes) - min(sizes) <= 1
-        packed_labels = torch.cat([bench.packed_batch(examples, p, case)["labels"][0] for p in plan.packs])
+        assert len(sizes) == -(-len(plan.sequences) // case.mb) and max(sizes) <= case.mb
+        assert max(sizes) - min(sizes) <= 1
+        packed_labels = torch.cat([bench.packed_batch(p, case)["labels"][0] for p in plan.packs])
         padded_labels = torch.cat([b["labels"][b["attention_mask"].bool()] for b in padded])
         assert torch.equal(packed_labels[packed_labels != -100], padded_labels[padded_labels != -100])
+
+
+def test_greedy_steps_and_batches_hold_the_same_sequences(bench) -> None:
+    examples = _toy_examples(bench, torch.randint(5, 60, (200,), generator=torch.Generator().manual_seed(0)).tolist())
+    case = bench.ModelCase("toy", "esm2", "debug", "uniref", max_length=64, mb=3, tokens=128, grad_acc=2)
+    plans = bench.plan_steps(examples, case, num_steps=5)
+    flat = [e for plan in plans for e in plan.sequences]
+    assert all(a is b for a, b in zip(flat, examples)) and len(flat) < len(examples)  # in order, whole, none skipped
+    _check_batches(bench, plans, case)
+
+
+def test_split_packing_fills_every_micro_batch_with_the_same_tokens(bench) -> None:
+    # The OpenGenome2 pattern: a full window and a 4-token tail per contig; greedy packing pads half of every batch.
+    examples = _toy_examples(bench, [64, 4] * 20)
+    greedy = bench.ModelCase("toy", "llama3", "debug", "dna", max_length=64, mb=2, tokens=128, packing="greedy")
+    assert all(sum(map(len, p.packs[0])) == 68 for p in bench.plan_steps(examples, greedy, num_steps=4))
+    case = dataclasses.replace(greedy, packing="split", grad_acc=2)
+    plans = bench.plan_steps(examples, case, num_steps=4)
+    assert all(sum(map(len, pack)) == case.tokens for plan in plans for pack in plan.packs)  # 0% padding
+    pieces = [e for plan in plans for e in plan.sequences]
+    stream = np.concatenate([e.input_ids for e in examples])
+    assert np.array_equal(np.concatenate([e.input_ids for e in pieces]), stream[: 8 * case.tokens])  # nothing lost
+    # A cut-off tail is a new causal segment: its first token has no label; every other label is the original one.
+    labels = np.concatenate([e.labels for e in pieces])
+    original = np.concatenate([e.labels for e in examples])[: len(labels)]
+    piece_starts = set(np.cumsum([0] + [len(e) for e in pieces])[:-1].tolist())
+    example_starts = set(np.cumsum([0] + [len(e) for e in examples])[:-1].tolist())
+    cuts = sorted(piece_starts - example_starts)
+    assert cuts and np.array_equal(np.flatnonzero(labels != original), [c for c in cuts if original[c] != -100])
+    assert (labels[cuts] == -100).all()
+    _check_batches(bench, plans, case)
+
+
+def test_case_and_variant_labels_name_every_non_default(bench) -> None:
+    assert bench.parse_model("esm2_650M").label == "esm2_650M"
+    assert bench.parse_model("esm2_650M:tokens=32768").label == "esm2_650M:tokens=32768"
+    assert bench.parse_model("llama3_1B").packing == "split"
+    assert bench.parse_model("llama3_1B:packing=greedy").label == "llama3_1B:packing=greedy"
+    with pytest.raises(ValueError, match="packing must be"):
+        bench.parse_model("llama3_1B:packing=first_fit")
+    entries = bench.expand_models("@tokens-esm2,llama3_1B")
+    assert entries[-1] == "llama3_1B" and "esm2_650M:tokens=32768" in entries
+    assert len({bench.parse_model(e).label for e in entries}) == len(entries)  # distinct rows in one report
+    with pytest.raises(ValueError, match="unknown model suite"):
+        bench.expand_models("@nope")
+    args = bench.parse_args(["--param-dtype", "bf16"])
+    assert bench.parse_variant("packed", args).label == "packed[params=bf16]"
+    assert bench.parse_variant("packed_fp8", args).label == "packed_fp8[tensorwise,params=bf16]"
+    assert bench.parse_variant("packed:params=fp32", args).label == "packed"
+    variant = bench.parse_variant("padded:params=bf16-master:compile=max-autotune-no-cudagraphs", args)
+    assert variant.label == "padded[params=bf16-master,compile=max-autotune-no-cudagraphs]"
+    with pytest.raises(ValueError, match="params must be"):
+        bench.parse_variant("packed:params=fp16", args)
+    with pytest.raises(ValueError, match="unknown options"):
+        bench.parse_variant("hf_padded:compile=max-autotune", args)
+    assert bench.parse_variant("packed:attn=FA4", args).label == "packed[params=bf16,attn=FA4]"
+    with pytest.raises(ValueError, match="unknown options"):
+        bench.parse_variant("padded:attn=FA4", args)
+    with pytest.raises(ValueError, match="attn must be"):
+        bench.parse_variant("packed:attn=FA2", args)
+
+
+def test_master_weight_adamw_tracks_fp32_adamw(bench) -> None:
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(16, 8)
+    model = torch.nn.Linear(16, 8)
+    model.load_state_dict(reference.state_dict())
+    masters = [p.detach().clone() for p in model.parameters()]
+    model.to(torch.bfloat16)
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01}
+    optimizer = bench.MasterWeightAdamW(model.parameters(), masters, **kwargs)
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), **kwargs)
+    for _ in range(20):
+        x = torch.randn(32, 16)
+        for net, opt in ((model, optimizer), (reference, ref_optimizer)):
+            net(x.to(next(net.parameters()).dtype)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert model.weight.dtype == torch.bfloat16 and optimizer.masters[0].dtype == torch.float32
+    # Masters follow fp32 AdamW up to the bf16 rounding of the forward; the bf16 weights are the rounded masters.
+    torch.testing.assert_close(optimizer.masters[0], reference.weight.detach(), atol=2e-2, rtol=0)
+    assert torch.equal(model.weight, optimizer.masters[0].to(torch.bfloat16))
+    assert all(p.grad is None for p in [*model.parameters(), *optimizer.masters])
 
 
 @pytest.mark.slow
@@ -91,3 +178,33 @@ def test_quick_cpu_run_agrees_across_variants(bench, shared_data: Path, tmp_path
     assert first["padded"] == pytest.approx(first["hf_padded"], rel=1e-4)
     assert first["packed"] == pytest.approx(first["hf_padded"], rel=1e-4)
     assert first["packed_fp8[tensorwise]"] == pytest.approx(first["hf_padded"], rel=2e-2)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packing_report_on_the_dna_sample(shared_data: Path) -> None:
+    report = _load_script("packing_report")
+    lines = report.bench_plan_report("llama3_1B:packing=greedy,llama3_1B", 4, shared_data)
+    assert "pad 50.0%" in lines[0] and "pad 0.0%" in lines[1]
+    # The recipe as shipped deals the 4-token tails to worker 1; one random crop per 8,192-bp contig fills every batch.
+    shipped = report.loader_report("L1_llama3_1B", [], rank=0, world_size=1, num_batches=8)
+    assert "fill 51.0%" in shipped
+    cropped = report.loader_report("L1_llama3_1B", ["data.crop=random"], rank=0, world_size=1, num_batches=8)
+    assert "fill 100.0%" in cropped
+
+
+def test_roofline_counts(bench, shared_data: Path) -> None:
+    roofline = _load_script("roofline")
+    examples = bench.load_examples("dna", 8192, shared_data, seed=0, limit=None)
+    split, greedy = (roofline.roofline(bench.parse_model(m), examples, num_steps=4, params="fp32")
+                     for m in ("llama3_1B", "llama3_1B:packing=greedy"))
+    assert split["real_tokens"] == 16384 and greedy["real_tokens"] == 8196
+    assert split["gemm_flops"] == greedy["gemm_flops"]  # the GEMMs run over the padding too
+    assert split["ceiling_sum_H200"] > 1.9 * greedy["ceiling_sum_H200"]
+    bf16 = roofline.roofline(bench.parse_model("llama3_1B"), examples, num_steps=4, params="bf16")
+    assert bf16["optimizer_gb"] < split["optimizer_gb"] and bf16["activation_gb"] < split["activation_gb"]
