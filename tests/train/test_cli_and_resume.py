@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST, losses, run_cli, run_in_process, subprocess_env
+from train_helpers import FAST, losses, run_cli, run_in_process, subprocess_env
 
 from bioscale.train.metrics import read_metrics
 

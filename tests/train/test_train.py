@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import losses, run_in_process
+from train_helpers import losses, run_in_process
 
 from bioscale.train.metrics import read_metrics
 

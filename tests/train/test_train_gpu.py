@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, losses, run_in_process
+from train_helpers import REPO_ROOT, losses, run_in_process
 
 from bioscale.train.metrics import read_metrics
 

@@ -1,4 +1,8 @@
-"""Helpers for training tests: tiny fast overrides, an in-process runner and a CLI-subprocess runner."""
+"""Helpers for training tests: tiny fast overrides, an in-process runner and a CLI-subprocess runner.
+
+A plain module (not ``conftest.py``): test files import it by a name unique across ``tests/``, so the import never
+resolves to another folder's ``conftest`` when pytest collects several folders at once.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from bioscale.train.config import load_config
 from bioscale.train.metrics import read_metrics
@@ -56,7 +58,3 @@ def run_cli(args: list[str], *, timeout: float = 300, **kwargs) -> subprocess.Co
         **kwargs,
     )
 
-
-@pytest.fixture
-def fast_overrides() -> list[str]:
-    return list(FAST)
