@@ -4,6 +4,7 @@ checks, input-policy counts, and config validation."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 
 import numpy as np
@@ -106,6 +107,48 @@ def test_one_genome_windows_spread_over_consumers(tmp_path):
     assert sorted(windows) == sorted(genome[i : i + 100] for i in range(0, 5000, 100))
 
 
+def _contigs_of_window_plus_tail(tmp_path, num_records: int, max_seq_length: int):
+    """Records of exactly ``max_seq_length`` bases: each windows into one full window (``max_seq_length - 2``
+    bases) plus a 2-base tail, the pattern of the OpenGenome2 sample's 8,192-bp contigs under 8,192-token windows."""
+    rng = np.random.default_rng(5)
+    contigs = ["".join(rng.choice(list("ACGT"), max_seq_length)) for _ in range(num_records)]
+    path = write_fasta(tmp_path / "contigs.fna", [(f"contig{i}", s) for i, s in enumerate(contigs)])
+    window = max_seq_length - 2
+    windows = [piece for s in contigs for piece in (s[:window], s[window:])]
+    cfg = DataConfig(source=str(path), tokenizer="nucleotide", objective="clm", max_seq_length=max_seq_length,
+                     crop="window", use_sequence_packing=True, max_tokens_per_batch=2 * max_seq_length)
+    return cfg, windows
+
+
+@pytest.mark.parametrize("num_consumers", [2, 3, 4, 8])
+def test_windows_with_tails_are_balanced_over_consumers(tmp_path, num_consumers):
+    """Round robin over windows gave every even consumer the full windows and every odd one only the 2-base tails;
+    now each consumer's real tokens are within one window of every other's, and each window is dealt exactly once."""
+    cfg, windows = _contigs_of_window_plus_tail(tmp_path, num_records=24, max_seq_length=258)
+    tok = nucleotide_tokenizer()
+    ds = build_dataloader(cfg, tok).dataset
+    dna_vocab = tok.convert_ids_to_tokens(list(range(20)))
+    for epoch in (0, 1):
+        got, num_real = [], []
+        for c in range(num_consumers):
+            seqs = [ids for group in ds._epoch_groups(epoch, c, num_consumers, ds._make_policy()) for ids in group]
+            num_real.append(sum(len(ids) for ids in seqs))
+            got += ["".join(dna_vocab[i] for i in ids.tolist()[1:-1]) for ids in seqs]
+        assert Counter(got) == Counter(windows), "every window exactly once per epoch over all consumers"
+        assert max(num_real) - min(num_real) <= cfg.max_seq_length, num_real
+        assert min(num_real) >= max(num_real) / 2, num_real
+
+
+def test_workers_micro_batches_alternate_without_starving_one(tmp_path):
+    """The measured symptom (L1_llama3_1B, crop=window, 2 workers): the loader alternates workers' batches, and
+    every other micro-batch held only tails (~2% of the budget). Both workers' batches must now be comparably full."""
+    cfg, _ = _contigs_of_window_plus_tail(tmp_path, num_records=24, max_seq_length=258)
+    cfg.num_workers = 2
+    batches = _take(iter(build_dataloader(cfg, nucleotide_tokenizer())), 8)
+    per_worker = [sum(count_tokens(b)["num_real_tokens"] for b in batches[w::2]) for w in (0, 1)]
+    assert min(per_worker) >= max(per_worker) / 2, per_worker
+
+
 def test_epochs_reshuffle_and_loop_forever(protein_fasta):
     path, seqs = protein_fasta
     cfg = DataConfig(source=str(path), objective="clm", micro_batch_size=5)
@@ -191,10 +234,17 @@ def test_policy_stats_survive_workers(tmp_path, num_workers):
 
 
 def test_too_few_records_for_the_consumers(tmp_path):
+    """One record for two ranks: one rank trains on it, the other fails naming itself and the source."""
     path = write_fasta(tmp_path / "one.faa", [("only", "MKVLLA")])
-    loader = build_dataloader(DataConfig(source=str(path)), protein_tokenizer(), rank=1, world_size=2)
-    with pytest.raises(ValueError, match=r"rank 1 worker 0 received no training sequences in epoch 0 .*one\.faa"):
-        next(iter(loader))
+    failed = []
+    for rank in (0, 1):
+        loader = build_dataloader(DataConfig(source=str(path)), protein_tokenizer(), rank=rank, world_size=2)
+        try:
+            next(iter(loader))
+        except ValueError as error:
+            assert re.search(rf"rank {rank} worker 0 received no training sequences in epoch 0 .*one\.faa", str(error))
+            failed.append(rank)
+    assert len(failed) == 1
 
 
 @pytest.mark.parametrize(
