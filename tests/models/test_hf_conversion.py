@@ -225,4 +225,8 @@ def test_unsupported_models_are_rejected() -> None:
         to_hf(Esm2ForSequenceClassification(config))
     with pytest.raises(ValueError, match="is not a transformers PreTrainedModel"):
         from_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="is not a bioscale model"):
+        to_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="is not a bioscale config"):
+        to_hf(EsmForMaskedLM(tiny_esm_config()))
     assert isinstance(from_hf(EsmForMaskedLM(tiny_esm_config())), Esm2ForMaskedLM)

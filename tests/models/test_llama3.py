@@ -61,6 +61,22 @@ def test_packed_equals_padded_and_loss_never_crosses_sequences(hf_lm: LlamaForCa
     torch.testing.assert_close(packed.loss, padded.loss, atol=1e-4, rtol=1e-6)
 
 
+def test_packed_unbatched_input_with_only_cu_seq_lens(hf_lm: LlamaForCausalLM) -> None:
+    # input_ids [T] with cu_seq_lens_q/k alone: position_ids and max_length are derived from cu_seq_lens.
+    model = from_hf(hf_lm).eval()
+    input_ids, attention_mask = llama_padded_batch(LENGTHS)
+    labels = _labels(input_ids, attention_mask)
+    batch = pack(input_ids, attention_mask, labels)
+    with torch.no_grad():
+        reference = model(**batch)
+        minimal = {key: batch[key][0] for key in ("input_ids", "labels")}
+        minimal |= {key: batch[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k")}
+        actual = model(**minimal)
+    assert actual.logits.shape == reference.logits.shape[1:]
+    torch.testing.assert_close(actual.logits, reference.logits[0], atol=0, rtol=0)
+    torch.testing.assert_close(actual.loss, reference.loss, atol=0, rtol=0)
+
+
 def test_no_leakage_across_sequences_and_causality(hf_lm: LlamaForCausalLM) -> None:
     model = from_hf(hf_lm).eval()
     input_ids, attention_mask = llama_padded_batch(LENGTHS)

@@ -123,6 +123,18 @@ def test_wrong_shapes_and_dtypes_raise(esm: Esm2ForMaskedLM, llama: Llama3ForCau
         llama(input_ids=ids, attention_mask=mask, labels=ids, logits_to_keep=1)
 
 
+def test_float_attention_mask_is_read_as_zero_one(esm: Esm2ForMaskedLM, llama: Llama3ForCausalLM) -> None:
+    # transformers accepts a 0/1 float mask (torch.ones(B, S) is float); an additive 0/-inf mask must not pass.
+    for model, (input_ids, attention_mask) in ((esm, esm_padded_batch([6, 4])), (llama, llama_padded_batch([5, 3]))):
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            got = model(input_ids=input_ids, attention_mask=attention_mask.float()).logits
+        assert torch.equal(got, expected)
+        additive = torch.zeros_like(attention_mask, dtype=torch.float32).masked_fill(attention_mask == 0, -torch.inf)
+        with pytest.raises(ValueError, match="float attention_mask must hold only 0 and 1"):
+            model(input_ids=input_ids, attention_mask=additive)
+
+
 def test_unknown_keyword_arguments_raise(esm: Esm2ForMaskedLM) -> None:
     batch = _packed()
     batch["cu_seq_len_q"] = batch.pop("cu_seq_lens_q")  # a typo must not silently unpack the batch

@@ -58,7 +58,10 @@ def from_hf(hf_model: PreTrainedModel, **config_overrides: Any) -> PreTrainedMod
 def to_hf(model: PreTrainedModel) -> PreTrainedModel:
     """The stock ``transformers`` model (``EsmForMaskedLM``, ``LlamaForCausalLM``, ...) with exactly ``model``'s
     weights; its ``save_pretrained`` directory loads with plain ``transformers``, no bioscale needed."""
-    return spec_for_config(model.config).to_hf(model)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} is not a bioscale model (it has no config)")
+    return spec_for_config(config).to_hf(model)
 
 
 def _register_auto_classes() -> None:

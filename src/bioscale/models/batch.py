@@ -194,13 +194,19 @@ def _prepare_padded(
                 f"attention_mask covers {attention_mask.shape[1]} tokens but the batch has {seq_len} new tokens "
                 f"after {past_length} cached ones"
             )
-        if attention_mask.dtype.is_floating_point:
-            raise ValueError("attention_mask must be 0/1 integers or booleans (1 = real token), not floats")
+    float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
+    if float_mask:
+        # transformers accepts a 0/1 float mask (e.g. torch.ones(B, S)); an additive mask (0 / -inf) is refused below.
+        float_mask_is_binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+        attention_mask = attention_mask != 0
     if position_ids is None:
         position_ids = torch.arange(past_length, past_length + seq_len, device=input_ids.device).expand(batch_size, -1)
     if input_validation_enabled():
         checks = [input_ids.min() < 0, input_ids.max() >= vocab_size]
         names = ["token ids < 0", f"token ids >= vocab_size ({vocab_size})"]
+        if float_mask:
+            checks.append(~float_mask_is_binary)
+            names.append("a float attention_mask must hold only 0 and 1 (1 = real token), not an additive mask")
         if attention_mask is None and past_length == 0:
             # Positions that do not step by 1 mean several sequences were packed into a row without boundaries:
             # attention would silently cross them.
