@@ -81,6 +81,39 @@ def test_pack_errors():
         list(pack_sequences([[5]], max_tokens=100, pad_to_multiple_of=16))
 
 
+def test_pack_accepts_lists_arrays_tensors_and_generators():
+    seqs = [[0, 5, 6, 2], [0, 7, 2], [0, 8, 9, 10, 11, 2], [0, 4, 2]]
+
+    def packed(inputs):
+        return [{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                for b in pack_sequences(inputs, max_tokens=8)]
+
+    expected = packed(seqs)
+    assert [b["input_ids"] for b in expected] == [[[0, 5, 6, 2, 0, 7, 2]], [[0, 8, 9, 10, 11, 2]], [[0, 4, 2]]]
+    assert [b["cu_seq_lens_q"] for b in expected] == [[0, 4, 7], [0, 6], [0, 3]]
+    for dtype in (np.uint8, np.int32, np.int64):
+        assert packed([np.asarray(s, dtype=dtype) for s in seqs]) == expected
+    assert packed([torch.tensor(s, dtype=torch.int32) for s in seqs]) == expected
+    assert packed(iter(seqs)) == expected
+
+
+@pytest.mark.parametrize(
+    ("seqs", "max_tokens", "message"),
+    [
+        ([[5, 5], [[5, 5]]], 8, r"sequence 1 must be a 1-D list of token ids, got shape \(1, 2\)"),
+        ([[5], None], 8, r"sequence 1 must be a 1-D list of token ids"),
+        ([[5.5, 6.0]], 8, r"sequence 0 must hold integer token ids, got dtype float64"),
+        (["MKV"], 8, r"sequence 0 must be a 1-D list of token ids"),
+        ([[5, -1]], 8, r"sequence 0 has a negative token id -1"),
+        ([[5]], 8.5, r"max_tokens must be an integer, got 8.5"),
+        ([[5]], 0, r"max_tokens must be >= 1, got 0"),
+    ],
+)
+def test_pack_rejects_bad_input(seqs, max_tokens, message):
+    with pytest.raises(ValueError, match=message):
+        list(pack_sequences(seqs, max_tokens=max_tokens))
+
+
 def test_pad_sequences_and_counts():
     seqs = [[0, 5, 6, 2], [0, 7, 2], [0, 2]]
     b = pad_sequences(seqs, pad_token_id=1, pad_to_multiple_of=8)

@@ -47,6 +47,35 @@ def test_fasta_binary_content(tmp_path):
         list(read_fasta(png))
 
 
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b">s\nMK\x01\x02V\n", r"control byte b'\\x01'"),  # binary without a NUL byte
+        (b">s\nMK\x80\x81\xfeV\n", r"bytes that are not UTF-8 text"),
+    ],
+)
+def test_fasta_binary_content_without_nul_bytes(tmp_path, content, what):
+    path = tmp_path / "blob.fa"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"blob\.fa: line 2 \(record 's'\) contains binary data \({what}\)"):
+        list(read_fasta(path))
+    # valid UTF-8 is text: the character reaches the input policy, which maps or rejects it
+    path.write_bytes(">s\nMKé\n".encode())
+    assert list(read_fasta(path)) == [("s", "MKé")]
+
+
+def test_empty_fasta_yields_nothing_and_the_loader_names_it(tmp_path):
+    from bioscale.data import DataConfig, build_dataloader, protein_tokenizer
+
+    for name, content in (("empty.fasta", b""), ("blank.fa.gz", gzip.compress(b"\n;only a comment\n"))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert list(read_fasta(path)) == []  # documented: no records, no error at this level
+        loader = build_dataloader(DataConfig(source=str(path)), protein_tokenizer())
+        with pytest.raises(ValueError, match=rf"received no training sequences in epoch 0 from .*{name}"):
+            next(iter(loader))
+
+
 def test_fasta_empty_header_and_truncated_gzip(tmp_path):
     path = tmp_path / "emptyhdr.fa"
     path.write_text(">a\nMKV\n>\nLLA\n")

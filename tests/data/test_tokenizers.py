@@ -30,6 +30,8 @@ def test_protein_ids_are_esm2s():
     assert (tok.cls_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 32)
     assert tok.model_max_length == 1026
     assert tok("MKV")["input_ids"] == [0, 20, 15, 7, 2]
+    assert tok("MKT")["input_ids"] == [0, 20, 15, 11, 2]
+    assert tok.decode(tok("MKT")["input_ids"]) == "<cls>MKT<eos>"
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,28 @@ PAD_TOKEN_ID = 1  # <pad> in both bioscale tokenizers (as in ESM-2)
 TokenIds = Sequence[int] | np.ndarray
 
 
+def _token_array(ids: TokenIds, index: int) -> np.ndarray:
+    """``ids`` (a list of ints, a numpy array or a CPU tensor) as a 1-D integer array; ``ValueError`` otherwise."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    try:
+        array = np.asarray(ids)
+    except ValueError as e:  # ragged nesting
+        raise ValueError(f"sequence {index} is not a flat list of token ids ({e})") from e
+    if array.ndim != 1:
+        raise ValueError(f"sequence {index} must be a 1-D list of token ids, got shape {array.shape}")
+    if array.size and not (np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_)):
+        raise ValueError(f"sequence {index} must hold integer token ids, got dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ValueError(f"sequence {index} has a negative token id {int(array.min())}")
+    return array
+
+
 def check_pack_budget(max_tokens: int, pad_to_multiple_of: int | None, *, key: str = "max_tokens") -> None:
     """Raises ``ValueError`` naming ``key`` unless padding to the multiple can never push ``T`` past the budget."""
+    for name, value in ((key, max_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if max_tokens < 1:
         raise ValueError(f"{key} must be >= 1, got {max_tokens}")
     if pad_to_multiple_of is not None:
@@ -131,7 +151,7 @@ def pack_sequences(
     as a new segment (positions restart at 0); otherwise it starts the next micro-batch.
     """
     check_pack_budget(max_tokens, pad_to_multiple_of)
-    arrays = (np.asarray(ids) for ids in token_id_lists)
+    arrays = (_token_array(ids, index) for index, ids in enumerate(token_id_lists))
     for group in greedy_pack(arrays, max_tokens, split_overflow=split_overflow):
         yield collate_packed(group, pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
 

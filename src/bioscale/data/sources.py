@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ Record = tuple[str, "str | None"]
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fna", ".ffn", ".fas")
 PARQUET_SUFFIXES = (".parquet",)
 _GZIP_MAGIC = b"\x1f\x8b"
+# Bytes no FASTA text contains: NUL and the other ASCII control characters except whitespace (\t \n \v \f \r).
+# Binary files without a NUL in the first lines (images, compressed streams) are caught by these, or by bytes
+# that are not UTF-8 in a sequence line.
+_BINARY_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 # Rows per unit of an in-memory HF dataset: large enough that unit boundaries cost nothing, small enough that a
 # 60M-row dataset still deals out evenly to hundreds of workers.
 _HF_ROWS_PER_UNIT = 65_536
@@ -50,8 +55,11 @@ def read_fasta(path: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
 
     ``id`` is the header up to the first whitespace; sequence lines are concatenated with surrounding whitespace
     removed and are otherwise untouched (no case change, ``*`` kept). A header without sequence lines gives an
-    empty sequence (the input policy skips and counts it). Lines starting with ``;`` are comments. Raises
-    ``ValueError`` naming the file and line for data before the first header, an empty header, binary content or a
+    empty sequence (the input policy skips and counts it). Lines starting with ``;`` are comments. An empty file
+    (or one of blank lines and comments only) yields no records; it is not an error here, but every consumer of
+    records (the loader, ``bioscale embed``) raises a ``ValueError`` naming the file when it gets no sequences.
+    Raises ``ValueError`` naming the file and line for data before the first header, an empty header, binary
+    content (NUL or other control bytes anywhere, bytes that are not UTF-8 in a sequence line) or a
     corrupt/truncated gzip stream.
     """
     path = Path(path)
@@ -61,15 +69,24 @@ def read_fasta(path: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
     try:
         with _open_maybe_gzip(path) as f:
             for line_no, line in enumerate(f, start=1):
-                if b"\x00" in line:
+                bad = _BINARY_BYTES.search(line)
+                what = ""
+                if bad is not None:
+                    what = "NUL bytes" if bad.group() == b"\x00" else f"control byte {bad.group()!r}"
+                elif record_id is not None and not line.isascii() and not line.startswith(b">"):
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError:
+                        what = "bytes that are not UTF-8 text"
+                if what:
                     raise ValueError(
                         f"{path}: line {line_no}"
                         + (f" (record {record_id!r})" if record_id is not None else "")
-                        + " contains binary data (NUL bytes): not a FASTA text file"
+                        + f" contains binary data ({what}): not a FASTA text file"
                     )
                 if line.startswith(b">"):
                     if record_id is not None:
-                        yield record_id, b"".join(chunks).decode("ascii", errors="replace")
+                        yield record_id, b"".join(chunks).decode("utf-8", errors="replace")
                     header = line[1:].decode("utf-8", errors="replace").strip()
                     if not header:
                         raise ValueError(f"{path}: line {line_no} is an empty FASTA header '>'")
@@ -90,7 +107,7 @@ def read_fasta(path: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
         where = f"record {record_id!r}, " if record_id is not None else ""
         raise ValueError(f"{path}: corrupt or truncated gzip stream ({where}line {line_no}): {e}") from e
     if record_id is not None:
-        yield record_id, b"".join(chunks).decode("ascii", errors="replace")
+        yield record_id, b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def _parquet_files(path: Path) -> list[Path]:
