@@ -113,6 +113,20 @@ def test_evaluate_on_a_fasta_and_a_plain_checkpoint(chain: dict, tmp_path: Path)
         evaluate(chain["model"].file("model"), out=tmp_path / "e2", secondary_structure=False)
 
 
+def test_evaluate_on_a_parquet_finds_its_sequence_column(chain: dict, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "porter_like.parquet"  # Porter6 spells the column "Sequence"
+    pq.write_table(pa.table({"Sequence": ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPV"], "Secondary_structure": ["", ""]}), table)
+    result = evaluate(chain["model"], data=table, out=tmp_path / "e", secondary_structure=False, random_baseline=False)
+    assert result.metadata.metrics["num_sequences"] == 2
+    assert result.metadata.lineage[-1].path == str(table.resolve())
+    with pytest.raises(ValueError, match=r"no column 'sequence'"):
+        evaluate(chain["model"], data=table, sequence_column="sequence", out=tmp_path / "e2", secondary_structure=False,
+                 random_baseline=False)
+
+
 def test_wrong_kinds_are_refused(chain: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"has field 'kind' = 'model', expected 'dataset'"):
         train_stage(chain["model"].path, out=tmp_path / "m")

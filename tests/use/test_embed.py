@@ -118,6 +118,8 @@ def test_bad_inputs_give_clear_errors(esm_dir: Path, tmp_path: Path, capsys: pyt
         _embed(tmp_path / "not_a_model", ["MKV"])
     assert embed_main([str(tmp_path / "missing_model"), str(empty), "-o", str(tmp_path / "x.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model path 'no_such_model' does not exist"):  # a bare name is no Hub id
+        _embed("no_such_model", ["MKV"])
 
     with pytest.raises(ValueError, match="sequence 'b' in .* is empty"):
         _embed(esm_dir, {"a": "MKV", "b": "  "})

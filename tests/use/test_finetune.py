@@ -23,7 +23,7 @@ from bioscale.use import (
     load_model,
 )
 from bioscale.use.cli import finetune_main
-from bioscale.use.finetune import Example, collate_examples, split_by_sequence
+from bioscale.use.finetune import Example, collate_examples, resolve_data_path, split_by_sequence
 
 from .conftest import PROTEINS
 
@@ -175,3 +175,18 @@ def test_config_and_input_errors(esm_dir: Path, tmp_path: Path, capsys: pytest.C
     argv = ["--task", "token_classification", "--model", str(tmp_path / "missing"), "--data", str(bad)]
     assert finetune_main(argv) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_recipe_data_resolves_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped recipes name ``../shared/data/...``: it must resolve outside the repository root too."""
+    shared = tmp_path / "elsewhere" / "shared_data"
+    shared.mkdir(parents=True)
+    (shared / "porter6_secondary_structure_sample.parquet").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
+    monkeypatch.setenv("BIOSCALE_SHARED_DATA", str(shared))
+    default = load_finetune_config("token_classification", ["model=m"]).data
+    assert resolve_data_path(default) == str(shared / "porter6_secondary_structure_sample.parquet")
+    (tmp_path / "mine.csv").write_text("sequence,label\n")
+    assert resolve_data_path("mine.csv") == "mine.csv"  # existing paths are kept as given
+    assert resolve_data_path("../shared/data/absent.parquet") == "../shared/data/absent.parquet"  # error names it
+    assert resolve_data_path("missing.csv") == "missing.csv"

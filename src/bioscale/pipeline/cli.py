@@ -228,7 +228,8 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="a checkpoint directory instead of a model artifact (needs --data)")
     parser.add_argument("--data", default=None,
                         help="FASTA/parquet to evaluate on (default: the validation split of the model's dataset)")
-    parser.add_argument("--sequence-column", default="sequence", help="the sequence column of a parquet --data")
+    parser.add_argument("--sequence-column", default=None,
+                        help="the sequence column of a parquet --data (default: sequence, Sequence, seq or sequences)")
     _common(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--bf16", action="store_true", help="run forward passes under bf16 autocast")

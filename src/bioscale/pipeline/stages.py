@@ -215,13 +215,38 @@ def random_init_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return fresh.to(device=param.device, dtype=param.dtype).eval()
 
 
+# Sequence column names tried, in order, when the caller names none (UniRef90 uses "sequence", Porter6 "Sequence").
+SEQUENCE_COLUMNS = ("sequence", "Sequence", "seq", "sequences")
+
+
+def _guess_sequence_column(spec: str | Path) -> str:
+    """The first of :data:`SEQUENCE_COLUMNS` in a parquet file (or the first shard of a directory), else "sequence"."""
+    import pyarrow.parquet as pq
+
+    path = Path(spec)
+    if path.is_dir():
+        path = next(iter(sorted(path.glob("*.parquet"))), path)
+    if not (path.is_file() and path.suffix.lower() in (".parquet", ".pq")):
+        return SEQUENCE_COLUMNS[0]
+    try:
+        names = pq.read_schema(path).names
+    except Exception:  # noqa: BLE001  (unreadable: let the data layer report it with its own message)
+        return SEQUENCE_COLUMNS[0]
+    return next((name for name in SEQUENCE_COLUMNS if name in names), SEQUENCE_COLUMNS[0])
+
+
 def _read_sequences(
-    spec: str | Path, modality: Modality, *, limit: int | None, sequence_column: str = "sequence"
+    spec: str | Path, modality: Modality, *, limit: int | None, sequence_column: str | None = None
 ) -> tuple[list[str], dict[str, int]]:
-    """Sequences of any source the data layer opens, with its input policy applied (no cropping: eval chunks)."""
+    """Sequences of any source the data layer opens, with its input policy applied (no cropping: eval chunks).
+
+    ``sequence_column=None`` picks the first of :data:`SEQUENCE_COLUMNS` that a parquet input has.
+    """
     from bioscale.data.policy import InputPolicy
     from bioscale.data.sources import iter_sequences, open_source
 
+    if sequence_column is None:
+        sequence_column = _guess_sequence_column(spec)
     try:
         source = open_source(str(spec), sequence_column=sequence_column)
     except FileNotFoundError as err:
@@ -268,7 +293,7 @@ def evaluate(
     *,
     out: str | Path,
     data: str | Path | None = None,
-    sequence_column: str = "sequence",
+    sequence_column: str | None = None,
     scale: Scale = "tiny",
     seed: int = 0,
     secondary_structure: str | Path | bool | None = None,
@@ -285,7 +310,8 @@ def evaluate(
     Args:
         model: a model artifact, or any checkpoint directory (bioscale or ``transformers`` ESM-2 / Llama).
         data: FASTA/parquet (any source the data layer opens) to evaluate on; default: the validation split of the
-            dataset artifact in the model's lineage. ``sequence_column`` names its column for parquet/HF data.
+            dataset artifact in the model's lineage. ``sequence_column`` names its column for parquet/HF data
+            (default: the first of ``sequence``, ``Sequence``, ``seq``, ``sequences`` in a parquet file).
         secondary_structure: the Porter6 parquet for the probe (proteins only); ``None`` looks for
             ``porter6_secondary_structure_sample.parquet`` in the shared data folder and skips the probe, with a
             note in the report and metrics, when it is absent; ``False`` disables the probe.

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -212,6 +213,25 @@ def load_finetune_config(recipe: str | Path | None = None, overrides: Sequence[s
     assert isinstance(config, FinetuneConfig), type(config)
     config.validate()
     return config
+
+
+def resolve_data_path(path: str) -> str:
+    """``path``, or the shared data folder's file of the same name when ``path`` is the recipes' ``../shared/data/X``.
+
+    The shipped recipes name the Porter6 sample relative to the repository root (``../shared/data/...``), which only
+    resolves when bioscale runs from there; like the evaluation stage, look in ``$BIOSCALE_SHARED_DATA`` and beside the
+    checkout before giving up, so ``bioscale finetune --task token_classification`` works from any directory.
+    """
+    given = Path(path)
+    if given.exists() or given.parts[:3] != ("..", "shared", "data") or len(given.parts) != 4:
+        return path
+    folders = [Path(os.environ["BIOSCALE_SHARED_DATA"])] if os.environ.get("BIOSCALE_SHARED_DATA") else []
+    folders.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")  # <repo>/../shared/data
+    for folder in folders:
+        if (folder / given.name).is_file():
+            logger.info("data %s not found from %s; using %s", path, Path.cwd(), folder / given.name)
+            return str(folder / given.name)
+    return path
 
 
 @dataclass
@@ -532,9 +552,9 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
 
     if loaded is None:
         load_config(config.model)  # fail on a bad model path before reading the data
-    data = read_labelled(config.data, config.sequence_column, config.label_column, task)
+    data = read_labelled(resolve_data_path(config.data), config.sequence_column, config.label_column, task)
     if config.val_data is not None:
-        val_data = read_labelled(config.val_data, config.sequence_column, config.label_column, task)
+        val_data = read_labelled(resolve_data_path(config.val_data), config.sequence_column, config.label_column, task)
         train_idx, val_idx = list(range(len(data.ids))), list(range(len(val_data.ids)))
     else:
         val_data = data

@@ -34,7 +34,9 @@ _MODEL_TYPES: dict[str, tuple[str, bool]] = {
     "esm": ("esm2", False),
     "llama": ("llama3", False),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# A Hub id names its owner (``facebook/esm2_t6_8M_UR50D``): a bare name is taken for a missing local directory, so a
+# typo fails at once instead of after the Hub client's network retries.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _resolve_source(source: str | Path) -> str:
         return str(path)
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
     if looks_like_path or not _HUB_ID.match(text):
-        raise ValueError(f"model path {text!r} does not exist")
+        raise ValueError(f"model path {text!r} does not exist (and it is not a Hub id of the form owner/name)")
     return text  # a Hub id: from_pretrained downloads (or reads the local cache)
 
 
