@@ -43,24 +43,35 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_bioscale_train_l0_sanity_runs_as_a_command(tmp_path):
+    # The public form: only checkpoint.ckpt_dir is given, so the run directory is that folder too (nothing lands in
+    # the working directory), and the last stdout line is the summary naming where everything went.
+    ckpt_dir, cwd = tmp_path / "ckpt", tmp_path / "cwd"
+    cwd.mkdir()
     result = run_cli(
         [
             "train",
             "--config-name",
             "L0_sanity",
             "num_train_steps=3",
-            f"run_dir={tmp_path}",
+            f"checkpoint.ckpt_dir={ckpt_dir}",
             "device=cpu",
             "logging.log_every_n_steps=1",
-        ]
+        ],
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json"):
-        assert (tmp_path / name).is_file(), name
-    assert (tmp_path / "checkpoints" / "final_model" / "model.safetensors").is_file()
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+        assert (ckpt_dir / name).is_file(), name
+    assert (ckpt_dir / "final_model" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(ckpt_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert all("loss" in r for r in read_metrics(ckpt_dir / "metrics.jsonl"))
+    summary = json.loads((ckpt_dir / "summary.json").read_text())
     assert summary["final_step"] == 3
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["run_dir"] == str(ckpt_dir)
+    assert printed["metrics"] == str(ckpt_dir / "metrics.jsonl")
+    assert printed["final_model"] == str(ckpt_dir / "final_model")
+    assert list(cwd.iterdir()) == []
 
 
 def test_bioscale_train_rejects_unknown_keys_before_training(tmp_path):

@@ -20,6 +20,14 @@ def test_every_public_recipe_ships_and_composes():
         assert list_recipes()[name], f"{name}.yaml needs a one-line description as its first comment"
 
 
+def test_run_dir_follows_a_given_checkpoint_dir():
+    cfg = load_config("L0_sanity", ["checkpoint.ckpt_dir=/tmp/somewhere"])
+    assert (cfg.run_dir, cfg.checkpoint.ckpt_dir) == ("/tmp/somewhere", "/tmp/somewhere")
+    cfg = load_config("L0_sanity", ["run_dir=/tmp/run", "checkpoint.ckpt_dir=/tmp/ckpt"])
+    assert (cfg.run_dir, cfg.checkpoint.ckpt_dir) == ("/tmp/run", "/tmp/ckpt")
+    assert load_config("L0_sanity", ["run_dir=/tmp/run"]).checkpoint.ckpt_dir == "/tmp/run/checkpoints"
+
+
 def test_recipe_families_match_their_objectives():
     assert load_config("L0_sanity").data.objective == "mlm"
     llama = load_config("L0_sanity_llama3")

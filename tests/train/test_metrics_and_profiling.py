@@ -97,11 +97,14 @@ def test_torch_profiler_traces_the_window(tmp_path):
     profiler.close()
 
 
-def test_nsys_mode_without_cuda_is_off_with_a_warning(tmp_path, caplog):
+def test_nsys_mode_without_cuda_falls_back_to_a_torch_trace_with_a_warning(tmp_path, caplog):
     profiler = StepProfiler(
         enabled=True, mode="nsys", start_step=1, end_step=1, run_dir=tmp_path, rank=0, device=torch.device("cpu")
     )
-    assert not profiler.enabled
+    assert profiler.enabled and profiler.mode == "torch"
     profiler.step_begin(1)
+    with profiler.range("forward"):
+        torch.ones(4).sum()
     profiler.step_end(1)
     assert "needs a CUDA device" in caplog.text
+    assert (tmp_path / "profile" / "trace_rank0.json").is_file()

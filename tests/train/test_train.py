@@ -226,3 +226,13 @@ def test_train_accepts_a_config_built_in_python(tmp_path, monkeypatch):
     summary = train(cfg)
     assert summary["final_step"] == 2
     assert [r["step"] for r in read_metrics(tmp_path / "outputs" / "run" / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("fp8_config.enabled=true", "fp8_config.enabled"), ("cp_size=2", "torchrun")],
+)
+def test_switches_this_machine_cannot_run_fail_clearly(tmp_path, override, named):
+    # A plain CPU process: FP8 needs an sm_89+ GPU, context parallelism several ranks. ValueError -> CLI exit 2.
+    with pytest.raises(ValueError, match=named):
+        run_in_process("L0_sanity", tmp_path, ["num_train_steps=1", override])

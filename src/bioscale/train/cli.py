@@ -2,12 +2,14 @@
 
 The same command runs as one process or under ``torchrun --nproc_per_node=N`` (every rank parses the same
 arguments). Configuration errors (unknown recipe or key, bad value, required value left ``???``) print one clear
-line and exit with status 2 before any model is built; a run stopped by ``nan_tolerance`` exits with status 1.
+line and exit with status 2 before any model is built; a run stopped by ``nan_tolerance`` exits with status 1. A
+finished run prints its summary (``run_dir``, ``metrics``, ``final_model``, losses, ...) as one JSON line on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -94,16 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     _setup_logging()
-    from bioscale.train.train import NonFiniteLossError, train
+    from bioscale.train.train import NonFiniteLossError, _jsonable, train
 
     try:
-        train(cfg)
+        summary = train(cfg)
     except ValueError as err:
         print(f"bioscale train: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"bioscale train: stopped: {err}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        # One JSON line on stdout: where the run put its files (run_dir, metrics, final_model) and how it ended.
+        print(json.dumps(_jsonable(summary)), flush=True)
     return 0
 
 

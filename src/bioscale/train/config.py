@@ -155,7 +155,7 @@ class TrainConfig:
     grad_acc_steps: int = 1
     # Context-parallel degree (a later feature); only 1 is accepted until bioscale.distributed.context_parallel exists.
     cp_size: int = 1
-    # None: ``outputs/<config name>``, relative to the working directory.
+    # None: ``checkpoint.ckpt_dir`` when that is set, else ``outputs/<config name>`` relative to the working directory.
     run_dir: Optional[str] = None
     seed: int = 42
     device: str = "auto"
@@ -249,9 +249,15 @@ def load_config(
 
 
 def resolve_paths(cfg: TrainConfig, name: str = "run") -> None:
-    """Fill the derived defaults in place: ``run_dir = outputs/<name>``, ``ckpt_dir = <run_dir>/checkpoints``."""
+    """Fill the derived defaults in place: ``run_dir`` and ``ckpt_dir``.
+
+    ``run_dir`` unset: ``checkpoint.ckpt_dir`` when that is given (one folder then holds the whole run, and two runs
+    with different checkpoint folders never share a metrics file), else ``outputs/<name>``. ``ckpt_dir`` unset:
+    ``<run_dir>/checkpoints``.
+    """
     if cfg.run_dir is None:
-        cfg.run_dir = str(Path("outputs") / name)
+        ckpt_dir = cfg.checkpoint.ckpt_dir
+        cfg.run_dir = str(ckpt_dir) if ckpt_dir is not None else str(Path("outputs") / name)
     if cfg.checkpoint.ckpt_dir is None:
         cfg.checkpoint.ckpt_dir = str(Path(cfg.run_dir) / "checkpoints")
 

@@ -4,7 +4,8 @@
 ``nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop`` records only those steps, and every step
 and phase (``data``, ``forward``, ``backward``, ``optimizer``) is an NVTX range, so the timeline reads like the loop.
 ``mode="torch"``: the same window is recorded by ``torch.profiler`` (CPU and CUDA activity, phases as
-``record_function`` labels) and written as a Chrome/Perfetto trace ``<run_dir>/profile/trace_rank<R>.json``.
+``record_function`` labels) and written as a Chrome/Perfetto trace ``<run_dir>/profile/trace_rank<R>.json``; without
+CUDA, ``nsys`` mode falls back to it with a warning.
 
 Outside the window every call here is a cheap no-op, so the loop calls the profiler unconditionally.
 """
@@ -49,8 +50,13 @@ class StepProfiler:
         self._active = False
         self._torch_profiler: torch.profiler.profile | None = None
         if enabled and mode == "nsys" and not self.cuda:
-            logger.warning("profiler.mode=nsys needs a CUDA device; profiling is off (use profiler.mode=torch on CPU)")
-            self.enabled = False
+            # Nsight Systems has nothing to capture without CUDA; a torch.profiler trace of the same window still
+            # answers "where does the step time go", so `profiler.enabled=true` on a CPU machine is never a no-op.
+            logger.warning(
+                "profiler.mode=nsys needs a CUDA device; writing a torch.profiler trace to %s instead",
+                self.trace_dir,
+            )
+            self.mode = "torch"
 
     def _nvtx(self) -> bool:
         return self.enabled and self.mode == "nsys" and self.cuda

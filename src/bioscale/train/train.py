@@ -164,8 +164,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # are then refreshed once per step, after the optimizer, in a single all-reduce.
         fp8_all_gather = cfg.fp8_config.enabled and use_fsdp and cfg.fp8_config.recipe == "tensorwise"
         if cfg.fp8_config.enabled:
-            from bioscale.precision.fp8 import apply_fp8, precompute_fp8_scales
+            from bioscale.precision.fp8 import apply_fp8, check_fp8_hardware, precompute_fp8_scales
 
+            _check_fp8_device(check_fp8_hardware, device)
             apply_fp8(model, recipe=cfg.fp8_config.recipe, layers=cfg.fp8_layers, fsdp_float8_all_gather=fp8_all_gather)
 
         # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
@@ -635,6 +636,19 @@ def _num_label_tokens(batch: dict[str, Any]) -> int:
     """Loss terms in a micro-batch (``shift_labels`` once context parallelism shifted them before sharding)."""
     labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
     return int((labels != IGNORE_INDEX).sum())
+
+
+def _check_fp8_device(check_fp8_hardware: Any, device: torch.device) -> None:
+    """A configuration error (``ValueError``, one line from the CLI) when this device cannot train in FP8."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"fp8_config.enabled=true needs an NVIDIA GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); "
+            f"this run is on {device.type}. Set fp8_config.enabled=false (on a GPU, dtype=bf16 trains in bf16)."
+        )
+    try:
+        check_fp8_hardware(device)
+    except RuntimeError as err:
+        raise ValueError(f"fp8_config.enabled=true: {err}") from err
 
 
 def _check_vocabulary(tokenizer: Any, model_config: Any) -> None:
