@@ -10,7 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bioscale.eval import fit_linear_probe, load_secondary_structure, residue_embeddings, secondary_structure_probe
+from bioscale.eval import (
+    fit_linear_probe,
+    load_secondary_structure,
+    residue_embeddings,
+    secondary_structure_finetune,
+    secondary_structure_probe,
+)
 from bioscale.models import to_hf
 
 from .conftest import PROTEINS
@@ -104,3 +110,23 @@ def test_probe_on_porter6(esm, shared_data: Path) -> None:
         assert 0.2 < result[name]["q8"] <= result[name]["q3"] < 1.0
     # Even random-weight context features carry more than the majority class.
     assert result["random"]["q3"] > result["majority"]["q3"]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_finetuned_head_on_porter6_learns_and_leaves_the_model_alone(esm, shared_data: Path, lora: bool) -> None:
+    """The LoRA / full fine-tune option of the probe: Q3/Q8 on the same split, better than the untrained head."""
+    if lora:
+        pytest.importorskip("peft")
+    model, tokenizer = esm
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = load_secondary_structure(shared_data / PORTER6, max_proteins=30, seed=0)
+    result = secondary_structure_finetune({"random": model}, tokenizer, data, lora=lora, max_steps=15, lr=5e-3,
+                                          max_length=256, device="cpu")  # fmt: skip
+    assert result["method"] == ("lora" if lora else "full")
+    assert result["num_train_proteins"] == len(data.train) and result["num_test_proteins"] == len(data.test)
+    assert 0.2 < result["random"]["q8"] <= result["random"]["q3"] < 1.0
+    assert result["random"]["loss"] < np.log(8)  # below the loss of a uniform guess over the 8 states
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        secondary_structure_finetune({"random": model}, tokenizer, data, max_steps=0)

@@ -151,3 +151,15 @@ def test_dna_chain_reports_bits_per_base(tmp_path: Path) -> None:
     assert 3.8 < lm["random_init"]["bits_per_base"] < 4.8  # near uniform over 20 tokens: log2(20) = 4.32
     assert result.metadata.metrics["secondary_structure"] is None
     assert [e.kind for e, _ in trace_lineage(result.path)] == ["model", "dataset", "source"]
+
+
+def test_secondary_structure_by_lora_fine_tune(chain: dict, tmp_path: Path, shared_data: Path) -> None:
+    pytest.importorskip("peft")
+    result = evaluate(chain["model"], out=tmp_path / "e", ss_head="lora", ss_finetune_steps=4, random_baseline=False,
+                      max_sequences=8)  # fmt: skip
+    ss = result.metadata.metrics["secondary_structure"]
+    assert ss["method"] == "lora" and ss["max_steps"] == 4 and set(ss["trained"]) == {"q3", "q8", "loss"}
+    assert result.metadata.config["ss_head"] == "lora"
+    assert "lora fine-tune of a per-residue head" in (tmp_path / "e" / "report.md").read_text()
+    with pytest.raises(ValueError, match="ss_head must be 'probe', 'lora' or 'full'"):
+        evaluate(chain["model"], out=tmp_path / "e2", ss_head="linear")

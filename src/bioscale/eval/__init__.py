@@ -3,6 +3,8 @@
 - :func:`masked_lm_perplexity` (proteins, fixed seeded masking) and :func:`causal_lm_nll` (DNA, bits per base);
 - :func:`secondary_structure_probe`: Q3/Q8 of a linear probe on frozen per-residue embeddings, next to a
   randomly initialised model, the residue identity alone and the majority class;
+- :func:`secondary_structure_finetune`: the option to the probe: Q3/Q8 of a per-residue head fine-tuned with LoRA
+  adapters or all weights (:func:`bioscale.use.finetune`) on the same split;
 - :func:`write_report` / :func:`plot_training_curves`: a Markdown + HTML report and a PNG of the training curves.
 
 The pipeline's eval stage (:func:`bioscale.pipeline.evaluate`) composes these; they also work on any model.
@@ -15,6 +17,7 @@ from bioscale.eval.secondary_structure import (
     fit_linear_probe,
     load_secondary_structure,
     residue_embeddings,
+    secondary_structure_finetune,
     secondary_structure_probe,
 )
 from bioscale.eval.splits import is_held_out
@@ -31,6 +34,7 @@ __all__ = [
     "plot_training_curves",
     "read_metrics_jsonl",
     "residue_embeddings",
+    "secondary_structure_finetune",
     "secondary_structure_probe",
     "write_report",
 ]

@@ -239,6 +239,11 @@ def eval_parser() -> argparse.ArgumentParser:
     probe.add_argument("--ss-data", default=None,
                        help="Porter6-style parquet for the secondary-structure probe (default: ../shared/data)")
     probe.add_argument("--no-ss", action="store_true", help="skip the secondary-structure probe")
+    parser.add_argument("--ss-head", choices=("probe", "lora", "full"), default="probe",
+                        help="secondary structure: linear probe on frozen embeddings (default), or fine-tune a "
+                        "per-residue head with LoRA adapters or all weights")
+    parser.add_argument("--ss-finetune-steps", type=int, default=None,
+                        help="steps of the --ss-head lora|full fine-tune per model (default: the scale's)")
     parser.add_argument("--no-random-baseline", action="store_true", help="do not evaluate a random-init model")
     return parser
 
@@ -257,6 +262,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             model, out=_out(args, "eval"), data=args.data, sequence_column=args.sequence_column, scale=args.scale,
             seed=args.seed,
             secondary_structure=False if args.no_ss else args.ss_data, max_sequences=args.max_sequences,
+            ss_head=args.ss_head, ss_finetune_steps=args.ss_finetune_steps,
             random_baseline=not args.no_random_baseline, device=args.device, bf16=args.bf16,
             overwrite=args.overwrite,
         )

@@ -33,6 +33,8 @@ class ScalePreset:
     ss_max_proteins: int | None
     # eval: L-BFGS iterations of the linear probe
     probe_max_iter: int
+    # eval: optimizer steps of the secondary-structure fine-tune (--ss-head lora|full) per model
+    ss_finetune_steps: int = 500
 
 
 _RECIPES = {"protein": "L0_sanity", "dna": "L0_sanity_llama3"}
@@ -52,6 +54,7 @@ PRESETS: dict[str, ScalePreset] = {
         eval_max_sequences=64,
         ss_max_proteins=80,
         probe_max_iter=50,
+        ss_finetune_steps=20,
     ),
     "small": ScalePreset(
         max_records=20_000,

@@ -300,6 +300,8 @@ def evaluate(
     max_sequences: int | None = -1,
     ss_max_proteins: int | None = -1,
     probe_max_iter: int | None = None,
+    ss_head: str = "probe",
+    ss_finetune_steps: int | None = None,
     random_baseline: bool = True,
     device: str | None = None,
     bf16: bool = False,
@@ -317,6 +319,9 @@ def evaluate(
             note in the report and metrics, when it is absent; ``False`` disables the probe.
         max_sequences: evaluate at most this many sequences (``-1``: the scale's cap, ``None``: all).
         ss_max_proteins: Porter6 proteins used by the probe, train and test together (``-1``: the scale's).
+        ss_head: ``"probe"`` (a linear probe on frozen embeddings), or a fine-tuned per-residue head on the same
+            split: ``"lora"`` (LoRA adapters through ``peft``) or ``"full"`` (all weights).
+        ss_finetune_steps: optimizer steps of that fine-tune per model (default: the scale's).
         probe_max_iter: L-BFGS iterations of the probe (default: the scale's).
         random_baseline: also evaluate a randomly initialised model of the same config (seeded by ``seed``).
         device: ``cpu``/``cuda``/``auto``; ``bf16`` runs the forward passes under bf16 autocast (GPU).
@@ -324,7 +329,11 @@ def evaluate(
     from bioscale.eval.batching import resolve_device
     from bioscale.eval.perplexity import causal_lm_nll, masked_lm_perplexity
     from bioscale.eval.report import ReportSection, plot_training_curves, write_report
-    from bioscale.eval.secondary_structure import load_secondary_structure, secondary_structure_probe
+    from bioscale.eval.secondary_structure import (
+        load_secondary_structure,
+        secondary_structure_finetune,
+        secondary_structure_probe,
+    )
     from bioscale.use.loading import family_of, load_model
     from bioscale.use.loading import load_config as load_model_config
 
@@ -334,6 +343,9 @@ def evaluate(
     if ss_max_proteins == -1:
         ss_max_proteins = preset.ss_max_proteins
     probe_max_iter = preset.probe_max_iter if probe_max_iter is None else probe_max_iter
+    ss_finetune_steps = preset.ss_finetune_steps if ss_finetune_steps is None else ss_finetune_steps
+    if ss_head not in ("probe", "lora", "full"):
+        raise ValueError(f"ss_head must be 'probe', 'lora' or 'full', got {ss_head!r}")
     model_dir, artifact, model_lineage = _resolve_model(model)
     lineage = [model_lineage]
 
@@ -409,10 +421,16 @@ def evaluate(
             )
         else:
             ss_data = load_secondary_structure(ss_path, max_proteins=ss_max_proteins, seed=seed)
-            ss_metrics = secondary_structure_probe(
-                models, tokenizer, ss_data, max_length=max_length, max_iter=probe_max_iter, device=torch_device,
-                autocast_dtype=autocast_dtype,
-            )
+            if ss_head == "probe":
+                ss_metrics = secondary_structure_probe(
+                    models, tokenizer, ss_data, max_length=max_length, max_iter=probe_max_iter, device=torch_device,
+                    autocast_dtype=autocast_dtype,
+                )
+            else:
+                ss_metrics = secondary_structure_finetune(
+                    models, tokenizer, ss_data, lora=ss_head == "lora", max_steps=ss_finetune_steps,
+                    max_length=max_length, device=str(torch_device), seed=seed,
+                )
             lineage.append(source_lineage_entry(ss_path))
 
     # ---- report ----------------------------------------------------------------------------------------------------
@@ -450,6 +468,8 @@ def evaluate(
             "max_sequences": max_sequences,
             "ss_max_proteins": ss_max_proteins,
             "probe_max_iter": probe_max_iter,
+            "ss_head": ss_head,
+            "ss_finetune_steps": ss_finetune_steps if ss_head != "probe" else None,
             "random_baseline": random_baseline,
             "bf16": bf16,
             "device": str(torch_device),
@@ -488,7 +508,19 @@ def _report_sections(
         ]
         title = "Causal-LM likelihood"
     sections.append(section_cls(title, header=header, rows=rows))
-    if ss_metrics is not None:
+    if ss_metrics is not None and "method" in ss_metrics:  # a fine-tuned head (ss_head="lora" or "full")
+        sections.append(
+            section_cls(
+                f"Secondary structure ({ss_metrics['method']} fine-tune of a per-residue head)",
+                paragraphs=[
+                    f"{ss_metrics['max_steps']} steps at lr {ss_metrics['lr']:g} on {ss_metrics['num_train_proteins']} "
+                    f"proteins, tested on {ss_metrics['num_test_proteins']}, split by sequence."
+                ],
+                header=["model", "Q3", "Q8"],
+                rows=[[name, ss_metrics[name]["q3"], ss_metrics[name]["q8"]] for name in lm_metrics],
+            )
+        )
+    elif ss_metrics is not None:
         rows = [
             [name, ss_metrics[name]["q3"], ss_metrics[name]["q8"]]
             for name in (*[k for k in lm_metrics], "residue_identity", "majority")
