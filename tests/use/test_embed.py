@@ -121,6 +121,24 @@ def test_bad_inputs_give_clear_errors(esm_dir: Path, tmp_path: Path, capsys: pyt
     with pytest.raises(ValueError, match="model path 'no_such_model' does not exist"):  # a bare name is no Hub id
         _embed("no_such_model", ["MKV"])
 
+
+def test_model_argument_may_be_a_run_or_a_model_artifact(esm_dir: Path, tmp_path: Path) -> None:
+    """What `bioscale train` leaves behind: a checkpoint directory with final_model/, or a model artifact."""
+    import json
+    import shutil
+
+    shutil.copytree(esm_dir, tmp_path / "ckpt" / "final_model")
+    shutil.copytree(esm_dir, tmp_path / "artifact" / "run" / "checkpoints" / "final_model")
+    (tmp_path / "artifact" / "metadata.json").write_text(
+        json.dumps({"kind": "model", "paths": {"model": "run/checkpoints/final_model"}})
+    )
+    reference = _embed(esm_dir, PROTEINS).pooled
+    for wrapper in ("ckpt", "artifact"):
+        np.testing.assert_array_equal(_embed(tmp_path / wrapper, PROTEINS).pooled, reference)
+    (tmp_path / "artifact" / "metadata.json").write_text(json.dumps({"kind": "dataset", "paths": {}}))
+    with pytest.raises(ValueError, match="has no config.json"):
+        _embed(tmp_path / "artifact", ["MKV"])
+
     with pytest.raises(ValueError, match="sequence 'b' in .* is empty"):
         _embed(esm_dir, {"a": "MKV", "b": "  "})
     with pytest.raises(ValueError, match="input file .* does not exist"):

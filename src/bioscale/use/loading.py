@@ -11,6 +11,7 @@ is one, else the family's bioscale tokenizer (ESM-2's alphabet, or the nucleotid
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -64,19 +65,43 @@ def family_of_model(model: PreTrainedModel) -> str:
     return family_of(model.config)
 
 
+def _checkpoint_inside(path: Path) -> Path | None:
+    """The checkpoint in a directory that wraps one: a pipeline model artifact (``metadata.json`` of kind ``model``,
+    its ``paths.model``) or a training run's checkpoint directory (``final_model/``); ``None`` otherwise."""
+    meta = path / "metadata.json"
+    if meta.is_file():
+        try:
+            raw = json.loads(meta.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raw = None
+        paths = raw.get("paths") if isinstance(raw, dict) and raw.get("kind") == "model" else None
+        if isinstance(paths, dict) and isinstance(paths.get("model"), str) and (path / paths["model"]).is_dir():
+            if (path / paths["model"] / "config.json").is_file():
+                return path / paths["model"]
+    if (path / "final_model" / "config.json").is_file():
+        return path / "final_model"
+    return None
+
+
 def _resolve_source(source: str | Path) -> str:
-    """The string ``from_pretrained`` takes; ``ValueError`` for a path that does not exist or holds no model."""
+    """The string ``from_pretrained`` takes; ``ValueError`` for a path that does not exist or holds no model.
+
+    A directory that wraps a checkpoint (a ``bioscale train`` model artifact, or a run's checkpoint directory with
+    ``final_model/``) resolves to that checkpoint.
+    """
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model path {text!r} is a file; expected a checkpoint directory (with config.json)")
         if not (path / "config.json").is_file():
+            inner = _checkpoint_inside(path)
+            if inner is not None:
+                logger.info("%s holds no checkpoint itself; using %s", text, inner)
+                return str(inner)
             hint = ""
             if (path / "adapter_config.json").is_file():
                 hint = " (it holds a LoRA adapter: load it with bioscale.use.load_finetuned)"
-            elif (path / "final_model").is_dir():
-                hint = f" (did you mean {str(path / 'final_model')!r}?)"
             raise ValueError(f"model directory {text!r} has no config.json{hint}")
         return str(path)
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
