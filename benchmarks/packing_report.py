@@ -15,6 +15,7 @@ for each
     python benchmarks/packing_report.py --models llama3_1B,llama3_1B:packing=greedy
     python benchmarks/packing_report.py --config L1_llama3_1B
     python benchmarks/packing_report.py --config L1_llama3_1B data.crop=random --world-size 8 --rank 1
+    python benchmarks/packing_report.py --config L1_llama3_1B data.crop=window data.packing_buffer_size=64
 """
 
 from __future__ import annotations

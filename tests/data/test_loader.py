@@ -149,6 +149,53 @@ def test_workers_micro_batches_alternate_without_starving_one(tmp_path):
     assert min(per_worker) >= max(per_worker) / 2, per_worker
 
 
+def test_buffered_packing_fills_windows_with_tails(tmp_path):
+    """The OpenGenome2 pattern (a full window + a 2-base tail per contig, two windows per budget): greedy in-order
+    packing leaves ~2/3 fill, since a tail between two windows stops them sharing a micro-batch; a lookahead buffer
+    pairs the windows and gathers the tails. Every window still exactly once, and the budget holds."""
+    cfg, windows = _contigs_of_window_plus_tail(tmp_path, num_records=200, max_seq_length=258)
+    tok = nucleotide_tokenizer()
+    dna_vocab = tok.convert_ids_to_tokens(list(range(20)))
+    fills = {}
+    for buffer_size in (0, 64):
+        cfg.packing_buffer_size = buffer_size
+        ds = build_dataloader(cfg, tok).dataset
+        groups = list(ds._epoch_groups(0, 0, 1, ds._make_policy()))
+        assert all(sum(map(len, g)) <= cfg.max_tokens_per_batch for g in groups)
+        got = ["".join(dna_vocab[i] for i in ids.tolist()[1:-1]) for g in groups for ids in g]
+        assert Counter(got) == Counter(windows)
+        fills[buffer_size] = sum(map(len, itertools.chain(*groups))) / (len(groups) * cfg.max_tokens_per_batch)
+    assert fills[0] < 0.8 and fills[64] >= 0.95, fills
+
+
+def test_buffered_packing_is_deterministic_and_leaves_padded_batches_alone(protein_fasta):
+    path, _ = protein_fasta
+    tok = protein_tokenizer()
+    cfg = DataConfig(source=str(path), use_sequence_packing=True, max_seq_length=64, max_tokens_per_batch=128,
+                     packing_buffer_size=8,
+                     seed=3)
+    first, second = (_take(iter(build_dataloader(cfg, tok)), 12) for _ in range(2))
+    _assert_same_batches(first, second)
+    greedy = _take(iter(build_dataloader(DataConfig(**{**cfg.to_dict(), "packing_buffer_size": 0}), tok)), 12)
+    assert any(sequences_of(a) != sequences_of(b) for a, b in zip(first, greedy))
+    padded = {k: DataConfig(source=str(path), micro_batch_size=5, packing_buffer_size=k, seed=3) for k in (0, 8)}
+    _assert_same_batches(*(_take(iter(build_dataloader(c, tok)), 10) for c in padded.values()))
+
+
+def test_resume_of_a_state_saved_before_packing_buffer_size(protein_fasta):
+    """States saved before the key existed ran greedy packing: they resume with packing_buffer_size=0 only."""
+    path, _ = protein_fasta
+    tok = protein_tokenizer()
+    cfg = DataConfig(source=str(path), use_sequence_packing=True, max_seq_length=128, max_tokens_per_batch=256)
+    loader = build_dataloader(cfg, tok)
+    _take(iter(loader), 2)
+    state = loader.state_dict()
+    del state["bioscale"]["config"]["packing_buffer_size"]
+    build_dataloader(cfg, tok).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"packing_buffer_size: 0 -> 16"):
+        build_dataloader(DataConfig(**{**cfg.to_dict(), "packing_buffer_size": 16}), tok).load_state_dict(state)
+
+
 def test_epochs_reshuffle_and_loop_forever(protein_fasta):
     path, seqs = protein_fasta
     cfg = DataConfig(source=str(path), objective="clm", micro_batch_size=5)
@@ -176,11 +223,12 @@ def _assert_same_batches(a, b):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("packing", [False, True])
-def test_resume_gives_the_uninterrupted_batches(protein_fasta, num_workers, packing):
+@pytest.mark.parametrize(("packing", "packing_buffer_size"), [(False, 0), (True, 0), (True, 8)])
+def test_resume_gives_the_uninterrupted_batches(protein_fasta, num_workers, packing, packing_buffer_size):
     path, _ = protein_fasta
     cfg = DataConfig(source=str(path), num_workers=num_workers, use_sequence_packing=packing, micro_batch_size=3,
-                     max_seq_length=128, max_tokens_per_batch=256, pad_to_multiple_of=16, shuffle_buffer_size=16, seed=7)
+                     max_seq_length=128, max_tokens_per_batch=256, pad_to_multiple_of=16, shuffle_buffer_size=16, seed=7,
+                     packing_buffer_size=packing_buffer_size)
     tok = protein_tokenizer()
     reference = build_dataloader(cfg, tok, rank=1, world_size=2)
     it = iter(reference)
@@ -257,6 +305,7 @@ def test_too_few_records_for_the_consumers(tmp_path):
         ({"mlm_probability": 0.0}, r"data\.mlm_probability=0\.0"),
         ({"window_stride": 2000}, r"data\.window_stride=2000: must not exceed the window length"),
         ({"use_sequence_packing": True, "max_tokens_per_batch": 512}, r"data\.max_tokens_per_batch=512 is smaller"),
+        ({"packing_buffer_size": -1}, r"data\.packing_buffer_size=-1"),
         ({"use_sequence_packing": True, "max_tokens_per_batch": 4100, "pad_to_multiple_of": 16},
          r"data\.max_tokens_per_batch=4100 must be a multiple of data\.pad_to_multiple_of=16"),
         ({"unknown_residues": "drop"}, r"data\.unknown_residues='drop'"),

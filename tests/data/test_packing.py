@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bioscale.data import IGNORE_INDEX, count_tokens, pack_sequences, pad_sequences
+from bioscale.data import IGNORE_INDEX, buffered_pack, count_tokens, pack_sequences, pad_sequences
 
 
 def random_token_lists(n: int, seed: int, high: int = 300) -> list[np.ndarray]:
@@ -121,3 +121,34 @@ def test_pad_sequences_and_counts():
     assert b["attention_mask"].sum(1).tolist() == [4, 3, 2]
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert count_tokens(b) == {"num_tokens": 24, "num_real_tokens": 9, "num_label_tokens": 9, "num_sequences": 3}
+
+
+@pytest.mark.parametrize("buffer_size", [2, 8, 64])
+@pytest.mark.parametrize("multiple", [None, 16])
+@pytest.mark.parametrize("max_tokens", [320, 1024])
+def test_buffered_packing_every_token_once_and_budget(buffer_size, multiple, max_tokens):
+    seqs = random_token_lists(300, seed=buffer_size + max_tokens)
+    batches = list(pack_sequences(seqs, max_tokens, pad_to_multiple_of=multiple, buffer_size=buffer_size))
+    got = [seg for b in batches for seg in unpack(b) if not (multiple and (seg == 1).all())]
+    assert sorted(map(tuple, got)) == sorted(map(tuple, seqs))  # each sequence exactly once, whole
+    assert all(b["input_ids"].shape[1] <= max_tokens for b in batches)
+    greedy = list(pack_sequences(seqs, max_tokens, pad_to_multiple_of=multiple))
+    assert len(batches) <= len(greedy)
+    again = list(pack_sequences(seqs, max_tokens, pad_to_multiple_of=multiple, buffer_size=buffer_size))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+
+
+def test_buffered_packing_pairs_windows_across_tails():
+    window, tail = np.full(510, 5), np.full(4, 6)
+    stream = [window, tail] * 40
+    groups = list(buffered_pack(stream, 1020, buffer_size=16))
+    # 40 windows in 20 full groups; the tails gather in the buffer and leave together at the end of the stream
+    assert [sum(map(len, g)) for g in groups] == [1020] * 20 + [160]
+    assert [len(g) for g in buffered_pack(stream, 1020, buffer_size=1)] == [len(g) for g in
+                                                                          pack_sequences_groups(stream, 1020)]
+    with pytest.raises(ValueError, match="sequence 1 has 1021 tokens"):
+        list(buffered_pack([window, np.ones(1021)], 1020, buffer_size=4))
+
+
+def pack_sequences_groups(stream, max_tokens):
+    return [unpack(b) for b in pack_sequences(stream, max_tokens)]

@@ -42,6 +42,9 @@ class DataConfig:
     max_tokens_per_batch: int = 8192  # token budget of a packed micro-batch (T <= this, padding included)
     pad_to_multiple_of: Optional[int] = None  # round S (padded) or T (packed) up to a multiple (16 for FP8)
     split_overflow: bool = False  # packed: cut a sequence that overflows the budget, continue it in the next batch
+    # packed: sequences of lookahead for first-fit-decreasing packing; 0 or 1 = greedy, in stream order. Ignored with
+    # split_overflow (which fills every micro-batch already). See docs/data.md for the default.
+    packing_buffer_size: int = 0
 
     # --- order and loading -----------------------------------------------------------------------------------------
     shuffle: bool = True  # reshuffle units and sequences every epoch (from seed + epoch)
@@ -94,6 +97,7 @@ class DataConfig:
         at_least("max_tokens_per_batch", 1)
         at_least("pad_to_multiple_of", 1, optional=True)
         at_least("shuffle_buffer_size", 1)
+        at_least("packing_buffer_size", 0)
         at_least("num_workers", 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"data.seed={self.seed!r}: expected an integer >= 0")

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bioscale.data.collators import CLMCollator, MLMCollator
 from bioscale.data.config import DataConfig
-from bioscale.data.packing import check_pack_budget, collate_packed, greedy_pack, pad_sequences
+from bioscale.data.packing import check_pack_budget, collate_packed, pack_groups, pad_sequences
 from bioscale.data.policy import InputPolicy, PolicyStats
 from bioscale.data.sources import SequenceSource, open_source
 from bioscale.data.tokenizers import CharTokenEncoder, canonical_token_ids
@@ -47,6 +47,8 @@ _STATE_VERSION = 1
 _DATASET_MARKER = "bioscale.SequenceDataset"
 # Config keys that do not change which batches are produced, so they may differ on resume.
 _RESUME_INDEPENDENT_KEYS = frozenset({"pin_memory", "num_workers"})  # num_workers is checked as part of the layout
+# Keys added after states were first saved: a saved config without one ran with this value (the old behaviour).
+_ADDED_KEY_OLD_VALUES = {"packing_buffer_size": 0}
 
 # Domain tags keep the random streams independent although they share (seed, epoch, ...).
 _UNIT_ORDER, _BLOCK_SHUFFLE, _CROP, _MASK, _DEAL = 0, 1, 2, 3, 4
@@ -236,7 +238,8 @@ class SequenceDataset(IterableDataset):
 
         stream = shuffled(sequences())
         if cfg.use_sequence_packing:
-            yield from greedy_pack(stream, cfg.max_tokens_per_batch, split_overflow=cfg.split_overflow)
+            yield from pack_groups(stream, cfg.max_tokens_per_batch, split_overflow=cfg.split_overflow,
+                                   buffer_size=cfg.packing_buffer_size)
         else:
             while group := list(itertools.islice(stream, cfg.micro_batch_size)):
                 yield group
@@ -288,10 +291,11 @@ class BioscaleDataLoader(StatefulDataLoader):
                 f"dealt out per (rank, worker), so a different layout would silently repeat or skip data. Resume "
                 f"with the saved layout, or start the data stream afresh (don't load the data-loader state)."
             )
-        changed = sorted(k for k in set(meta["config"]) | set(mine["config"])
-                         if meta["config"].get(k) != mine["config"].get(k))
+        saved_config = {**_ADDED_KEY_OLD_VALUES, **meta["config"]}
+        changed = sorted(k for k in set(saved_config) | set(mine["config"])
+                         if saved_config.get(k) != mine["config"].get(k))
         if changed:
-            diff = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {mine['config'].get(k)!r}" for k in changed)
+            diff = ", ".join(f"{k}: {saved_config.get(k)!r} -> {mine['config'].get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume the data loader: data config changed since the checkpoint ({diff})")
         super().load_state_dict(state_dict["loader"])
 

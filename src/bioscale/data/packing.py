@@ -1,9 +1,11 @@
-"""Sequence packing (THD): greedy packing of token sequences into micro-batches of a fixed token budget.
+"""Sequence packing (THD): packing token sequences into micro-batches of a fixed token budget.
 
 Padding a protein batch to its longest member wastes most of the compute (lengths span 10…1,000+ residues), so the
 packed layout puts the sequences of a micro-batch end to end in one row ``input_ids [1, T]`` and tells the attention
 kernel where each starts with ``cu_seq_lens`` (flash-attention's varlen convention, as in ``transformers``). Packing
-is greedy and in order, so a stream can be packed on the fly and a resumed run packs identically. ``T`` may be
+is greedy and in order (:func:`greedy_pack`) or first-fit-decreasing over a bounded lookahead buffer
+(:func:`buffered_pack`); both are deterministic functions of the input stream, so a stream can be packed on the fly
+and a resumed run packs identically. ``T`` may be
 padded up to a multiple (16 for FP8 GEMMs) by one extra segment of ``<pad>`` tokens that has its own ``cu_seq_lens``
 entry — attention-isolated from real tokens — and label -100. ``T`` never exceeds the budget.
 """
@@ -94,6 +96,73 @@ def greedy_pack(
         yield group
 
 
+def buffered_pack(
+    sequences: Iterable[np.ndarray], max_tokens: int, buffer_size: int
+) -> Iterator[list[np.ndarray]]:
+    """Groups ``sequences`` into lists of total length at most ``max_tokens``, looking ahead ``buffer_size`` sequences.
+
+    Sequences wait in a buffer; whenever it holds at least ``buffer_size`` of them and at least ``max_tokens`` tokens
+    (and at the end of the stream, until it is empty) one group is taken out of it first-fit-decreasing: the longest buffered sequence, then repeatedly the longest
+    that still fits the remaining budget (ties: the earliest). A group keeps its members in stream order. Greedy
+    in-order packing closes a group as soon as the next sequence does not fit, so a short sequence between two that
+    exactly fill the budget together (a genome window's tail between two full windows) costs half a micro-batch; here
+    the two full ones share a group and the short ones gather, so every group but the stream's last few is nearly full.
+    Every sequence appears exactly once, and the output depends only on the input order. ``buffer_size <= 1`` is
+    :func:`greedy_pack` (in order). A sequence longer than ``max_tokens`` raises ``ValueError``.
+    """
+    if buffer_size <= 1:
+        yield from greedy_pack(sequences, max_tokens)
+        return
+    buffer: list[np.ndarray] = []
+    num_buffered_tokens = 0
+
+    def take_group() -> list[np.ndarray]:
+        nonlocal num_buffered_tokens
+        # Stable sort: equal lengths keep stream order, so the earliest of them is taken first.
+        by_length = sorted(range(len(buffer)), key=lambda i: -len(buffer[i]))
+        space = max_tokens
+        chosen = []
+        for i in by_length:
+            n = len(buffer[i])
+            if n <= space:
+                chosen.append(i)
+                space -= n
+                if space == 0:
+                    break
+        chosen.sort()
+        group = [buffer[i] for i in chosen]
+        keep = set(range(len(buffer))) - set(chosen)
+        buffer[:] = [buffer[i] for i in sorted(keep)]
+        num_buffered_tokens -= max_tokens - space
+        return group
+
+    for index, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        if n > max_tokens:
+            raise ValueError(
+                f"sequence {index} has {n} tokens, more than max_tokens={max_tokens}; crop it first "
+                f"(the loader's input policy does)"
+            )
+        buffer.append(seq)
+        num_buffered_tokens += n
+        # Also wait for a budget's worth of tokens: K short sequences alone cannot fill a large budget.
+        if len(buffer) >= buffer_size and num_buffered_tokens >= max_tokens:
+            yield take_group()
+    while buffer:
+        yield take_group()
+
+
+def pack_groups(
+    sequences: Iterable[np.ndarray], max_tokens: int, *, split_overflow: bool = False, buffer_size: int = 0
+) -> Iterator[list[np.ndarray]]:
+    """:func:`greedy_pack` with ``split_overflow`` or ``buffer_size <= 1``, else :func:`buffered_pack`."""
+    if split_overflow or buffer_size <= 1:
+        return greedy_pack(sequences, max_tokens, split_overflow=split_overflow)
+    return buffered_pack(sequences, max_tokens, buffer_size)
+
+
 def collate_packed(
     pieces: Sequence[TokenIds], *, pad_to_multiple_of: int | None = None, pad_token_id: int = PAD_TOKEN_ID
 ) -> dict[str, torch.Tensor | int]:
@@ -139,20 +208,25 @@ def pack_sequences(
     *,
     pad_to_multiple_of: int | None = None,
     split_overflow: bool = False,
+    buffer_size: int = 0,
     pad_token_id: int = PAD_TOKEN_ID,
 ) -> Iterator[dict[str, torch.Tensor | int]]:
-    """Greedily packs token sequences, in order, into micro-batches of at most ``max_tokens`` tokens.
+    """Packs token sequences into micro-batches of at most ``max_tokens`` tokens: greedily in order, or with
+    ``buffer_size > 1`` first-fit-decreasing over a lookahead buffer of that many sequences (:func:`buffered_pack`).
 
     Yields dicts with ``input_ids [1, T]``, ``position_ids [1, T]``, ``cu_seq_lens_q/k`` (int32 ``[N + 1]``),
     ``max_length_q/k`` (ints) and ``labels [1, T]`` (the inputs, -100 on padding; pass the batch through
     ``MLMCollator.apply`` or ``CLMCollator.apply`` for an objective's labels). With ``pad_to_multiple_of``, ``T``
     is rounded up by a final ``<pad>`` segment (``max_tokens`` must then be a multiple of it, so ``T <= max_tokens``
     always). ``split_overflow`` cuts a sequence that overflows the budget and continues it in the next micro-batch
-    as a new segment (positions restart at 0); otherwise it starts the next micro-batch.
+    as a new segment (positions restart at 0); otherwise it starts the next micro-batch. ``split_overflow`` fills
+    every micro-batch already, so it packs in order and ignores ``buffer_size``.
     """
     check_pack_budget(max_tokens, pad_to_multiple_of)
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, (int, np.integer)) or buffer_size < 0:
+        raise ValueError(f"buffer_size must be an integer >= 0, got {buffer_size!r}")
     arrays = (_token_array(ids, index) for index, ids in enumerate(token_id_lists))
-    for group in greedy_pack(arrays, max_tokens, split_overflow=split_overflow):
+    for group in pack_groups(arrays, max_tokens, split_overflow=split_overflow, buffer_size=buffer_size):
         yield collate_packed(group, pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
 
 
