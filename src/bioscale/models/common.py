@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from bioscale.models.attention import AttentionInputs, packed_attention_inputs, padded_attention_inputs
+from bioscale.models.batch import Batch
 from bioscale.models.rotary import RotaryEmbedding
 
 # Keyword arguments that transformers' generate()/Trainer pass to every model and that bioscale models accept and
@@ -56,6 +58,37 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def attention_inputs_for_batch(
+    batch: Batch, hidden_states: torch.Tensor, *, backend: str, causal: bool, dropout_p: float
+) -> AttentionInputs:
+    """The attention metadata of one forward (both families build it once, outside the blocks).
+
+    Packed batches get ``cu_seqlens`` (``varlen``, or its fallback), padded ones a key-padding mask after
+    ``batch.past_length`` cached tokens; ``hidden_states`` ``[B, S, D]`` supplies the shapes, device and activation dtype.
+    """
+    if batch.is_packed:
+        assert batch.cu_seqlens is not None and batch.max_seqlen is not None and batch.sequence_ids is not None
+        return packed_attention_inputs(
+            backend=backend,
+            causal=causal,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            sequence_ids=batch.sequence_ids,
+            dtype=activation_dtype(hidden_states),
+            dropout_p=dropout_p,
+        )
+    return padded_attention_inputs(
+        backend=backend,
+        causal=causal,
+        attention_mask=batch.attention_mask,
+        query_length=hidden_states.shape[1],
+        past_length=batch.past_length,
+        batch_size=hidden_states.shape[0],
+        device=hidden_states.device,
+        dropout_p=dropout_p,
+    )
 
 
 class RMSNorm(nn.Module):

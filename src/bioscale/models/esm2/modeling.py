@@ -24,14 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from bioscale.models.attention import (
-    AttentionInputs,
-    attention_forward,
-    packed_attention_inputs,
-    padded_attention_inputs,
-)
+from bioscale.models.attention import AttentionInputs, attention_forward
 from bioscale.models.batch import Batch, labels_like, prepare_batch, unbatch
-from bioscale.models.common import BioscalePreTrainedModel, activation_dtype, keep_as_is, reject_unknown_kwargs
+from bioscale.models.common import BioscalePreTrainedModel, attention_inputs_for_batch, keep_as_is, reject_unknown_kwargs
 from bioscale.models.esm2.config import Esm2Config
 from bioscale.models.loss import check_loss_reduction, select_label_positions, token_cross_entropy
 from bioscale.models.outputs import (
@@ -222,27 +217,9 @@ class Esm2Model(Esm2PreTrainedModel):
         hidden_states = self.embeddings(batch)
         rotary = self.rotary(batch.position_ids, hidden_states.dtype)
         dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
-        if batch.is_packed:
-            assert batch.cu_seqlens is not None and batch.max_seqlen is not None and batch.sequence_ids is not None
-            attn_inputs = packed_attention_inputs(
-                backend=self.config.attn_backend,
-                causal=False,
-                cu_seqlens=batch.cu_seqlens,
-                max_seqlen=batch.max_seqlen,
-                sequence_ids=batch.sequence_ids,
-                dtype=activation_dtype(hidden_states),
-                dropout_p=dropout_p,
-            )
-        else:
-            attn_inputs = padded_attention_inputs(
-                backend=self.config.attn_backend,
-                causal=False,
-                attention_mask=batch.attention_mask,
-                query_length=hidden_states.shape[1],
-                batch_size=hidden_states.shape[0],
-                device=hidden_states.device,
-                dropout_p=dropout_p,
-            )
+        attn_inputs = attention_inputs_for_batch(
+            batch, hidden_states, backend=self.config.attn_backend, causal=False, dropout_p=dropout_p
+        )
         for block in self.layers:
             hidden_states = block(hidden_states, rotary, attn_inputs)
         return self.final_layer_norm(hidden_states)

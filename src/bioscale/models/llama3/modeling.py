@@ -29,17 +29,12 @@ from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from bioscale.models.attention import (
-    AttentionInputs,
-    attention_forward,
-    packed_attention_inputs,
-    padded_attention_inputs,
-)
+from bioscale.models.attention import AttentionInputs, attention_forward
 from bioscale.models.batch import Batch, labels_like, prepare_batch, sequence_ids_from_cu_seqlens, unbatch
 from bioscale.models.common import (
     BioscalePreTrainedModel,
     RMSNorm,
-    activation_dtype,
+    attention_inputs_for_batch,
     keep_as_is,
     reject_unknown_kwargs,
 )
@@ -209,28 +204,9 @@ class Llama3Model(Llama3PreTrainedModel):
         hidden_states = self.embed_tokens(batch.input_ids)
         rotary = self.rotary(batch.position_ids, hidden_states.dtype)
         dropout_p = self.config.attention_dropout if self.training else 0.0
-        if batch.is_packed:
-            assert batch.cu_seqlens is not None and batch.max_seqlen is not None and batch.sequence_ids is not None
-            attn_inputs = packed_attention_inputs(
-                backend=self.config.attn_backend,
-                causal=True,
-                cu_seqlens=batch.cu_seqlens,
-                max_seqlen=batch.max_seqlen,
-                sequence_ids=batch.sequence_ids,
-                dtype=activation_dtype(hidden_states),
-                dropout_p=dropout_p,
-            )
-        else:
-            attn_inputs = padded_attention_inputs(
-                backend="sdpa" if kv_cache is not None else self.config.attn_backend,
-                causal=True,
-                attention_mask=batch.attention_mask,
-                query_length=hidden_states.shape[1],
-                past_length=batch.past_length,
-                batch_size=hidden_states.shape[0],
-                device=hidden_states.device,
-                dropout_p=dropout_p,
-            )
+        # KV-cache decoding always runs on sdpa (the cache is padded, never packed).
+        backend = "sdpa" if kv_cache is not None else self.config.attn_backend
+        attn_inputs = attention_inputs_for_batch(batch, hidden_states, backend=backend, causal=True, dropout_p=dropout_p)
         for block in self.layers:
             hidden_states = block(hidden_states, rotary, attn_inputs, kv_cache)
         return self.norm(hidden_states)
