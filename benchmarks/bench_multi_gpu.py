@@ -104,9 +104,14 @@ def _build(
     cp_group: Any,
     compile_blocks: bool,
     prefetch: int = 0,
+    strategy: str = "fsdp2",
     **overrides: Any,
 ) -> tuple[torch.nn.Module, Any, Any]:
-    """Model on meta → (CP) → AC → (compile) → FSDP2 over every rank → materialise; plus fused AdamW."""
+    """Model on meta → (CP) → AC → (compile) → FSDP2 over every rank → materialise; plus fused AdamW.
+
+    ``strategy="mfsdp"``: materialise first, then Megatron-FSDP over every rank (bf16 compute, fp32 main weights and
+    gradients), as the trainer does it (``bioscale.distributed.megatron_fsdp``).
+    """
     from bioscale.distributed import apply_ac, apply_compile, apply_fsdp
     from bioscale.distributed.context_parallel import apply_context_parallel
     from bioscale.models import build_config, build_model
@@ -118,19 +123,21 @@ def _build(
     apply_ac(model, ac)
     if compile_blocks:
         apply_compile(model)
-    param_dtype = torch.bfloat16 if device.type == "cuda" else None
-    apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if prefetch > 0:
-        # Explicit prefetch: issue the all-gathers of the next `prefetch` blocks (forward) / previous ones (backward)
+    bf16 = torch.bfloat16 if device.type == "cuda" else None
+    if strategy == "fsdp2":
+        # prefetch > 0: issue the all-gathers of the next `prefetch` blocks (forward) / previous ones (backward)
         # early, beyond FSDP2's implicit one-block lookahead; helps when the CPU cannot run far enough ahead.
-        blocks = list(model.layers)
-        for index, block in enumerate(blocks):
-            block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + prefetch])
-            block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch) : index][::-1])
+        apply_fsdp(model, param_dtype=bf16, reduce_dtype=torch.float32, prefetch=prefetch)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
     model.train()
+    if strategy == "mfsdp":
+        from bioscale.distributed.megatron_fsdp import apply_megatron_fsdp, shard_optimizer
+
+        model = apply_megatron_fsdp(model, device=device, compute_dtype=bf16, reduce_dtype=torch.float32)
+        optimizer = shard_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
+        return model, optimizer, config
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     return model, optimizer, config
 
@@ -231,12 +238,15 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
 
     peak = gpu_peak_flops(device)
     models = SMOKE_FSDP_MODELS if args.smoke else FSDP_MODELS
-    for key in args.fsdp_models.split(",") if args.fsdp_models else models:
+    keys = args.fsdp_models.split(",") if args.fsdp_models else list(models)
+    strategies = ["fsdp2"] if args.smoke else args.fsdp_strategies.split(",")
+    for key, strategy in [(k, s) for k in keys for s in strategies]:
         family, size, tokens = models[key]
         tokens = args.fsdp_tokens or tokens
         record: dict[str, Any] = {
             "phase": "fsdp",
             "model": key,
+            "strategy": strategy,
             "gpus": world_size,
             "tokens_per_gpu": tokens,
             "ac": args.fsdp_ac,
@@ -254,6 +264,7 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
                 cp_group=None,
                 compile_blocks=args.compile,
                 prefetch=args.fsdp_prefetch,
+                strategy=strategy,
             )
             rng = np.random.default_rng(1000 + rank)
             times, losses, sq_sum = [], [], 0.0
@@ -532,29 +543,35 @@ def render_report(
     if fsdp:
         md += [
             "",
-            "## FSDP2 scaling, 1 → 2 GPUs (ESM-2, masked LM, packed)",
+            "## FSDP2 (and Megatron-FSDP) scaling, 1 → 2 GPUs (ESM-2, masked LM, packed)",
             "",
             (
-                "| model | tokens / GPU / step | AC | 1 GPU tokens/s | 2 GPUs tokens/s per GPU | scaling efficiency | "
-                "MFU 1 GPU | MFU 2 GPUs | peak mem 1 / 2 GPUs (GB) |"
+                "| model | strategy | tokens / GPU / step | AC | 1 GPU tokens/s | 2 GPUs tokens/s per GPU | "
+                "scaling efficiency | MFU 1 GPU | MFU 2 GPUs | peak mem 1 / 2 GPUs (GB) |"
             ),
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for model in dict.fromkeys(r["model"] for r in fsdp):
-            one = next((r for r in fsdp if r["model"] == model and r["gpus"] == 1), {})
-            two = next((r for r in fsdp if r["model"] == model and r["gpus"] == 2), {})
+        for model, strategy in dict.fromkeys((r["model"], r.get("strategy", "fsdp2")) for r in fsdp):
+            mine = [r for r in fsdp if r["model"] == model and r.get("strategy", "fsdp2") == strategy]
+            one = next((r for r in mine if r["gpus"] == 1), {})
+            two = next((r for r in mine if r["gpus"] == 2), {})
             eff = None
             if one.get("ok") and two.get("ok"):
                 eff = two["tokens_per_sec_per_gpu"] / one["tokens_per_sec_per_gpu"]
             tokens = (one or two).get("tokens_per_gpu")
             md.append(
-                f"| {model} | {tokens} | {(one or two).get('ac')} "
+                f"| {model} | {strategy} | {tokens} | {(one or two).get('ac')} "
                 f"| {_fmt(one.get('tokens_per_sec_per_gpu'), ',.0f', _why(one))} "
                 f"| {_fmt(two.get('tokens_per_sec_per_gpu'), ',.0f', _why(two))} | {_pct(eff)} "
                 f"| {_pct(one.get('mfu'))} | {_pct(two.get('mfu'))} "
                 f"| {_fmt(one.get('peak_mem_gb'), '.1f')} / {_fmt(two.get('peak_mem_gb'), '.1f')} |"
             )
-        md += ["", "Target: scaling efficiency ≥ 95 %."]
+        md += [
+            "",
+            "Target: scaling efficiency ≥ 95 %. `fsdp2`: `bioscale.distributed.apply_fsdp`; `mfsdp`: Megatron-FSDP "
+            "(`bioscale.distributed.megatron_fsdp`, ZeRO-3, bf16 compute, fp32 main weights and gradients); "
+            "both on the same synthetic batches.",
+        ]
     context = [r for r in rows if r.get("phase") == "context" and not r.get("summary")]
     summaries = {r["gpus"]: r for r in rows if r.get("phase") == "context" and r.get("summary")}
     if context:
@@ -649,6 +666,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="explicit FSDP2 prefetch depth in blocks (0: FSDP2's implicit prefetch only)",
+    )
+    parser.add_argument(
+        "--fsdp-strategies",
+        default="fsdp2",
+        help="comma-separated: fsdp2, mfsdp (Megatron-FSDP, needs the megatron-fsdp package)",
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)

@@ -107,10 +107,19 @@ def _torchrun(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProces
         # Two data-parallel ranks, two micro-batches of one sequence each per step.
         ["parallelism.strategy=ddp", "data.micro_batch_size=1", "grad_acc_steps=2"],
         ["parallelism.strategy=fsdp2", "data.micro_batch_size=1", "grad_acc_steps=2", "checkpoint.async_save=true"],
+        # HSDP (2 replicas of 1 shard) with the FSDP2 tuning keys: explicit prefetch, no resharding after forward.
+        [
+            "parallelism.strategy=fsdp2",
+            "parallelism.dp_replicate=2",
+            "parallelism.prefetch=2",
+            "parallelism.reshard_after_forward=never",
+            "data.micro_batch_size=1",
+            "grad_acc_steps=2",
+        ],
         # One data stream split over a CP group of two ranks (each holds two mirrored chunks of every sequence).
         ["parallelism.strategy=fsdp2", "cp_size=2", "data.micro_batch_size=4", "grad_acc_steps=1"],
     ],
-    ids=["ddp", "fsdp2", "fsdp2_cp2"],
+    ids=["ddp", "fsdp2", "hsdp_tuned", "fsdp2_cp2"],
 )
 def test_two_ranks_match_one_process_with_the_same_global_batch(layout, initial_weights, single_process, tmp_path):
     result = _torchrun(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bioscale.distributed import apply_ac, apply_compile, grad_sync, init_distributed
+from bioscale.distributed import apply_ac, apply_compile, apply_fsdp, grad_sync, init_distributed
 from bioscale.models import build_config, build_model
 
 
@@ -86,3 +86,33 @@ def test_a_plain_process_has_no_process_group(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             init_distributed("cuda")
+
+
+def test_apply_fsdp_rejects_unknown_policies_before_touching_the_model():
+    model, _ = _model_and_batch()
+    with pytest.raises(ValueError, match="reshard_after_forward"):
+        apply_fsdp(model, reshard_after_forward="sometimes")
+    with pytest.raises(ValueError, match="prefetch"):
+        apply_fsdp(model, prefetch=-1)
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def test_fsdp_policies_and_prefetch_on_a_one_rank_group(tmp_path):
+    """Which blocks reshard after forward, and whom each block prefetches (FSDP2 over one gloo rank)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for policy, expected in (("default", [True, True, False]), ("always", [True] * 3), ("never", [False] * 3)):
+            model = build_model(build_config("esm2", "debug", num_hidden_layers=3), task="masked_lm", device="meta")
+            apply_fsdp(model, reshard_after_forward=policy, prefetch=2)
+            blocks = list(model.layers)
+            reshards = [b._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None for b in blocks]
+            assert reshards == expected, policy
+            states = [b._get_fsdp_state() for b in blocks]
+            assert [len(s._states_to_forward_prefetch) for s in states] == [2, 1, 0]
+            assert [len(s._states_to_backward_prefetch) for s in states] == [0, 1, 2]
+            # Backward runs the blocks in reverse: block 2 prefetches block 1 first, then block 0.
+            assert states[2]._states_to_backward_prefetch == [states[1], states[0]]
+    finally:
+        dist.destroy_process_group()

@@ -87,11 +87,25 @@ def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
         ("scheduler.kind=step", "scheduler.kind"),
         ("fp8_layers=[0]", "fp8_layers"),
         ("data.objective=mask", "data.objective"),
+        ("parallelism.reshard_after_forward=sometimes", "parallelism.reshard_after_forward"),
+        ("parallelism.reduce_dtype=fp16", "parallelism.reduce_dtype"),
+        ("parallelism.prefetch=-1", "parallelism.prefetch"),
+        ("parallelism.dp_replicate=0", "parallelism.dp_replicate"),
+        # HSDP is an FSDP2 layout.
+        ("parallelism.strategy=ddp parallelism.dp_replicate=2", "parallelism.dp_replicate"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(override, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
-        load_config("L0_sanity", [override])
+        load_config("L0_sanity", override.split())
+
+
+def test_megatron_fsdp_on_cpu_fails_with_a_config_error(tmp_path):
+    from bioscale.train.train import train
+
+    cfg = load_config("L0_sanity", ["device=cpu", "parallelism.strategy=mfsdp", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"parallelism\.strategy=mfsdp runs on NVIDIA GPUs only"):
+        train(cfg)
 
 
 def test_required_data_source_of_L2_fails_clearly():

@@ -50,12 +50,16 @@ def resolve_device_type(device: str) -> str:
     return device
 
 
-def init_distributed(device: str = "auto", *, timeout: timedelta = timedelta(minutes=30)) -> DistInfo:
+def init_distributed(
+    device: str = "auto", *, timeout: timedelta = timedelta(minutes=30), single_gpu_group: bool = False
+) -> DistInfo:
     """Create the default process group if torchrun launched us; return this process's :class:`DistInfo`.
 
     Args:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         timeout: collective timeout; generous because the first step may include a long ``torch.compile``.
+        single_gpu_group: in a plain process on a GPU, create a one-rank group anyway (in-memory store, no ports),
+            so FSDP2 can wrap the model on a single GPU (bf16 compute over fp32 master weights).
     """
     device_type = resolve_device_type(device)
     launched = all(var in os.environ for var in _TORCHRUN_VARS)
@@ -79,6 +83,15 @@ def init_distributed(device: str = "auto", *, timeout: timedelta = timedelta(min
             dist.init_process_group(backend="cuda:nccl,cpu:gloo", timeout=timeout, device_id=torch_device)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
+    elif single_gpu_group and device_type == "cuda" and not dist.is_initialized():
+        dist.init_process_group(
+            backend="cuda:nccl,cpu:gloo",
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+            device_id=torch_device,
+        )
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)

@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -101,30 +102,58 @@ def apply_compile(model: nn.Module, *, fullgraph: bool = False, dynamic: bool | 
         block.compile(fullgraph=fullgraph, dynamic=dynamic)
 
 
+RESHARD_POLICIES = ("default", "always", "never")
+
+
 def apply_fsdp(
     model: nn.Module,
     *,
+    mesh: DeviceMesh | None = None,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: str = "default",
+    prefetch: int = 1,
 ) -> None:
     """Shard ``model`` with FSDP2: ``fully_shard`` each block, then the root (embeddings, final norm, head).
 
-    Call on the ``meta`` model, before ``to_empty``, so no rank ever holds the full weights. Sharding is over all
-    ranks of the default process group.
+    Call on the ``meta`` model, before ``to_empty``, so no rank ever holds the full weights.
 
     Args:
+        mesh: 1-D mesh to shard over, or 2-D ``(replicate, shard)`` for HSDP (replicas across nodes, shards within;
+            :func:`bioscale.distributed.cp_mesh.build_parallel_mesh` builds both); None shards over every rank of
+            the default process group.
         param_dtype: dtype for compute (all-gathered params), e.g. ``torch.bfloat16``; None keeps the stored dtype.
-        reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps accumulation exact enough for bf16 compute.
-        reshard_after_forward: free gathered params after each block's forward (ZeRO-3); False keeps them (ZeRO-2).
+            The stored (sharded) params are what the optimizer updates, so fp32 shards with bf16 compute are fp32
+            master weights at no extra memory.
+        reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps accumulation exact enough for bf16 compute,
+            bf16 halves the traffic.
+        reshard_after_forward: ``"default"``: free each block's gathered params after its forward (ZeRO-3) except
+            the last block's, which backward needs at once; ``"always"``: the last block too; ``"never"``: keep them
+            until backward (ZeRO-2: no second all-gather, more memory).
+        prefetch: explicit prefetch depth: block i's forward all-gathers blocks i+1..i+prefetch and its backward
+            blocks i-1..i-prefetch, so communication overlaps compute even when the CPU runs ahead (FSDP2's implicit
+            prefetch issues only the next all-gather, from the backward hook); 0 leaves FSDP2's implicit schedule.
     """
+    if reshard_after_forward not in RESHARD_POLICIES:
+        raise ValueError(
+            f"reshard_after_forward must be one of {', '.join(RESHARD_POLICIES)}; got {reshard_after_forward!r}"
+        )
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0; got {prefetch}")
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = _blocks(model)
+    reshard_blocks = reshard_after_forward != "never"
     for index, block in enumerate(layers):
         # The root's backward all-gathers the last block right after forward anyway, so resharding it is wasted work.
         is_last = index == len(layers) - 1
-        fully_shard(block, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward and not is_last)
-    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        reshard = reshard_blocks and (reshard_after_forward == "always" or not is_last)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_blocks)
+    if prefetch:
+        blocks = list(layers)
+        for index, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch) : index][::-1])
 
 
 def apply_ddp(model: nn.Module, *, device: torch.device) -> DistributedDataParallel:
@@ -138,8 +167,10 @@ def apply_ddp(model: nn.Module, *, device: torch.device) -> DistributedDataParal
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model class under a DDP wrapper (FSDP2 modifies the model in place and needs no unwrapping)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The bioscale model under a DDP or Megatron-FSDP wrapper (FSDP2 modifies the model in place)."""
+    from bioscale.distributed.megatron_fsdp import is_megatron_fsdp
+
+    return model.module if isinstance(model, DistributedDataParallel) or is_megatron_fsdp(model) else model
 
 
 @contextlib.contextmanager

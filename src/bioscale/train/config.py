@@ -25,7 +25,9 @@ SCHEMA_NAME = "bioscale_train"
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bf16", "fp32")
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2", "mfsdp")
+RESHARD_POLICIES = ("default", "always", "never")
+REDUCE_DTYPES = ("fp32", "bf16")
 AC_MODES = ("none", "full", "selective")
 PROFILER_MODES = ("nsys", "torch")
 SCHEDULER_KINDS = ("linear_warmup_linear_decay", "warmup_cosine")
@@ -99,9 +101,31 @@ class ProfilerConfig:
 
 @dataclass
 class ParallelismConfig:
-    """Data parallelism across the ranks started by torchrun: replicated (``ddp``) or sharded (``fsdp2``)."""
+    """How the ranks started by torchrun share the work (see docs/training.md and docs/multinode.md).
+
+    ``strategy``: ``fsdp2`` (PyTorch FSDP2: parameters, gradients and optimizer state sharded per block), ``ddp``
+    (replicated), or ``mfsdp`` (NVIDIA Megatron-FSDP, GPUs only, ``pip install 'bioscale[mfsdp]'``). With
+    ``dtype=bf16`` on a GPU, ``fsdp2`` is also used on a single GPU (FSDP2 over one rank): bf16 weights for compute
+    over fp32 master weights, without autocast's per-use casts and with bf16 norms and residual stream.
+    The other keys tune FSDP2 (and, where they say so, Megatron-FSDP).
+    """
 
     strategy: str = "fsdp2"
+    # FSDP2: free each block's gathered weights after its forward (default: every block but the last; always; never
+    # = ZeRO-2, no second all-gather in backward, more memory).
+    reshard_after_forward: str = "default"
+    # FSDP2: explicit all-gather prefetch depth in forward and backward (0 = FSDP2's implicit one-ahead schedule).
+    prefetch: int = 1
+    # Gradient reduction dtype (FSDP2 reduce-scatter, Megatron-FSDP main gradients): fp32 or bf16 (half the traffic).
+    reduce_dtype: str = "fp32"
+    # With dtype=bf16: keep fp32 master weights (FSDP2 shards / Megatron-FSDP main weights) that the optimizer
+    # updates; false stores bf16 weights and AdamW state (half the memory; updates below half a bf16 ulp are lost).
+    fp32_master_weights: bool = True
+    # HSDP (FSDP2): number of replica groups, e.g. one per node; parameters are sharded within a group of
+    # world_size / dp_replicate ranks and replicated across groups (all-reduce of gradients between them).
+    dp_replicate: int = 1
+    # Use FSDP2 over one rank on a single GPU with dtype=bf16 (see above); false trains the plain model under autocast.
+    single_gpu_fsdp: bool = True
 
 
 @dataclass
@@ -153,13 +177,14 @@ class TrainConfig:
     use_sequence_packing: bool = False
     # Micro-batches per optimizer step; the global batch is micro-batch x grad_acc_steps x data-parallel ranks.
     grad_acc_steps: int = 1
-    # Context-parallel degree (a later feature); only 1 is accepted until bioscale.distributed.context_parallel exists.
+    # Context-parallel degree: each group of cp_size consecutive ranks splits every sequence (docs/context_parallel.md).
     cp_size: int = 1
     # None: ``checkpoint.ckpt_dir`` when that is set, else ``outputs/<config name>`` relative to the working directory.
     run_dir: Optional[str] = None
     seed: int = 42
     device: str = "auto"
-    # bf16: FSDP2 mixed precision (bf16 params, fp32 reduction) on GPU, autocast otherwise; fp32: no casting.
+    # bf16: bf16 compute over fp32 master weights through FSDP2 / Megatron-FSDP on GPUs (also on one GPU, see
+    # parallelism.single_gpu_fsdp), autocast otherwise (DDP, CPU); fp32: no casting.
     dtype: str = "bf16"
     # torch.compile each transformer block.
     compile: bool = False
@@ -284,6 +309,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _choice("device", cfg.device, DEVICES)
     _choice("dtype", cfg.dtype, DTYPES)
     _choice("parallelism.strategy", cfg.parallelism.strategy, STRATEGIES)
+    _choice("parallelism.reshard_after_forward", cfg.parallelism.reshard_after_forward, RESHARD_POLICIES)
+    _choice("parallelism.reduce_dtype", cfg.parallelism.reduce_dtype, REDUCE_DTYPES)
     _choice("activation_checkpointing", cfg.activation_checkpointing, AC_MODES)
     _choice("profiler.mode", cfg.profiler.mode, PROFILER_MODES)
     _choice("scheduler.kind", cfg.scheduler.kind, SCHEDULER_KINDS)
@@ -291,6 +318,7 @@ def validate_config(cfg: TrainConfig) -> None:
         "num_train_steps": cfg.num_train_steps,
         "grad_acc_steps": cfg.grad_acc_steps,
         "cp_size": cfg.cp_size,
+        "parallelism.dp_replicate": cfg.parallelism.dp_replicate,
         "nan_tolerance": cfg.nan_tolerance,
         "logging.log_every_n_steps": cfg.logging.log_every_n_steps,
         "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
@@ -300,6 +328,7 @@ def validate_config(cfg: TrainConfig) -> None:
         if value < 1:
             raise ValueError(f"{key} must be >= 1; got {value}")
     non_negative = {
+        "parallelism.prefetch": cfg.parallelism.prefetch,
         "checkpoint.save_every_n_steps": cfg.checkpoint.save_every_n_steps,
         "scheduler.warmup_steps": cfg.scheduler.warmup_steps,
     }
@@ -321,6 +350,11 @@ def validate_config(cfg: TrainConfig) -> None:
         )
     if cfg.fp8_layers is not None and (not cfg.fp8_layers or any(layer < 1 for layer in cfg.fp8_layers)):
         raise ValueError(f"fp8_layers lists 1-indexed transformer blocks (>= 1); got {cfg.fp8_layers}")
+    if cfg.parallelism.strategy != "fsdp2" and cfg.parallelism.dp_replicate != 1:
+        raise ValueError(
+            f"parallelism.dp_replicate={cfg.parallelism.dp_replicate} (HSDP) needs parallelism.strategy=fsdp2; "
+            f"got {cfg.parallelism.strategy!r}"
+        )
     if cfg.use_sequence_packing != cfg.data.use_sequence_packing:
         raise ValueError(
             f"use_sequence_packing={cfg.use_sequence_packing} conflicts with "

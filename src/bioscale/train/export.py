@@ -8,7 +8,7 @@ Two folders, both with ``config.json``, ``model.safetensors`` and the tokenizer:
   ``bioscale.models.to_hf``, for users who do not install bioscale.
 
 Gathering the full state dict is collective (every rank takes part, FSDP2 shards are all-gathered and offloaded to
-CPU); only rank 0 rebuilds an unsharded CPU model from it and writes.
+CPU; Megatron-FSDP's uneven shards are gathered by its own helper); only rank 0 rebuilds an unsharded CPU model from it and writes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ def export_final_model(
     """
     from bioscale.models import build_model, to_hf
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from bioscale.distributed.megatron_fsdp import full_state_dict, is_megatron_fsdp
+
+    if is_megatron_fsdp(model):
+        state = full_state_dict(model)
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
         export_model = build_model(model_config, task=task, device="meta")
         export_model.to_empty(device="cpu")

@@ -107,7 +107,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from bioscale.models import build_config, build_model, get_model_spec, input_validation
 
     # ---- 1. Setup: process group (NCCL on GPU, gloo on CPU), run directory, seeds --------------------------------
-    dist_info = init_distributed(cfg.device)
+    # A single GPU with dtype=bf16 also runs the sharded strategy (over one rank): bf16 compute over fp32 master
+    # weights without autocast's per-use weight casts, with bf16 norms and residual stream.
+    sharded_strategy = cfg.parallelism.strategy in ("fsdp2", "mfsdp")
+    single_gpu_sharded = sharded_strategy and cfg.parallelism.single_gpu_fsdp and cfg.dtype == "bf16"
+    dist_info = init_distributed(cfg.device, single_gpu_group=single_gpu_sharded)
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     run_dir = Path(cfg.run_dir)
     ckpt_dir = Path(cfg.checkpoint.ckpt_dir)
@@ -117,27 +121,46 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        # Context parallelism (cp_size > 1): each group of cp_size consecutive ranks splits the sequences of one data
-        # stream; data parallelism runs across the groups. Without it every rank is its own data-parallel rank.
-        cp = _ContextParallel(cfg.cp_size, device, rank=rank, world_size=world_size)
+        # The ranks as (dp_replicate, dp_shard, cp): context parallelism (cp_size > 1) lets each group of cp_size
+        # consecutive ranks split the sequences of one data stream; data parallelism runs across the groups, and
+        # FSDP2 shards over dp_shard x cp (HSDP: replicated across dp_replicate groups).
+        cp = _ContextParallel(
+            cfg.cp_size, device, rank=rank, world_size=world_size, dp_replicate=cfg.parallelism.dp_replicate
+        )
         # The same seed on every rank: DDP starts from rank 0's weights anyway, and FSDP2's sharded init draws from
         # one stream. Per-rank streams (dropout) are seeded after init.
         _seed_everything(cfg.seed)
-        use_fsdp = world_size > 1 and cfg.parallelism.strategy == "fsdp2"
-        use_ddp = world_size > 1 and cfg.parallelism.strategy == "ddp"
-        if world_size == 1 and dist_info.is_distributed:
-            logger.info(
-                "one rank: parallelism.strategy=%s has nothing to shard or replicate; training unwrapped",
-                cfg.parallelism.strategy,
+        strategy = cfg.parallelism.strategy
+        one_rank_sharded = single_gpu_sharded and dist_info.is_distributed and device.type == "cuda"
+        use_fsdp = strategy == "fsdp2" and (world_size > 1 or one_rank_sharded)
+        use_mfsdp = strategy == "mfsdp" and (world_size > 1 or one_rank_sharded)
+        use_ddp = strategy == "ddp" and world_size > 1
+        if strategy == "mfsdp":
+            from bioscale.distributed.megatron_fsdp import (
+                MegatronFSDPState,
+                apply_megatron_fsdp,
+                check_megatron_fsdp_available,
+                shard_optimizer,
             )
-        # bf16: FSDP2 keeps fp32 master weights and computes in bf16 on GPU; elsewhere autocast does the casting.
-        # On CPU gloo's collectives lack bf16 support worth relying on, so the sharded path stays fp32 there.
+
+            check_megatron_fsdp_available(device)
+            if cfg.fp8_config.enabled:
+                raise ValueError(
+                    "parallelism.strategy=mfsdp does not support torchao FP8 (Megatron-FSDP quantises only "
+                    "TransformerEngine parameters); use parallelism.strategy=fsdp2 with fp8_config.enabled=true"
+                )
+        if world_size == 1 and dist_info.is_distributed and not (use_fsdp or use_mfsdp):
+            logger.info("one rank: parallelism.strategy=%s has nothing to shard or replicate; training unwrapped", strategy)
+        # bf16 on GPU under FSDP2 / Megatron-FSDP: bf16 compute over fp32 master weights (the shards the optimizer
+        # updates), unless parallelism.fp32_master_weights=false stores bf16 weights. Elsewhere (DDP, one process,
+        # CPU) autocast does the casting; on CPU gloo's collectives lack bf16 support worth relying on, so the sharded
+        # path stays fp32 there.
         bf16 = cfg.dtype == "bf16"
-        fsdp_param_dtype = torch.bfloat16 if (bf16 and use_fsdp and device.type == "cuda") else None
+        sharded_bf16 = bf16 and (use_fsdp or use_mfsdp) and device.type == "cuda"
+        fsdp_param_dtype = torch.bfloat16 if sharded_bf16 else None
+        reduce_dtype = torch.float32 if cfg.parallelism.reduce_dtype == "fp32" else torch.bfloat16
         autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if bf16 and fsdp_param_dtype is None
-            else contextlib.nullcontext()
+            torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not sharded_bf16 else contextlib.nullcontext()
         )
 
         # ---- 2. Model on meta: no memory, no init cost, whatever the size ------------------------------------------
@@ -177,7 +200,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # padded ones change [B, S] every step, so compile those blocks for dynamic shapes from the start.
             apply_compile(model, dynamic=None if cfg.use_sequence_packing else True)
         if use_fsdp:
-            apply_fsdp(model, param_dtype=fsdp_param_dtype, reduce_dtype=torch.float32)
+            if sharded_bf16 and not cfg.parallelism.fp32_master_weights:
+                model.to(dtype=torch.bfloat16)  # bf16 shards: no master copy (the optimizer updates bf16 weights)
+            apply_fsdp(
+                model,
+                mesh=cp.fsdp_mesh,
+                param_dtype=fsdp_param_dtype,
+                reduce_dtype=reduce_dtype,
+                reshard_after_forward=cfg.parallelism.reshard_after_forward,
+                prefetch=cfg.parallelism.prefetch,
+            )
 
         # ---- 5. Materialise: allocate on the device (each rank only its shards) and initialise ----------------------
         model.to_empty(device=device)
@@ -187,6 +219,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             _load_pretrained_weights(model, cfg.model.init_from)
         if use_ddp:
             model = apply_ddp(model, device=device)  # after materialising: DDP broadcasts rank 0's real weights
+        if use_mfsdp:
+            # After materialising (see bioscale.distributed.megatron_fsdp): every rank initialised the same weights
+            # from the same seed; the wrapper keeps this rank's shard of them.
+            model = apply_megatron_fsdp(
+                model,
+                device=device,
+                compute_dtype=torch.bfloat16 if sharded_bf16 else None,
+                reduce_dtype=reduce_dtype,
+                master_dtype=torch.float32 if cfg.parallelism.fp32_master_weights or not sharded_bf16 else None,
+            )
         model.train()
         _seed_everything(cfg.seed + rank)
         quant_stats = None
@@ -205,6 +247,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             fused=cfg.optimizer.fused,
             device=device,
         )
+        if use_mfsdp:
+            optimizer = shard_optimizer(optimizer)
         scheduler = build_lr_scheduler(
             optimizer,
             kind=cfg.scheduler.kind,
@@ -239,7 +283,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loader.load_state_dict(saved["dataloader"])
 
         stateful = {
-            "model_optim": ModelOptimizerState(model, optimizer),
+            "model_optim": MegatronFSDPState(model, optimizer) if use_mfsdp else ModelOptimizerState(model, optimizer),
             "trainer": PickledState("trainer", get=get_trainer_state, set=set_trainer_state),
             # Per rank: its RNG streams and its position in its shard of the data.
             "rank": PickledState(f"rank_{rank}", get=get_rank_state, set=set_rank_state),
@@ -440,7 +484,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "num_parameters": num_params,
             "world_size": world_size,
             "device": str(device),
-            "strategy": cfg.parallelism.strategy if world_size > 1 else "single",
+            "strategy": strategy if (world_size > 1 or use_fsdp or use_mfsdp) else "single",
             "cp_size": cfg.cp_size,
             "num_train_steps": cfg.num_train_steps,
             "final_step": state.step,
@@ -590,26 +634,36 @@ def _load_pretrained_weights(model: nn.Module, path: str) -> None:
 
 
 class _ContextParallel:
-    """The loop's view of ``bioscale.distributed.context_parallel``: mesh, model preparation, batch sharding, forward.
+    """The loop's view of the rank layout and of ``bioscale.distributed.context_parallel``: mesh, model preparation,
+    batch sharding, forward.
 
-    With ``cp_size == 1`` every method is a no-op and every rank is its own data-parallel rank. Otherwise each group
+    With ``cp_size == 1`` the CP methods are no-ops and every rank is its own data-parallel rank. Otherwise each group
     of ``cp_size`` consecutive ranks shares one data stream and splits its sequences; gradients of CP ranks are
     partial (each saw its own tokens), and FSDP2 or DDP over all ranks sums them like those of data-parallel ranks,
-    so the loss normalisation (x world size / global label count) is unchanged.
+    so the loss normalisation (x world size / global label count) is unchanged. ``fsdp_mesh`` is what FSDP2 shards
+    over (2-D for HSDP with ``dp_replicate > 1``; None in a plain process).
     """
 
-    def __init__(self, cp_size: int, device: torch.device, *, rank: int, world_size: int) -> None:
+    def __init__(
+        self, cp_size: int, device: torch.device, *, rank: int, world_size: int, dp_replicate: int = 1
+    ) -> None:
         self.size = cp_size
         self.dp_rank, self.dp_size = rank, world_size
+        self.fsdp_mesh = None
+        if cp_size == 1 and dp_replicate == 1 and world_size == 1:
+            return
+        from bioscale.distributed import cp_mesh
+
+        self.mesh = cp_mesh.build_parallel_mesh(device.type, cp_size=cp_size, dp_replicate=dp_replicate)
+        self.fsdp_mesh = self.mesh.fsdp_mesh
+        self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
         if cp_size == 1:
             return
         try:
-            from bioscale.distributed import context_parallel, cp_layout, cp_mesh
+            from bioscale.distributed import context_parallel, cp_layout
         except ImportError as err:
             raise ValueError(f"cp_size={cp_size}: context parallelism is not available ({err}); use cp_size=1") from err
         self._cp, self._layout = context_parallel, cp_layout
-        self.mesh = cp_mesh.build_parallel_mesh(device.type, cp_size=cp_size)
-        self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
 
     def apply(self, model: nn.Module) -> None:
         if self.size > 1:
