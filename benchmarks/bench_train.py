@@ -6,8 +6,11 @@ and the exact command to ``<out-dir>/<YYYY-MM-DD>-<gpu>.md`` (plus a ``.json`` o
 
     python benchmarks/bench_train.py                                        # the full table on one GPU (~8 min)
     python benchmarks/bench_train.py --models esm2_650M --variants packed,packed_fp8 --profile
-    python benchmarks/bench_train.py --models esm2_3B --loss-compare-steps 500 --variants packed,packed_fp8
+    python benchmarks/bench_train.py --models esm2_3B:tokens=4096:ac=none --loss-compare-steps 500 \
+        --variants packed,packed_fp8 --lr 2e-4 --lr-warmup-steps 100    # FP8 vs bf16 loss (predicted ~4 min, H100)
+    python benchmarks/bench_train.py --models esm2_650M --variants packed,packed:params=bf16-master,packed:params=fsdp
     python benchmarks/bench_train.py --quick --device cpu --models esm2_debug    # a 10-second smoke test
+    python benchmarks/bench_train.py --quick --device cpu --models esm2_debug --variants packed,packed:params=fsdp
     python benchmarks/bench_train.py --models @tokens-esm2 --variants packed:params=bf16   # a named suite
 
 What is compared. Sequences come from ``../shared/data``: the UniRef90 sample for ESM-2 (lengths as they come,
@@ -37,8 +40,21 @@ it is the default ``fp32``):
 - ``bf16-master``: bf16 weights for compute, fp32 master weights and fp32 AdamW states in the optimizer
   (:class:`MasterWeightAdamW`: gradients cast to fp32, fused AdamW on the masters, masters copied back), the
   numerically safe way to get bf16 weights on one GPU (Megatron / apex O2 style).
+- ``fsdp``: FSDP2 over a one-rank process group (:func:`one_rank_process_group`), applied to the meta model as the
+  trainer does (AC -> compile -> ``apply_fsdp(param_dtype=bf16, reduce_dtype=fp32)`` -> ``to_empty``): fp32 sharded
+  master weights and AdamW states, bf16 compute through FSDP2's all-gather cast, fp32 gradient reduce-scatter, no
+  autocast. The same bf16-over-fp32-master recipe as ``bf16-master``, the way the trainer gets it on one GPU. On CPU
+  FSDP2 keeps fp32 (``param_dtype=None``), like the trainer.
 
-All variants use fused AdamW (foreach on CPU). Throughput counts real (unpadded) tokens; MFU uses the model spec's
+All variants use fused AdamW (foreach on CPU).
+
+Learning rate: the trainer's ``linear_warmup_linear_decay`` (ESM-2) over the whole run, ``--lr`` the peak,
+``--lr-warmup-steps`` of linear warm-up, then linear decay to ``--lr-min-ratio`` x peak at the last step; gradients
+clipped to ``--max-grad-norm`` as the trainer does. Defaults: with ``--loss-compare-steps N``, 10% of N warm-up steps,
+decay to 10% and clipping at 1.0 (the trainer's); without it (throughput runs), a constant lr and no clipping, as
+before. The loss comparison (:func:`render_loss_compare`) reports, per variant against ``packed``, the mean loss of
+the last 10% of steps, its relative difference, the largest per-step difference over those steps, and every loss
+spike (:func:`find_spikes`) of either run. Throughput counts real (unpadded) tokens; MFU uses the model spec's
 training FLOPs per token at the token-weighted mean sequence length, against 989 TFLOP/s (H100 SXM dense bf16) and
 789 TFLOP/s (the bf16 GEMM rate measured on the lent H100). Warm-up steps (compilation included) are not timed.
 """
@@ -120,7 +136,12 @@ class ModelCase:
 
 # --models options: field -> parser
 CASE_OPTIONS: dict[str, type] = {
-    "tokens": int, "mb": int, "grad_acc": int, "ac": str, "packing": str, "max_length": int,
+    "tokens": int,
+    "mb": int,
+    "grad_acc": int,
+    "ac": str,
+    "packing": str,
+    "max_length": int,
 }
 
 
@@ -159,11 +180,15 @@ MODEL_SUITES: dict[str, tuple[str, ...]] = {
     ),
     "tokens-llama": ("llama3_1B", "llama3_1B:tokens=32768", "llama3_1B:tokens=8192:grad_acc=2"),
 }
-PARAM_DTYPES = ("fp32", "bf16", "bf16-master")
+PARAM_DTYPES = ("fp32", "bf16", "bf16-master", "fsdp")
 PARAM_NOTES = {
     "bf16": "bf16 weights + bf16 AdamW states, no fp32 master",
     "bf16-master": "bf16 weights, fp32 master weights + AdamW states",
+    "fsdp": "bf16 compute over fp32 master weights via FSDP2 on one rank",
 }
+# Loss spikes (find_spikes): a step whose loss exceeds SPIKE_FACTOR x the mean of the SPIKE_WINDOW steps before it.
+SPIKE_WINDOW = 20
+SPIKE_FACTOR = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +315,8 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
     params = options.get("params", defaults.param_dtype)
     if params not in PARAM_DTYPES:
         raise ValueError(f"--variants {text!r}: params must be one of {', '.join(PARAM_DTYPES)}")
+    if params == "fsdp" and name == "hf_padded":
+        raise ValueError(f"--variants {text!r}: params=fsdp needs a bioscale model (FSDP2 shards model.layers)")
     compile_mode = options.get("compile", defaults.compile_mode if name != "hf_padded" else None)
     attn_impl = options.get("attn")
     if attn_impl not in (None, "FA3", "FA4"):
@@ -446,7 +473,7 @@ def packed_batch(pack: Sequence[Example], case: ModelCase) -> dict[str, Any]:
     # max_length either; split pieces are never longer than the sequence they came from.
     max_length = max(case.max_length, int(batch["max_length_q"]))
     batch["max_length_q"] = batch["max_length_k"] = max_length
-    assert int(batch["input_ids"][0, len(labels):].ne(PAD_TOKEN_ID).sum()) == 0
+    assert int(batch["input_ids"][0, len(labels) :].ne(PAD_TOKEN_ID).sum()) == 0
     return batch
 
 
@@ -505,6 +532,7 @@ class Result:
     seconds: float | None = None  # wall time of the whole variant (build + compile + steps)
     notes: str = ""
     losses: list[float] = dataclasses.field(default_factory=list)
+    grad_norms: list[float] = dataclasses.field(default_factory=list)  # per step, before clipping (when clipping)
     profile: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -577,6 +605,44 @@ def flash_attention_impl(impl: str | None) -> Iterator[None]:
         attention.restore_flash_attention_impl()
 
 
+@contextlib.contextmanager
+def one_rank_process_group(device: torch.device) -> Iterator[None]:
+    """A default process group of world size 1 for the block (NCCL with a gloo side on CUDA, as the trainer's; gloo
+    on CPU), created only if none exists and destroyed after; FSDP2 needs one even to "shard" over a single rank."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ValueError(f"params=fsdp is single-GPU: this process is one of {dist.get_world_size()} ranks")
+        yield
+        return
+    with socket.socket() as sock:  # a free port on the loopback interface
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): the trainer's ``linear_warmup_linear_decay`` over
+    the run's ``warmup + steps`` steps, ``--lr`` the peak (constant with 0 warm-up steps and ``--lr-min-ratio 1``)."""
+    from bioscale.train.schedulers import lr_multiplier
+
+    return args.lr * lr_multiplier(
+        step,
+        kind="linear_warmup_linear_decay",
+        warmup_steps=args.lr_warmup_steps,
+        total_steps=args.warmup + args.steps,
+        min_lr_ratio=args.lr_min_ratio,
+    )
+
+
 def build_optimizer(
     model: torch.nn.Module, masters: Sequence[torch.Tensor] | None, device: torch.device, args: argparse.Namespace
 ) -> Any:
@@ -588,12 +654,30 @@ def build_optimizer(
     return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
+def reference_init(case: ModelCase, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """The initial weights every variant starts from: a plain bioscale model of ``case`` materialised on ``device``
+    and initialised after ``torch.manual_seed(seed)``, as :func:`build_variant_model` does for the unsharded ones."""
+    from bioscale.models import build_model
+
+    model = build_model(_model_config(case, "sdpa"), device="meta")
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights()
+    return model.state_dict()
+
+
 def build_variant_model(
     case: ModelCase, variant: VariantSpec, device: torch.device, args: argparse.Namespace
 ) -> tuple[torch.nn.Module, list[str], list[torch.Tensor] | None]:
     """The model of ``variant``, initialised from ``args.seed`` (identical weights for every variant), its notes and,
-    for ``params=bf16-master``, fp32 copies of the initial weights (the optimizer's masters)."""
-    from bioscale.distributed.parallelize import apply_ac
+    for ``params=bf16-master``, fp32 copies of the initial weights (the optimizer's masters).
+
+    The meta model is wrapped in the trainer's order: FP8 linears -> activation checkpointing -> per-block compile ->
+    FSDP2 (``params=fsdp``, under :func:`one_rank_process_group`) -> ``to_empty`` + ``init_weights``. FSDP2's
+    sharded init draws its random numbers differently, so an FSDP2 model then loads :func:`reference_init`.
+    """
+    from bioscale.distributed.parallelize import apply_ac, apply_fsdp
     from bioscale.models import build_model, to_hf
 
     notes: list[str] = []
@@ -620,10 +704,27 @@ def build_variant_model(
             # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
             for block in model.layers:
                 block.compile(dynamic=True if not packed else None, mode=variant.compile_mode)
+    fsdp = variant.params == "fsdp"
+    if fsdp:
+        # bf16 compute over the fp32 shards on GPU; on CPU the trainer's sharded path stays fp32, and so does this.
+        param_dtype = torch.bfloat16 if device.type == "cuda" else None
+        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
     model.to_empty(device=device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        model.init_weights()
+        model.init_weights()  # also fills the buffers (rotary tables) that no state dict carries
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        reference = reference_init(case, device, args.seed)
+        set_model_state_dict(model, reference, options=StateDictOptions(full_state_dict=True, strict=True))
+        del reference
+        notes.append(
+            PARAM_NOTES["fsdp"] if param_dtype is not None else "fp32 weights and compute via FSDP2 on one rank"
+        )
     if variant.name == "hf_padded":
         hf_model = to_hf(model)
         del model
@@ -634,7 +735,7 @@ def build_variant_model(
         notes.append(f"transformers {type(hf_model).__name__}, attn={hf_model.config._attn_implementation}")
         model = hf_model
     masters = None
-    if variant.params != "fp32":
+    if variant.params in ("bf16", "bf16-master"):
         if variant.params == "bf16-master":
             masters = [p.detach().clone() for p in model.parameters()]  # the fp32 init, before rounding
         model.to(torch.bfloat16)
@@ -651,7 +752,8 @@ def _loss_fn(model: torch.nn.Module, variant: VariantSpec, task: str) -> Any:
             return model(**batch).loss * num_labels  # transformers returns the mean over the labels
 
         return hf_loss
-    from bioscale.train.train import model_loss  # the trainer's own forward (masked-only LM head for MLM)
+    # The trainer's own forward (masked-only LM head for MLM).
+    from bioscale.train.train import model_loss
 
     return lambda batch, num_labels: model_loss(model, batch, task=task)
 
@@ -683,6 +785,7 @@ def run_variant(
     args: argparse.Namespace,
 ) -> Result:
     """Train ``warmup + len(plans) - warmup`` steps of ``variant``; time all but the warm-up steps."""
+    from bioscale.distributed.parallelize import grad_sync
     from bioscale.models import get_model_spec, set_input_validation
 
     result = Result(case.label, variant.label)
@@ -692,7 +795,10 @@ def run_variant(
     _free_memory(device)
     model = optimizer = None
     attention_impl = contextlib.ExitStack()
+    process_group = contextlib.ExitStack()  # closed after the model is gone
     try:
+        if variant.params == "fsdp":
+            process_group.enter_context(one_rank_process_group(device))
         attention_impl.enter_context(flash_attention_impl(variant.attn_impl))
         model, notes, masters = build_variant_model(case, variant, device, args)
         result.notes = "; ".join(notes)
@@ -724,14 +830,15 @@ def run_variant(
             result.notes = "; ".join(notes)
         loss_fn = _loss_fn(model, variant, task)
         # bf16 autocast over fp32 weights on GPU; CPUs without bf16 matrix units run bf16 slower than fp32, so the
-        # CPU smoke test computes in fp32.
+        # CPU smoke test computes in fp32. bf16 weights and FSDP2 (its param_dtype) need no autocast.
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if variant.params == "fp32" and device.type == "cuda"
             else contextlib.nullcontext()
         )
-        warmup_lr = [args.lr * min(1.0, (i + 1) / max(1, args.lr_warmup)) for i in range(len(steps))]
+        schedule = [lr_at(i, args) for i in range(len(steps))]
         losses: list[torch.Tensor] = []
+        grad_norms: list[torch.Tensor] = []
         timed_start = 0.0
         for index, (micro, counts, step_labels) in enumerate(steps):
             if index == warmup:
@@ -740,15 +847,19 @@ def run_variant(
             # Value checks on the inputs cost a host sync per forward; the first step checks the batch format.
             set_input_validation(index == 0)
             for group in optimizer.param_groups:
-                group["lr"] = warmup_lr[index]
+                group["lr"] = schedule[index]
             if quant_stats is not None:
                 quant_stats.begin_step(index + 1)
             step_loss = torch.zeros((), device=device)
-            for batch, count in zip(micro, counts):
-                with autocast:
-                    loss_sum = loss_fn(batch, count)
-                (loss_sum / step_labels).backward()
+            for position, (batch, count) in enumerate(zip(micro, counts)):
+                # FSDP2 reduce-scatters the gradients of the last micro-batch only, as the trainer does.
+                with grad_sync(model, enabled=position == len(micro) - 1):
+                    with autocast:
+                        loss_sum = loss_fn(batch, count)
+                    (loss_sum / step_labels).backward()
                 step_loss += loss_sum.detach().float()
+            if args.max_grad_norm:
+                grad_norms.append(clip_grad_norm(model, args.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if quant_stats is not None:
@@ -759,8 +870,9 @@ def run_variant(
         if quant_stats is not None:
             quant_stats.close()
         if args.profile and device.type == "cuda":
-            result.profile = profile_steps(steps[-min(3, len(steps)):], loss_fn, optimizer, autocast, device)
+            result.profile = profile_steps(steps[-min(3, len(steps)) :], loss_fn, optimizer, autocast, device)
         result.losses = torch.stack(losses).tolist()
+        result.grad_norms = torch.stack(grad_norms).tolist() if grad_norms else []
         result.first_loss, result.final_loss = result.losses[0], result.losses[-1]
 
         timed = plans[warmup:]
@@ -788,7 +900,7 @@ def run_variant(
         result.status = "OOM"
         if device.type == "cuda":
             result.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
-    except Exception as exc:  # one failing variant must not cost the rest of the table
+    except Exception as exc:  # noqa: BLE001  (one failing variant must not cost the rest of the table)
         traceback.print_exc()
         result.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     finally:
@@ -796,11 +908,23 @@ def run_variant(
         set_input_validation(True)
         del model, optimizer
         _free_memory(device)
+        process_group.close()
     result.seconds = time.perf_counter() - start
     return result
 
 
-def profile_steps(steps: Sequence[Any], loss_fn: Any, optimizer: Any, autocast: Any, device: torch.device) -> list[dict[str, Any]]:
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm as the trainer does; returns the norm before clipping (a plain fp32 tensor, also
+    under FSDP2, whose norm is a DTensor). For ``params=bf16-master`` the bf16 gradients are clipped before the
+    optimizer casts them."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    full_tensor = getattr(norm, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else norm).detach().float()
+
+
+def profile_steps(
+    steps: Sequence[Any], loss_fn: Any, optimizer: Any, autocast: Any, device: torch.device
+) -> list[dict[str, Any]]:
     """The top CUDA kernels of a few more steps, with their share of the GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -841,8 +965,10 @@ def _pct(value: float | None) -> str:
 def render_table(results: Sequence[Result]) -> str:
     baseline = {r.model: r.tokens_per_s for r in results if r.variant == "hf_padded" and r.status == "ok"}
     lines = [
-        "| model | variant | tokens/s (unpadded) | vs HF | step ms | MFU (989) | MFU (789 GEMM) | peak GB | pad % "
-        "| final loss | notes |",
+        (
+            "| model | variant | tokens/s (unpadded) | vs HF | step ms | MFU (989) | MFU (789 GEMM) | peak GB | pad % "
+            "| final loss | notes |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -872,8 +998,48 @@ def render_profiles(results: Sequence[Result]) -> str:
     return "\n\n".join(sections)
 
 
+def find_spikes(losses: Sequence[float], window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR) -> list[int]:
+    """Steps (0-based) whose loss exceeds ``factor`` x the mean loss of the ``window`` steps before them (a non-finite
+    loss counts as a spike); the first ``window`` steps have no such mean and are never flagged."""
+    values = np.asarray(losses, dtype=np.float64)
+    spikes = []
+    for step in range(window, len(values)):
+        if not np.isfinite(values[step]) or values[step] > factor * values[step - window : step].mean():
+            spikes.append(step)
+    return spikes
+
+
+def compare_losses(reference: Sequence[float], other: Sequence[float], tail: int) -> dict[str, float]:
+    """``other`` against ``reference`` over their last ``tail`` steps: both means, the relative difference of the
+    means, and the largest per-step absolute difference (the curves must track step by step, not only on average)."""
+    if len(reference) != len(other):
+        raise ValueError(f"loss curves of {len(reference)} and {len(other)} steps cannot be compared step by step")
+    ref_tail = np.asarray(reference[-tail:], dtype=np.float64)
+    other_tail = np.asarray(other[-tail:], dtype=np.float64)
+    ref_mean, other_mean = float(ref_tail.mean()), float(other_tail.mean())
+    return {
+        "reference_mean": ref_mean,
+        "mean": other_mean,
+        "relative_difference": (other_mean - ref_mean) / ref_mean,
+        "max_abs_step_difference": float(np.abs(other_tail - ref_tail).max()),
+    }
+
+
+def _spike_text(losses: Sequence[float]) -> str:
+    spikes = find_spikes(losses)
+    if not spikes:
+        return "no spike"
+    shown = ", ".join(f"{step} ({losses[step]:.2f})" for step in spikes[:8])
+    return f"{len(spikes)} spike step(s): {shown}{', ...' if len(spikes) > 8 else ''}"
+
+
 def render_loss_compare(results: Sequence[Result], tail: int) -> str:
-    lines = []
+    """Per model: every variant's last-``tail``-step mean loss against the ``packed`` row (or the first), the relative
+    difference, the largest per-step difference over those steps, and each run's loss spikes (:func:`find_spikes`)."""
+    lines = [
+        f"Spike: a step loss > {SPIKE_FACTOR} x the mean of the {SPIKE_WINDOW} steps before it (step index, loss).",
+        "",
+    ]
     by_model: dict[str, list[Result]] = {}
     for r in results:
         if r.status == "ok" and r.losses:
@@ -881,12 +1047,22 @@ def render_loss_compare(results: Sequence[Result], tail: int) -> str:
     for model, rows in by_model.items():
         reference = next((r for r in rows if r.variant == "packed"), rows[0])
         ref_tail = float(np.mean(reference.losses[-tail:]))
-        lines.append(f"- {model}: mean loss over the last {tail} steps, {reference.variant}: {ref_tail:.4f}")
+        lines.append(
+            f"- {model}: mean loss over the last {tail} steps, {reference.variant}: {ref_tail:.4f}; "
+            f"{_spike_text(reference.losses)}"
+        )
         for r in rows:
             if r is reference:
                 continue
-            value = float(np.mean(r.losses[-tail:]))
-            lines.append(f"  - {r.variant}: {value:.4f} ({100 * (value - ref_tail) / ref_tail:+.2f}% vs {reference.variant})")
+            if len(r.losses) != len(reference.losses):
+                lines.append(f"  - {r.variant}: {len(r.losses)} steps, not {len(reference.losses)}: not compared")
+                continue
+            stats = compare_losses(reference.losses, r.losses, tail)
+            lines.append(
+                f"  - {r.variant}: {stats['mean']:.4f} ({100 * stats['relative_difference']:+.2f}% vs "
+                f"{reference.variant}); largest per-step |difference| over those steps "
+                f"{stats['max_abs_step_difference']:.4f}; {_spike_text(r.losses)}"
+            )
     return "\n".join(lines)
 
 
@@ -934,8 +1110,10 @@ def write_report(
     md = [
         f"# Training throughput, {env['gpu']}, {env['date']}",
         "",
-        f"torch {env['torch']}, transformers {env['transformers']}, torchao {env['torchao']}, CUDA {env['cuda']}, "
-        f"Python {env['python']}.",
+        (
+            f"torch {env['torch']}, transformers {env['transformers']}, torchao {env['torchao']}, "
+            f"CUDA {env['cuda']}, Python {env['python']}."
+        ),
         "",
         "Commands (from the repository root):",
         "",
@@ -943,17 +1121,22 @@ def write_report(
         *commands,
         "```",
         "",
-        "Real UniRef90 / OpenGenome2 sequences from `../shared/data` (lengths as they come; with `split` packing a "
-        "sequence that overflows a micro-batch is cut and continues in the next); every variant trains the "
-        "same steps (same sequences, masks and initial weights). tokens/s counts unpadded tokens; MFU uses the model "
-        "spec's training FLOPs per token at the token-weighted mean length, against 989 TFLOP/s (H100 SXM dense bf16) "
-        "and 789 TFLOP/s (bf16 GEMM rate measured on the lent H100). `pad %` is the share of computed positions that "
-        "are padding. Weights: fp32 + bf16 autocast unless the variant says `params=bf16` (bf16 weights and bf16 AdamW "
-        "states, no fp32 master) or `params=bf16-master` (bf16 weights, fp32 master weights and AdamW states). "
-        f"Settings: {json.dumps(_settings(args))}.",
+        (
+            "Real UniRef90 / OpenGenome2 sequences from `../shared/data` (lengths as they come; with `split` packing a "
+            "sequence that overflows a micro-batch is cut and continues in the next); every variant trains the "
+            "same steps (same sequences, masks and initial weights). tokens/s counts unpadded tokens; MFU uses the model "
+            "spec's training FLOPs per token at the token-weighted mean length, against 989 TFLOP/s (H100 SXM dense bf16) "
+            "and 789 TFLOP/s (bf16 GEMM rate measured on the lent H100). `pad %` is the share of computed positions that "
+            "are padding. Weights: fp32 + bf16 autocast unless the variant says `params=bf16` (bf16 weights and bf16 AdamW "
+            "states, no fp32 master), `params=bf16-master` (bf16 weights, fp32 master weights and AdamW states) or "
+            "`params=fsdp` (FSDP2 on one rank: bf16 compute over fp32 sharded weights and AdamW states). "
+            f"Settings: {json.dumps(_settings(args))}."
+        ),
         "",
-        "| model | mb (padded) | tokens / packed micro-batch | micro-batches / step | AC (bioscale) | max length "
-        "| packing |",
+        (
+            "| model | mb (padded) | tokens / packed micro-batch | micro-batches / step | AC (bioscale) | max length "
+            "| packing |"
+        ),
         "|---|---:|---:|---:|---|---:|---|",
         *[
             f"| {c['key']} | {c['mb']} | {c['tokens']} | {c['grad_acc']} | {c['ac']} | {c['max_length']} "
@@ -964,7 +1147,14 @@ def write_report(
         render_table(all_results),
     ]
     if args.loss_compare_steps:
-        md += ["", "## Loss comparison", "", render_loss_compare(all_results, max(1, args.loss_compare_steps // 10))]
+        md += [
+            "",
+            "## Loss comparison",
+            "",
+            f"Schedule: {describe_schedule(args)}.",
+            "",
+            render_loss_compare(all_results, max(1, args.loss_compare_steps // 10)),
+        ]
     profiles = render_profiles(all_results)
     if profiles:
         md += ["", "## Top kernels (3 profiled steps after the timed ones)", "", profiles]
@@ -973,11 +1163,27 @@ def write_report(
     return path
 
 
+def describe_schedule(args: argparse.Namespace) -> str:
+    total = args.warmup + args.steps
+    text = f"peak lr {args.lr:g}"
+    if args.lr_warmup_steps:
+        text += f", linear warm-up over {args.lr_warmup_steps} steps"
+    if args.lr_min_ratio != 1.0:
+        text += f", linear decay to {args.lr_min_ratio:g} x peak at step {total}"
+    if not args.lr_warmup_steps and args.lr_min_ratio == 1.0:
+        text += " (constant)"
+    clip = f"clipped to {args.max_grad_norm:g}" if args.max_grad_norm else "not clipped"
+    return f"{text}; gradient norm {clip}"
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "warmup": args.warmup,
         "steps": args.steps,
         "lr": args.lr,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "lr_min_ratio": args.lr_min_ratio,
+        "max_grad_norm": args.max_grad_norm,
         "param_dtype": args.param_dtype,
         "compile": args.compile,
         "compile_mode": args.compile_mode,
@@ -990,43 +1196,92 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated; {', '.join(MODEL_CASES)}; per-model options as "
-                             "name:tokens=16384:mb=8:ac=selective:grad_acc=1:packing=split; or a suite: "
-                             f"{', '.join('@' + k for k in MODEL_SUITES)}")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated; hf_padded, padded, packed, packed_fp8[:recipe=rowwise:min_features=4096"
-                             ":layers=1-30]; any of them [:params=bf16|bf16-master], bioscale ones "
-                             "[:compile=<torch.compile mode>]")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated; {', '.join(MODEL_CASES)}; per-model options as "
+        "name:tokens=16384:mb=8:ac=selective:grad_acc=1:packing=split; or a suite: "
+        f"{', '.join('@' + k for k in MODEL_SUITES)}",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated; hf_padded, padded, packed, packed_fp8[:recipe=rowwise:min_features=4096"
+        ":layers=1-30]; any of them [:params=bf16|bf16-master], bioscale ones "
+        "[:params=fsdp] [:compile=<torch.compile mode>]",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compilation happens here)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up + 2 timed steps, small data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", choices=("on", "off", "auto"), default="auto",
-                        help="per-block torch.compile of the bioscale variants (auto: on for CUDA)")
-    parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="fp32",
-                        help="default weights/optimizer of every variant: fp32 weights with bf16 autocast (the "
-                             "trainer's single-GPU setting); bf16 weights and bf16 AdamW states (no master copy); "
-                             "bf16 weights with fp32 master weights and AdamW states")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs (GEMM epilogue "
-                             "fusion) or reduce-overhead (CUDA graphs); default: torch's default")
+    parser.add_argument(
+        "--compile",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="per-block torch.compile of the bioscale variants (auto: on for CUDA)",
+    )
+    parser.add_argument(
+        "--param-dtype",
+        choices=PARAM_DTYPES,
+        default="fp32",
+        help="default weights/optimizer of every variant: fp32 weights with bf16 autocast (the "
+        "trainer's single-GPU setting); bf16 weights and bf16 AdamW states (no master copy); "
+        "bf16 weights with fp32 master weights and AdamW states",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs (GEMM epilogue "
+        "fusion) or reduce-overhead (CUDA graphs); default: torch's default",
+    )
     parser.add_argument("--fp8-recipe", choices=("tensorwise", "rowwise"), default="tensorwise")
     parser.add_argument("--fp8-layers", default=None, help="1-indexed blocks for FP8, e.g. '2-32' (default: all)")
-    parser.add_argument("--fp8-min-features", type=int, default=0,
-                        help="keep linears whose narrower side is below this in bf16")
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--lr-warmup", type=int, default=None, help="linear lr warm-up steps (default: 10%% of steps)")
-    parser.add_argument("--loss-compare-steps", type=int, default=0,
-                        help="train this many steps in all (warm-up included) and compare the variants' losses")
+    parser.add_argument(
+        "--fp8-min-features", type=int, default=0, help="keep linears whose narrower side is below this in bf16"
+    )
+    parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
+    parser.add_argument(
+        "--lr-warmup-steps",
+        "--lr-warmup",
+        dest="lr_warmup_steps",
+        type=int,
+        default=None,
+        help="linear lr warm-up steps (default: 10%% of --loss-compare-steps when given, else 0)",
+    )
+    parser.add_argument(
+        "--lr-min-ratio",
+        type=float,
+        default=None,
+        help="after the warm-up, decay the lr linearly to this x peak at the last step (ESM-2: 0.1; "
+        "default: 0.1 with --loss-compare-steps, else 1, a constant lr)",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradient norm to this, 0 for off (default: 1.0, the trainer's, with "
+        "--loss-compare-steps, else off)",
+    )
+    parser.add_argument(
+        "--loss-compare-steps",
+        type=int,
+        default=0,
+        help="train this many steps in all (warm-up included) and compare the variants' losses",
+    )
     parser.add_argument("--profile", action="store_true", help="profile 3 extra steps per variant (top CUDA kernels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--merge", default=None, help="a results .json of an earlier call whose rows to keep")
-    parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="start no variant that would likely end after this many seconds (its row says skipped)")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start no variant that would likely end after this many seconds (its row says skipped)",
+    )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the report
     if args.quick:
@@ -1037,8 +1292,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.steps = args.loss_compare_steps - args.warmup
     if args.steps < 1 or args.warmup < 0 or args.loss_compare_steps < 0 or args.loss_compare_steps == 1:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    if args.lr_warmup is None:
-        args.lr_warmup = max(1, (args.warmup + args.steps) // 10)
+    # Throughput runs keep a constant lr without clipping; a loss comparison follows the trainer's ESM-2 recipe.
+    compare = bool(args.loss_compare_steps)
+    if args.lr_warmup_steps is None:
+        args.lr_warmup_steps = args.loss_compare_steps // 10 if compare else 0
+    if args.lr_min_ratio is None:
+        args.lr_min_ratio = 0.1 if compare else 1.0
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 1.0 if compare else 0.0
+    if args.lr_warmup_steps < 0 or not 0.0 <= args.lr_min_ratio <= 1.0 or args.max_grad_norm < 0:
+        parser.error("--lr-warmup-steps and --max-grad-norm must be >= 0, --lr-min-ratio in [0, 1]")
     args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     return args
 
@@ -1058,8 +1321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left over (none in the bf16 paths)
     env = environment()
-    print(f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | torchao {env['torchao']}",
-          flush=True)
+    print(
+        f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | torchao {env['torchao']}",
+        flush=True,
+    )
     results: list[Result] = []
     examples_cache: dict[tuple[str, int], list[Example]] = {}
     started = time.perf_counter()
@@ -1075,8 +1340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             elapsed = time.perf_counter() - started
             if args.time_budget_s is not None and elapsed + max(longest, 60.0) > args.time_budget_s:
                 results.append(Result(case.label, variant.label, status="skipped (time budget)"))
-                print(f"[{time.strftime('%H:%M:%S')}] {case.label} / {variant.label}: skipped, {elapsed:.0f} s used of "
-                      f"--time-budget-s {args.time_budget_s:.0f}", flush=True)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {case.label} / {variant.label}: skipped, {elapsed:.0f} s used of "
+                    f"--time-budget-s {args.time_budget_s:.0f}",
+                    flush=True,
+                )
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {case.label} / {variant.label} ...", flush=True)
             result = run_variant(case, variant, plans, warmup=args.warmup, device=device, args=args)
@@ -1095,6 +1363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(results))
     if args.loss_compare_steps:
         print()
+        print(f"Schedule: {describe_schedule(args)}.")
         print(render_loss_compare(results, max(1, args.loss_compare_steps // 10)))
     if args.profile:
         print()

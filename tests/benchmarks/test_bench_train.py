@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -164,7 +165,17 @@ def test_master_weight_adamw_tracks_fp32_adamw(bench) -> None:
 def test_quick_cpu_run_agrees_across_variants(bench, shared_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("torchao.float8")
     code = bench.main(
-        ["--quick", "--device", "cpu", "--models", "esm2_debug", "--data-dir", str(shared_data), "--out-dir", str(tmp_path)]
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--models",
+            "esm2_debug",
+            "--data-dir",
+            str(shared_data),
+            "--out-dir",
+            str(tmp_path),
+        ]
     )
     assert code == 0
     (report,) = tmp_path.glob("*.md")
@@ -203,10 +214,151 @@ def test_packing_report_on_the_dna_sample(shared_data: Path) -> None:
 def test_roofline_counts(bench, shared_data: Path) -> None:
     roofline = _load_script("roofline")
     examples = bench.load_examples("dna", 8192, shared_data, seed=0, limit=None)
-    split, greedy = (roofline.roofline(bench.parse_model(m), examples, num_steps=4, params="fp32")
-                     for m in ("llama3_1B", "llama3_1B:packing=greedy"))
+    split, greedy = (
+        roofline.roofline(bench.parse_model(m), examples, num_steps=4, params="fp32")
+        for m in ("llama3_1B", "llama3_1B:packing=greedy")
+    )
     assert split["real_tokens"] == 16384 and greedy["real_tokens"] == 8196
     assert split["gemm_flops"] == greedy["gemm_flops"]  # the GEMMs run over the padding too
     assert split["ceiling_sum_H200"] > 1.9 * greedy["ceiling_sum_H200"]
     bf16 = roofline.roofline(bench.parse_model("llama3_1B"), examples, num_steps=4, params="bf16")
     assert bf16["optimizer_gb"] < split["optimizer_gb"] and bf16["activation_gb"] < split["activation_gb"]
+
+
+# ---- learning-rate schedule, loss comparison, params=fsdp ---------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays_only_for_a_loss_comparison(bench) -> None:
+    args = bench.parse_args(["--loss-compare-steps", "500"])
+    assert args.warmup + args.steps == 500
+    assert (args.lr_warmup_steps, args.lr_min_ratio, args.max_grad_norm) == (50, 0.1, 1.0)  # the trainer's clip
+    lrs = [bench.lr_at(step, args) for step in range(500)]
+    assert lrs[0] == pytest.approx(4e-4 / 50)  # the first update is not wasted at lr 0
+    assert lrs[24] == pytest.approx(4e-4 * 25 / 50)
+    assert lrs[49] == pytest.approx(4e-4) and lrs[50] == pytest.approx(4e-4)  # peak at the end of the warm-up
+    assert lrs[-1] == pytest.approx(4e-4 * (1 - 0.9 * 449 / 450))  # ~10% of the peak at the last step
+    assert all(a < b for a, b in itertools.pairwise(lrs[:50])) and all(a > b for a, b in itertools.pairwise(lrs[50:]))
+    # Throughput runs keep the constant lr, without clipping, that they always had.
+    plain = bench.parse_args([])
+    assert (plain.lr_warmup_steps, plain.lr_min_ratio, plain.max_grad_norm) == (0, 1.0, 0.0)
+    assert {bench.lr_at(step, plain) for step in range(plain.warmup + plain.steps)} == {4e-4}
+    # Explicit values win; --lr-warmup is the old spelling.
+    custom = bench.parse_args(
+        ["--loss-compare-steps", "500", "--lr-warmup", "100", "--lr", "2e-4", "--max-grad-norm", "0"]
+    )
+    assert (custom.lr_warmup_steps, custom.max_grad_norm) == (100, 0.0)
+    assert bench.lr_at(99, custom) == pytest.approx(2e-4) and bench.lr_at(0, custom) == pytest.approx(2e-6)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--lr-min-ratio", "1.5"])
+
+
+def test_find_spikes_and_compare_losses(bench) -> None:
+    flat = [3.0] * 60
+    assert bench.find_spikes(flat) == []
+    spiky = list(flat)
+    spiky[5] = 9.0  # inside the first window: no running mean yet, never flagged
+    spiky[30] = 3.7  # 1.23x the mean of the 20 steps before it
+    spiky[31] = 3.55  # the mean now includes the spike: 3.55 < 1.2 x 3.035
+    spiky[45] = float("nan")
+    assert bench.find_spikes(spiky) == [30, 45]
+    assert bench.find_spikes([3.0] * 30 + [3.59]) == []  # 1.197x: under the threshold
+    stats = bench.compare_losses([2.0] * 10 + [3.0] * 10, [2.5] * 10 + [3.0] * 9 + [2.4], tail=10)
+    assert stats["reference_mean"] == pytest.approx(3.0) and stats["mean"] == pytest.approx(2.94)
+    assert stats["relative_difference"] == pytest.approx(-0.02)
+    assert stats["max_abs_step_difference"] == pytest.approx(0.6)  # the last step, not the earlier 0.5 gap
+    with pytest.raises(ValueError, match="step by step"):
+        bench.compare_losses([1.0] * 3, [1.0] * 4, tail=2)
+
+
+def test_loss_compare_report_on_fake_rows(bench) -> None:
+    steps = 100
+    reference = [3.0 - 0.005 * i for i in range(steps)]
+    close = [value * 1.002 for value in reference]
+    spiky = list(reference)
+    spiky[95] = 5.0
+    rows = [
+        bench.Result("esm2_3B", "packed_fp8[tensorwise]", losses=close),
+        bench.Result("esm2_3B", "packed", losses=reference),
+        bench.Result("esm2_3B", "packed[params=bf16]", losses=spiky),
+        bench.Result("esm2_3B", "packed[params=fsdp]", status="OOM"),
+        bench.Result("esm2_3B", "packed[params=bf16-master]", losses=reference[:50]),
+    ]
+    text = bench.render_loss_compare(rows, tail=10)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("- esm2_3B"))
+    assert "packed: 2.5275" in header and "no spike" in header  # packed is the reference even when not first
+    fp8 = next(line for line in lines if "packed_fp8[tensorwise]:" in line)
+    assert "(+0.20% vs packed)" in fp8 and "over those steps 0.0051" in fp8 and fp8.endswith("no spike")
+    bf16 = next(line for line in lines if "packed[params=bf16]:" in line)
+    assert "1 spike step(s): 95 (5.00)" in bf16 and "over those steps 2.4750" in bf16
+    assert "params=fsdp" not in text  # failed rows have no curve
+    assert "packed[params=bf16-master]: 50 steps, not 100: not compared" in text
+
+
+def test_loss_compare_of_2026_11_22_shows_spikes_in_both_runs(bench) -> None:
+    """The stored 500-step 3B run (fp32 weights, 8k tokens, 50-step warm-up then a constant 4e-4, no clipping)."""
+    path = REPO_ROOT / "benchmarks" / "results" / "json" / "2026-11-22-nvidia-h200-loss-compare.json"
+    rows = {row["variant"]: row["losses"] for row in json.loads(path.read_text())["rows"]}
+    bf16, fp8 = rows["packed"], rows["packed_fp8[tensorwise]"]
+    assert bench.find_spikes(bf16) == [118, 124, 125, 126] and bench.find_spikes(fp8) == [94]
+    stats = bench.compare_losses(bf16, fp8, tail=50)
+    assert stats["relative_difference"] == pytest.approx(-0.0338, abs=1e-4)
+    assert stats["max_abs_step_difference"] == pytest.approx(0.1402, abs=1e-4)
+
+
+def test_params_fsdp_variant_option(bench) -> None:
+    args = bench.parse_args([])
+    assert bench.parse_variant("packed:params=fsdp", args).label == "packed[params=fsdp]"
+    assert bench.parse_variant("packed_fp8:params=fsdp", args).label == "packed_fp8[tensorwise,params=fsdp]"
+    with pytest.raises(ValueError, match="needs a bioscale model"):
+        bench.parse_variant("hf_padded:params=fsdp", args)
+
+
+def test_fsdp_model_starts_from_the_reference_init(bench, monkeypatch) -> None:
+    """FSDP2's sharded init may draw other numbers than the plain model's (it does on CUDA), so the variant loads
+    reference_init after materialising; a reference that differs from the seed's init must therefore show up."""
+    import torch.distributed as dist
+
+    args = bench.parse_args(["--device", "cpu", "--compile", "off"])
+    case = bench.parse_model("esm2_debug:ac=selective")
+    device = torch.device("cpu")
+    reference = bench.reference_init(case, device, args.seed)
+    marked = {name: tensor + 1.0 if tensor.is_floating_point() else tensor for name, tensor in reference.items()}
+    # A copy per call: set_model_state_dict turns the values of the dict it is given into DTensors.
+    monkeypatch.setattr(bench, "reference_init", lambda *_: {name: t.clone() for name, t in marked.items()})
+    with bench.one_rank_process_group(device):
+        model, notes, masters = bench.build_variant_model(
+            case, bench.parse_variant("packed:params=fsdp", args), device, args
+        )
+        assert all(type(p).__name__ == "DTensor" and p.dtype == torch.float32 for p in model.parameters())
+        state = model.state_dict()  # the plain names (the AC wrapper's prefix stripped), sharded values
+        assert state.keys() == marked.keys()
+        for name, value in state.items():
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            assert torch.equal(full, marked[name]), name
+        assert masters is None and "FSDP2 on one rank" in notes[-1]
+        del model
+    assert not dist.is_initialized()  # the one-rank group is gone with the block
+
+
+@pytest.mark.slow
+def test_quick_cpu_fsdp_run_matches_packed(bench, shared_data: Path, tmp_path: Path) -> None:
+    """``packed:params=fsdp`` (FSDP2 on one gloo rank, fp32 on CPU) trains exactly like ``packed``: same initial
+    weights, same batches, gradients accumulated over two micro-batches and reduce-scattered once, clipped alike."""
+    import torch.distributed as dist
+
+    model = "esm2_debug:ac=selective:grad_acc=2"
+    argv = ["--quick", "--device", "cpu", "--models", model, "--variants", "packed,packed:params=fsdp",
+            "--max-grad-norm", "1.0", "--data-dir", str(shared_data), "--out-dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert not dist.is_initialized()
+    (report,) = tmp_path.glob("*.json")
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
+    packed, fsdp = rows["packed"], rows["packed[params=fsdp]"]
+    assert fsdp["status"] == "ok" and fsdp["tokens_per_s"] > 0
+    assert "FSDP2 on one rank" in fsdp["notes"]
+    assert len(fsdp["losses"]) == len(packed["losses"]) == 3
+    assert fsdp["losses"][0] == packed["losses"][0]  # identical initial weights and batch
+    np.testing.assert_allclose(fsdp["losses"], packed["losses"], rtol=1e-5)
+    np.testing.assert_allclose(fsdp["grad_norms"], packed["grad_norms"], rtol=1e-4)
+    assert packed["grad_norms"][0] > 1.0  # clipping was active, so it was compared too
