@@ -184,7 +184,7 @@ def test_one_gpu_bf16_trains_sharded_over_one_rank_from_the_autocast_loss(strate
         return summary, [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
     autocast_summary, autocast = run("autocast", ["parallelism.single_gpu_fsdp=false"])
-    sharded_summary, sharded = run(strategy, [f"parallelism.strategy={strategy}"])
+    sharded_summary, sharded = run(strategy, [f"parallelism.strategy={strategy}", "parallelism.single_gpu_fsdp=true"])
     assert autocast_summary["strategy"] == "single"
     assert sharded_summary["strategy"] == strategy
     # Same weights and batches; bf16 rounding differs (bf16 norms and residual stream vs autocast's fp32 ones).

@@ -104,10 +104,9 @@ class ParallelismConfig:
     """How the ranks started by torchrun share the work (see docs/training.md and docs/multinode.md).
 
     ``strategy``: ``fsdp2`` (PyTorch FSDP2: parameters, gradients and optimizer state sharded per block), ``ddp``
-    (replicated), or ``mfsdp`` (NVIDIA Megatron-FSDP, GPUs only, ``pip install 'bioscale[mfsdp]'``). With
-    ``dtype=bf16`` on a GPU, ``fsdp2`` is also used on a single GPU (FSDP2 over one rank): bf16 weights for compute
-    over fp32 master weights, without autocast's per-use casts and with bf16 norms and residual stream.
-    The other keys tune FSDP2 (and, where they say so, Megatron-FSDP).
+    (replicated), or ``mfsdp`` (NVIDIA Megatron-FSDP, GPUs only, ``pip install 'bioscale[mfsdp]'``). The other keys
+    tune FSDP2 (and, where they say so, Megatron-FSDP). ``single_gpu_fsdp=true`` also runs the sharded strategy on a
+    single GPU (over one rank): bf16 weights for compute over fp32 master weights instead of autocast.
     """
 
     strategy: str = "fsdp2"
@@ -124,8 +123,10 @@ class ParallelismConfig:
     # HSDP (FSDP2): number of replica groups, e.g. one per node; parameters are sharded within a group of
     # world_size / dp_replicate ranks and replicated across groups (all-reduce of gradients between them).
     dp_replicate: int = 1
-    # Use FSDP2 over one rank on a single GPU with dtype=bf16 (see above); false trains the plain model under autocast.
-    single_gpu_fsdp: bool = True
+    # With dtype=bf16 on one GPU: FSDP2 / Megatron-FSDP over one rank (bf16 compute over fp32 masters) instead of
+    # the plain model under autocast. Off by default: on an H100 it measured -16% at 16k-token micro-batches and +2%
+    # at 32k for ESM-2 650M (benchmarks/results/2026-11-22-nvidia-h100-80gb-hbm3-params.md).
+    single_gpu_fsdp: bool = False
 
 
 @dataclass

@@ -107,8 +107,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from bioscale.models import build_config, build_model, get_model_spec, input_validation
 
     # ---- 1. Setup: process group (NCCL on GPU, gloo on CPU), run directory, seeds --------------------------------
-    # A single GPU with dtype=bf16 also runs the sharded strategy (over one rank): bf16 compute over fp32 master
-    # weights without autocast's per-use weight casts, with bf16 norms and residual stream.
+    # parallelism.single_gpu_fsdp: a single GPU with dtype=bf16 runs the sharded strategy over one rank (bf16 compute
+    # over fp32 master weights, bf16 norms and residual stream) instead of autocast.
     sharded_strategy = cfg.parallelism.strategy in ("fsdp2", "mfsdp")
     single_gpu_sharded = sharded_strategy and cfg.parallelism.single_gpu_fsdp and cfg.dtype == "bf16"
     dist_info = init_distributed(cfg.device, single_gpu_group=single_gpu_sharded)
