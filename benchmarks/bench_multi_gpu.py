@@ -218,7 +218,12 @@ def _train_step(
     with context:
         loss_sum = model(**batch, **extra).loss
     (loss_sum * world_size / num_labels.clamp(min=1)).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    from bioscale.distributed.megatron_fsdp import clip_grad_norm, is_megatron_fsdp
+
+    if is_megatron_fsdp(model):
+        clip_grad_norm(model, 1.0)  # its empty shards have no .grad: torch's clip would desynchronise the ranks
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss_sum.detach().float()
@@ -630,10 +635,12 @@ def driver_main(args: argparse.Namespace) -> Path:
     runs = []
     start = time.monotonic()
     for phase in args.phases.split(","):
-        for nproc in (1, 2):
+        for nproc in (int(n) for n in args.nprocs.split(",")):
             budget = args.fsdp_budget if phase == "fsdp" else args.context_budget
             runs.append(_launch(phase, nproc, args, result_file, budget))
-    rows = _read(result_file)
+    # Rows of an earlier (partial) run, e.g. the 1-GPU half measured in another call, in the same report.
+    merged = [json.loads(line) for path in args.merge for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = merged + _read(result_file)
     command = shlex.join(["python", "benchmarks/bench_multi_gpu.py", *args.argv])
     report = render_report(rows, runs, env, command, args)
     path = out_dir / f"{stem}.md"
@@ -653,6 +660,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--phases", default="fsdp,context", help="comma-separated: fsdp, context")
+    parser.add_argument("--nprocs", default="1,2", help="comma-separated numbers of GPUs to run each phase on")
+    parser.add_argument(
+        "--merge", action="append", default=[], help="JSON-lines rows of an earlier run to include in the report"
+    )
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models, to check the script")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
@@ -711,7 +722,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.context_max = min(args.context_max, 2048)
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
     # What the workers need from the driver's command line (everything but the driver-only options).
-    args.passthrough = [a for a in _strip(argv, ("--phases", "--out-dir"))]
+    args.passthrough = [a for a in _strip(argv, ("--phases", "--out-dir", "--nprocs", "--merge"))]
     return args
 
 

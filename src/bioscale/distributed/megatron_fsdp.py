@@ -127,6 +127,32 @@ def shard_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+@torch.no_grad()
+def clip_grad_norm(wrapper: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of a Megatron-FSDP model; returns the norm before clipping (on every rank).
+
+    Megatron-FSDP attaches no ``.grad`` to a parameter whose shard is empty on this rank, so the list of gradients
+    differs between ranks and ``torch.nn.utils.clip_grad_norm_`` (one DTensor collective per gradient) would issue
+    different collectives on different ranks and hang. Every element of a main gradient lives on exactly one rank
+    (ZeRO-3 shards every buffer), so the squared norm is the sum of the local shards' over the ranks: one all-reduce.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    params = list(wrapper.parameters())
+    local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    device = params[0].device
+    squared = torch.zeros((), device=device, dtype=torch.float32)
+    if local:
+        squared = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in local]).square().sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(squared)
+    total = squared.sqrt()
+    if local:
+        torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
 def strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
     """The wrapper's state-dict keys without its ``module.`` prefix (the bioscale model's own names)."""
     return {key[len(_PREFIX) :] if key.startswith(_PREFIX) else key: value for key, value in state.items()}

@@ -605,6 +605,10 @@ def _sum_sq_seq_lens(batch: dict[str, Any], counts: dict[str, int]) -> float:
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm; returns the norm before clipping (a plain tensor, also under FSDP2)."""
+    from bioscale.distributed.megatron_fsdp import clip_grad_norm, is_megatron_fsdp
+
+    if is_megatron_fsdp(model):
+        return clip_grad_norm(model, max_norm)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
     full_tensor = getattr(grad_norm, "full_tensor", None)  # a DTensor under FSDP2
     return full_tensor() if full_tensor is not None else grad_norm
