@@ -46,8 +46,17 @@ OVERRIDES = [
 ]
 
 
+# The trainer refuses mfsdp until these tests pass (see train.py); they run its path through the developer switch and
+# are expected to fail until the bug (loss not decreasing, found 2026-11-22 on 2xH200) is fixed: strict, so a fix
+# turns them into failures that say "remove the guard and these markers".
+KNOWN_BUG = pytest.mark.xfail(
+    strict=True, reason="Megatron-FSDP in the trainer: loss does not decrease (2026-11-22); remove with the guard"
+)
+
+
 def _torchrun(run_dir: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ)
+    env["BIOSCALE_EXPERIMENTAL_MFSDP"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")]))
     cmd = [
         sys.executable,
@@ -79,6 +88,7 @@ def initial_weights(tmp_path_factory) -> Path:
     return path
 
 
+@KNOWN_BUG
 @pytest.mark.multi_gpu
 def test_megatron_fsdp_on_two_gpus_matches_one_gpu_and_resumes(initial_weights, tmp_path):
     pytest.importorskip("megatron_fsdp")
@@ -138,6 +148,7 @@ def test_megatron_fsdp_on_two_gpus_matches_one_gpu_and_resumes(initial_weights, 
     assert all(torch.isfinite(p).all() for p in exported.parameters())
 
 
+@KNOWN_BUG
 @pytest.mark.multi_gpu
 def test_megatron_fsdp_bf16_compiled_on_two_gpus_learns(tmp_path):
     pytest.importorskip("megatron_fsdp")
@@ -159,8 +170,11 @@ def test_megatron_fsdp_bf16_compiled_on_two_gpus_learns(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["fsdp2", "mfsdp"])
-def test_one_gpu_bf16_trains_sharded_over_one_rank_from_the_autocast_loss(strategy, initial_weights, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", pytest.param("mfsdp", marks=KNOWN_BUG)])
+def test_one_gpu_bf16_trains_sharded_over_one_rank_from_the_autocast_loss(
+    strategy, initial_weights, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("BIOSCALE_EXPERIMENTAL_MFSDP", "1")
     if strategy == "mfsdp":
         pytest.importorskip("megatron_fsdp")
     from bioscale.train.train import train
