@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh small        # table: ESM-2 8M, 150M, 650M x 4 variants
 #   bash benchmarks/gpu_session.sh large        # table: ESM-2 3B, Llama 3 1B x 4 variants (MERGE=<json> to merge)
 #   bash benchmarks/gpu_session.sh fp8sweep     # ESM-2 650M and 3B: FP8 recipes and width filters, with profiles
-#   bash benchmarks/gpu_session.sh loss3b       # ESM-2 3B: 500-step loss, packed bf16 vs packed FP8
+#   bash benchmarks/gpu_session.sh loss3b       # ESM-2 3B: 500-step loss, bf16 vs FP8 (warm-up, decay, clipping)
 #   bash benchmarks/gpu_session.sh qstats       # quant-stats cost at freq=1 / freq=10 (ESM-2 650M, packed FP8)
 #   bash benchmarks/gpu_session.sh llama        # Llama 3 1B: split packing (0% pad) vs greedy (50%), bf16 and FP8
 #   bash benchmarks/gpu_session.sh params       # fp32+autocast vs bf16 weights vs bf16 weights + fp32 master
@@ -44,7 +44,8 @@ case "$job" in
     bench --models esm2_650M,esm2_3B --variants packed,packed_fp8,packed_fp8:min_features=2048,packed_fp8:recipe=rowwise \
       --profile --steps 8 --warmup 4 ;;
   loss3b)
-    bench --models esm2_3B --variants packed,packed_fp8 --loss-compare-steps 500 ;;
+    bench --models esm2_3B:tokens=4096:ac=none --variants packed,packed_fp8 --loss-compare-steps 500 \
+      --lr 2e-4 --lr-warmup-steps 100 ;;
   qstats)
     bench --models esm2_650M,esm2_3B --variants packed_fp8,packed_fp8:qstats=10,packed_fp8:qstats=1 --steps 20 ;;
   llama)
