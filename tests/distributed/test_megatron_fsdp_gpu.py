@@ -46,9 +46,10 @@ OVERRIDES = [
 ]
 
 
-# The trainer refuses mfsdp until these tests pass (see train.py); they run its path through the developer switch and
-# are expected to fail until the bug (loss not decreasing, found 2026-11-22 on 2xH200) is fixed: strict, so a fix
-# turns them into failures that say "remove the guard and these markers".
+# The trainer refuses mfsdp until these tests pass (see train.py); they run its path through the developer switch.
+# They failed on 2xH200 on 2026-11-22 (loss not decreasing: the Llama head bypassed module hooks, fixed afterwards and
+# not yet re-run on GPUs). Strict: once the fix is confirmed they XPASS and fail, saying "remove the guard and these
+# markers".
 KNOWN_BUG = pytest.mark.xfail(
     strict=True, reason="Megatron-FSDP in the trainer: loss does not decrease (2026-11-22); remove with the guard"
 )

@@ -274,7 +274,14 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary (vocabulary-padding columns dropped)."""
-        logits = F.linear(hidden_states, self.output_weight)
+        # Call the head module (not F.linear on its weight): wrappers that work through module hooks see its use
+        # (Megatron-FSDP all-gathers a module's weights in its forward pre-hook and hangs its root backward hook on
+        # the last module's output; reading lm_head.weight directly skipped both, so no gradient reached its
+        # optimizer). Tied heads read the embedding matrix, gathered by the embedding's own forward.
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden_states)
+        else:
+            logits = F.linear(hidden_states, self.model.embed_tokens.weight)
         if logits.shape[-1] != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits
