@@ -13,52 +13,23 @@ count, not per rank. Tolerance: relative 1e-5 on each loss (float32 summation or
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+from dp_helpers import PROTEIN_CLM, save_initial_weights, torchrun_train
 
 from bioscale.train.config import load_config
 from bioscale.train.metrics import read_metrics
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 
-OVERRIDES = [
-    "device=cpu",
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "logging.log_every_n_steps=1",
-    "checkpoint.save_final_model=false",
-    f"num_train_steps={STEPS}",
-    # A protein causal LM with deterministic windows: see tests/train/test_train.py::PROTEIN_CLM.
-    "data.source=demo:protein",
-    "data.tokenizer=protein",
-    "data.crop=window",
-    "data.max_seq_length=64",
-    "data.shuffle=false",
-    "++model.overrides.vocab_size=33",
-    "++model.overrides.pad_token_id=1",
-    "++model.overrides.bos_token_id=0",
-    "++model.overrides.eos_token_id=2",
-    "optimizer.lr=3e-3",
-    "scheduler.warmup_steps=1",
-]
+OVERRIDES = ["device=cpu", "checkpoint.save_final_model=false", f"num_train_steps={STEPS}", *PROTEIN_CLM]
 
 
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory) -> Path:
-    from bioscale.models import build_config, build_model
-
-    cfg = load_config("L0_sanity_llama3", OVERRIDES)
-    torch.manual_seed(0)
-    model = build_model(build_config("llama3", "debug", **cfg.model.overrides), task="causal_lm", device="cpu")
-    path = tmp_path_factory.mktemp("init") / "llama3_debug_protein"
-    model.save_pretrained(path)
-    return path
+    return save_initial_weights(tmp_path_factory.mktemp("init"))
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +52,7 @@ def single_process(initial_weights, tmp_path_factory) -> list[dict]:
 
 
 def _torchrun(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "bioscale.cli",
-        "train",
-        "--config-name",
-        "L0_sanity_llama3",
-        *OVERRIDES,
-        f"run_dir={run_dir}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
+    return torchrun_train("L0_sanity_llama3", [*OVERRIDES, f"run_dir={run_dir}", *overrides])
 
 
 @pytest.mark.parametrize(

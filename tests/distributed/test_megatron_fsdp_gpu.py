@@ -11,40 +11,19 @@ with micro-batches of one and two accumulation steps; the single process reads m
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dp_helpers import PROTEIN_CLM, save_initial_weights, torchrun_train
 
 from bioscale.train.config import load_config
 from bioscale.train.metrics import read_metrics
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
-
-OVERRIDES = [
-    "device=cuda",
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "logging.log_every_n_steps=1",
-    f"num_train_steps={STEPS}",
-    "data.source=demo:protein",
-    "data.tokenizer=protein",
-    "data.crop=window",
-    "data.max_seq_length=64",
-    "data.shuffle=false",
-    "++model.overrides.vocab_size=33",
-    "++model.overrides.pad_token_id=1",
-    "++model.overrides.bos_token_id=0",
-    "++model.overrides.eos_token_id=2",
-    "optimizer.lr=3e-3",
-    "scheduler.warmup_steps=1",
-]
-
+OVERRIDES = ["device=cuda", f"num_train_steps={STEPS}", *PROTEIN_CLM]
 
 # The trainer refuses mfsdp until these tests pass (see train.py); they run its path through the developer switch.
 # They failed on 2xH200 on 2026-11-22 (loss not decreasing: the Llama head bypassed module hooks, fixed afterwards and
@@ -53,40 +32,17 @@ OVERRIDES = [
 KNOWN_BUG = pytest.mark.xfail(
     strict=True, reason="Megatron-FSDP in the trainer: loss does not decrease (2026-11-22); remove with the guard"
 )
+EXPERIMENTAL = {"BIOSCALE_EXPERIMENTAL_MFSDP": "1"}
 
 
 def _torchrun(run_dir: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["BIOSCALE_EXPERIMENTAL_MFSDP"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "bioscale.cli",
-        "train",
-        "--config-name",
-        "L0_sanity_llama3",
-        *OVERRIDES,
-        f"run_dir={run_dir}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
+    overrides = [*OVERRIDES, f"run_dir={run_dir}", *overrides]
+    return torchrun_train("L0_sanity_llama3", overrides, nproc=nproc, env=EXPERIMENTAL)
 
 
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory) -> Path:
-    from bioscale.models import build_config, build_model
-
-    cfg = load_config("L0_sanity_llama3", [o.replace("device=cuda", "device=cpu") for o in OVERRIDES])
-    torch.manual_seed(0)
-    model = build_model(build_config("llama3", "debug", **cfg.model.overrides), task="causal_lm", device="cpu")
-    path = tmp_path_factory.mktemp("init") / "llama3_debug_protein"
-    model.save_pretrained(path)
-    return path
+    return save_initial_weights(tmp_path_factory.mktemp("init"))
 
 
 @KNOWN_BUG
