@@ -675,8 +675,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fsdp-prefetch",
         type=int,
-        default=0,
-        help="explicit FSDP2 prefetch depth in blocks (0: FSDP2's implicit prefetch only)",
+        default=1,
+        help="explicit FSDP2 prefetch depth in blocks, default 1 as the trainer (0: FSDP2's implicit prefetch only)",
     )
     parser.add_argument(
         "--fsdp-strategies",

@@ -1,7 +1,8 @@
 """Megatron-FSDP (``parallelism.strategy=mfsdp``) and FSDP2 on one GPU, on real GPUs (skipped without them).
 
 - 2 GPUs: Megatron-FSDP gives the loss and gradient-norm trajectory of one unwrapped GPU process with the same
-  global batch (fp32, so the comparison is tight), writes one checkpoint shard per rank, resumes from a checkpoint to
+  global batch (fp32; tight for the first steps, see the test for the later drift) and of FSDP2 on the same two
+  ranks (to fp32 rounding), writes one checkpoint shard per rank, resumes from a checkpoint to
   the same losses as the uninterrupted run, and exports weights that load with ``from_pretrained``.
 - 1 GPU: ``dtype=bf16`` trains through FSDP2 (or Megatron-FSDP) over a one-rank group: bf16 compute over fp32 master
   weights, starting from the loss of the autocast path.
@@ -25,19 +26,11 @@ from bioscale.train.metrics import read_metrics
 STEPS = 6
 OVERRIDES = ["device=cuda", f"num_train_steps={STEPS}", *PROTEIN_CLM]
 
-# The trainer refuses mfsdp until these tests pass (see train.py); they run its path through the developer switch.
-# They failed on 2xH200 on 2026-11-22 (loss not decreasing: the Llama head bypassed module hooks, fixed afterwards and
-# not yet re-run on GPUs). Strict: once the fix is confirmed they XPASS and fail, saying "remove the guard and these
-# markers".
-KNOWN_BUG = pytest.mark.xfail(
-    strict=True, reason="Megatron-FSDP in the trainer: loss does not decrease (2026-11-22); remove with the guard"
-)
-EXPERIMENTAL = {"BIOSCALE_EXPERIMENTAL_MFSDP": "1"}
 
 
 def _torchrun(run_dir: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     overrides = [*OVERRIDES, f"run_dir={run_dir}", *overrides]
-    return torchrun_train("L0_sanity_llama3", overrides, nproc=nproc, env=EXPERIMENTAL)
+    return torchrun_train("L0_sanity_llama3", overrides, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,6 @@ def initial_weights(tmp_path_factory) -> Path:
     return save_initial_weights(tmp_path_factory.mktemp("init"))
 
 
-@KNOWN_BUG
 @pytest.mark.multi_gpu
 def test_megatron_fsdp_on_two_gpus_matches_one_gpu_and_resumes(initial_weights, tmp_path):
     pytest.importorskip("megatron_fsdp")
@@ -81,9 +73,23 @@ def test_megatron_fsdp_on_two_gpus_matches_one_gpu_and_resumes(initial_weights, 
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_metrics(full_dir / "metrics.jsonl")
     assert [r["num_label_tokens"] for r in records] == [r["num_label_tokens"] for r in single]
-    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in single], rel=1e-4)
-    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in single], rel=1e-3)
+    # One GPU process vs two ranks: the same sums in another order (batch-4 vs batch-1 kernels, the reduce-scatter).
+    # The first steps agree to fp32 rounding; later ones drift apart by up to ~0.3% (measured on 2xH200: step 5
+    # 3.1574 vs 3.1499) because Adam's first updates are ~lr * sign(grad) for every element, so rounding noise in
+    # near-zero gradient elements becomes full-size weight changes. FSDP2 with the same layout gives bitwise the
+    # same trajectory as Megatron-FSDP (checked below), so the drift is the layout's, not the strategy's.
+    assert [r["loss"] for r in records[:3]] == pytest.approx([r["loss"] for r in single[:3]], rel=1e-4)
+    assert [r["grad_norm"] for r in records[:3]] == pytest.approx([r["grad_norm"] for r in single[:3]], rel=1e-3)
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in single], rel=1e-2)
     assert len(list((full_dir / "checkpoints" / "step_3").glob("*.distcp"))) == 2
+
+    fsdp2_dir = tmp_path / "fsdp2"
+    fsdp2_layout = [o.replace("strategy=mfsdp", "strategy=fsdp2") for o in layout]
+    result = _torchrun(fsdp2_dir, [*fsdp2_layout, "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    fsdp2 = read_metrics(fsdp2_dir / "metrics.jsonl")
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in fsdp2], rel=1e-5)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in fsdp2], rel=1e-4)
 
     # Stop-and-go: a run that starts from the step-3 checkpoint continues with the same losses.
     resumed_dir = tmp_path / "resumed"
@@ -105,7 +111,6 @@ def test_megatron_fsdp_on_two_gpus_matches_one_gpu_and_resumes(initial_weights, 
     assert all(torch.isfinite(p).all() for p in exported.parameters())
 
 
-@KNOWN_BUG
 @pytest.mark.multi_gpu
 def test_megatron_fsdp_bf16_compiled_on_two_gpus_learns(tmp_path):
     pytest.importorskip("megatron_fsdp")
@@ -127,11 +132,10 @@ def test_megatron_fsdp_bf16_compiled_on_two_gpus_learns(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["fsdp2", pytest.param("mfsdp", marks=KNOWN_BUG)])
+@pytest.mark.parametrize("strategy", ["fsdp2", "mfsdp"])
 def test_one_gpu_bf16_trains_sharded_over_one_rank_from_the_autocast_loss(
-    strategy, initial_weights, tmp_path, monkeypatch
+    strategy, initial_weights, tmp_path
 ):
-    monkeypatch.setenv("BIOSCALE_EXPERIMENTAL_MFSDP", "1")
     if strategy == "mfsdp":
         pytest.importorskip("megatron_fsdp")
     from bioscale.train.train import train

@@ -141,17 +141,3 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["--config-name", "L0_sanity", "bogus_key=1"]) == 2
     assert "bogus_key" in capsys.readouterr().err
     assert main([]) == 2
-
-
-def test_megatron_fsdp_is_refused_by_the_trainer_until_its_gpu_tests_pass(tmp_path, monkeypatch):
-    """The guard in train.py (see tests/distributed/test_megatron_fsdp_gpu.py); CUDA-only checks come first."""
-    import torch
-
-    from bioscale.train.train import train
-
-    if not torch.cuda.is_available():
-        pytest.skip("the guard sits after the CUDA check")
-    monkeypatch.delenv("BIOSCALE_EXPERIMENTAL_MFSDP", raising=False)
-    cfg = load_config("L0_sanity", ["device=cuda", "parallelism.strategy=mfsdp", f"run_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="not usable in the trainer yet"):
-        train(cfg)

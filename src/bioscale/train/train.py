@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -145,15 +144,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
 
             check_megatron_fsdp_available(device)
-            if os.environ.get("BIOSCALE_EXPERIMENTAL_MFSDP") != "1":
-                # Wired in, and its benchmark path trains and scales, but the trainer's GPU tests
-                # (tests/distributed/test_megatron_fsdp_gpu.py) found the loss not decreasing (2026-11-22; the Llama
-                # head bypassed module hooks, fixed since, not yet re-run on GPUs): refuse rather than risk training
-                # silently wrong. The variable lets developers run the path; drop this once those tests pass.
-                raise ValueError(
-                    "parallelism.strategy=mfsdp is not usable in the trainer yet: its GPU tests show the loss not "
-                    "decreasing (docs/training.md, 'Megatron-FSDP'). Use parallelism.strategy=fsdp2."
-                )
             if cfg.fp8_config.enabled:
                 raise ValueError(
                     "parallelism.strategy=mfsdp does not support torchao FP8 (Megatron-FSDP quantises only "
