@@ -1,26 +1,34 @@
-"""Packed (varlen) attention kernels at bioscale's model shapes: torch's built-in flash kernel (FA2) vs FA4 / FA3.
+"""Packed (varlen) attention kernels at bioscale's model shapes: torch's built-in flash kernel (FA2) vs cuDNN / FA4 / FA3.
 
 ``bioscale.models.attention.varlen_attention`` calls ``torch.nn.attention.varlen.varlen_attn``, whose flash ops torch
 can reroute to FlashAttention 4 (``torch.nn.attention.activate_flash_attention_impl("FA4")``, needs the
 ``flash-attn-4`` package and its CUTLASS DSL wheels) or FA3. This script times forward + backward of that call for
 each shape with each implementation on the same tensors, checks FA4's output and gradients against FA2's, and writes
-a table to ``<out-dir>/<date>-<gpu>-attention.md``::
+a table to ``<out-dir>/<date>-<gpu>-attention.md``. ``cuDNN`` is bioscale's ``attn_backend=cudnn`` (cuDNN's fused
+attention with ragged offsets, ``bioscale.models.attention.cudnn_attention``) on the same tensors::
 
-    python benchmarks/bench_attention.py                  # FA2 vs FA4 (rows say why an implementation is missing)
+    python benchmarks/bench_attention.py                  # FA2 vs cuDNN vs FA4 (rows say why one is missing)
     python benchmarks/bench_attention.py --impls FA2,FA3
 
+"new-N call ms" is one forward + backward on a batch with a different number of sequences, wall clock: what a
+kernel that plans per shape (cuDNN builds an execution plan per batch geometry) costs when every packed batch holds
+a different number of sequences, as in training.
+
 Shapes: ESM-2 650M (20 heads × 64) and 3B (40 × 64) on 16,384 packed tokens of UniRef90-like lengths (uniform
-100–1,024; bidirectional), Llama 3 1B (16 query / 8 KV heads × 128, causal) on two 8,192-token sequences.
+100–1,024; bidirectional), Llama 3 1B (Llama 3.2 1B shape: 32 query / 8 KV heads × 64, causal) and the Lingua 1B shape
+(16 / 8 × 128) on two 8,192-token sequences.
 TFLOP/s counts the useful work: 4·L²·heads·head_dim per sequence forward (half for causal), 2.5× that for backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES: dict[str, tuple[int, int, int, bool, str]] = {
     "esm2_650M": (20, 20, 64, False, "protein"),
     "esm2_3B": (40, 40, 64, False, "protein"),
-    "llama3_1B": (16, 8, 128, True, "dna"),
+    "llama3_1B": (32, 8, 64, True, "dna"),
+    "llama3_lingua_1B": (16, 8, 128, True, "dna"),
 }
 
 
@@ -50,7 +59,7 @@ def _activate(impl: str) -> str | None:
     """Route torch's flash ops to ``impl``; returns why not, or None."""
     from torch.nn import attention
 
-    if impl == "FA2":
+    if impl in ("FA2", "cuDNN"):
         if hasattr(attention, "restore_flash_attention_impl"):
             attention.restore_flash_attention_impl()
         return None
@@ -77,7 +86,7 @@ def _time(fn: Any, iters: int) -> float:
 
 
 def run_shape(name: str, impls: list[str], tokens: int, iters: int) -> list[dict[str, Any]]:
-    from bioscale.models.attention import AttentionInputs, varlen_attention
+    from bioscale.models.attention import AttentionInputs, cudnn_attention, varlen_attention
 
     heads, kv_heads, head_dim, causal, kind = SHAPES[name]
     rng = np.random.default_rng(0)
@@ -88,6 +97,11 @@ def run_shape(name: str, impls: list[str], tokens: int, iters: int) -> list[dict
         backend="varlen", causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
         max_seqlen_k=max(lengths),
     )
+    # The same tokens cut into one more sequence (the longest split in two): a new batch geometry.
+    split = int(np.argmax(lengths))
+    other = [*lengths[:split], lengths[split] // 2, lengths[split] - lengths[split] // 2, *lengths[split + 1 :]]
+    cu_other = torch.tensor(np.concatenate([[0], np.cumsum(other)]), dtype=torch.int32, device="cuda")
+    inputs_other = dataclasses.replace(inputs, cu_seqlens_q=cu_other, cu_seqlens_k=cu_other)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, total, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, total, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -104,12 +118,14 @@ def run_shape(name: str, impls: list[str], tokens: int, iters: int) -> list[dict
         try:
             qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
 
-            def forward(qq=qq, kk=kk, vv=vv) -> torch.Tensor:
-                return varlen_attention(qq, kk, vv, inputs, None)
+            kernel = cudnn_attention if impl == "cuDNN" else varlen_attention
 
-            def forward_backward(qq=qq, kk=kk, vv=vv) -> None:
+            def forward(qq=qq, kk=kk, vv=vv, batch=inputs) -> torch.Tensor:
+                return kernel(qq, kk, vv, batch, None)
+
+            def forward_backward(qq=qq, kk=kk, vv=vv, batch=inputs) -> None:
                 qq.grad = kk.grad = vv.grad = None
-                forward().backward(grad_out)
+                forward(batch=batch).backward(grad_out)
 
             out = forward()
             forward_backward()
@@ -117,6 +133,11 @@ def run_shape(name: str, impls: list[str], tokens: int, iters: int) -> list[dict
             with torch.no_grad():
                 fwd_ms = _time(forward, iters)
             fwd_bwd_ms = _time(forward_backward, iters)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            forward_backward(batch=inputs_other)
+            torch.cuda.synchronize()
+            row["new_shape_ms"] = (time.perf_counter() - started) * 1e3
             row.update(
                 fwd_ms=fwd_ms,
                 fwd_bwd_ms=fwd_bwd_ms,
@@ -147,26 +168,29 @@ def render(rows: list[dict[str, Any]], env: dict[str, str], command: str) -> str
         "",
         (__doc__ or "").split("\n\n")[-1].strip(),
         "",
-        "| shape | impl | sequences | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | vs FA2 | max abs diff vs FA2 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | impl | sequences | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | vs FA2 | new-N call ms "
+        "| max abs diff vs FA2 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if "error" in row:
-            md.append(f"| {row['shape']} | {row['impl']} | {row['sequences']} | – | – | – | – | – | {row['error']} |")
+            md.append(f"| {row['shape']} | {row['impl']} | {row['sequences']} | – | – | – | – | – | – | {row['error']} |")
             continue
         base = next((r for r in rows if r["shape"] == row["shape"] and r["impl"] == "FA2" and "error" not in r), None)
         speedup = f"{base['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}×" if base else "–"
         diff = f"{row['max_abs_diff']:.2e}" if "max_abs_diff" in row else "reference"
         md.append(
             f"| {row['shape']} | {row['impl']} | {row['sequences']} | {row['fwd_ms']:.2f} | {row['fwd_tflops']:.0f} "
-            f"| {row['fwd_bwd_ms']:.2f} | {row['fwd_bwd_tflops']:.0f} | {speedup} | {diff} |"
+            f"| {row['fwd_bwd_ms']:.2f} | {row['fwd_bwd_tflops']:.0f} | {speedup} | {row['new_shape_ms']:.1f} | {diff} |"
         )
     return "\n".join(md) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--impls", default="FA2,FA4", help="comma-separated: FA2 (torch built-in), FA3, FA4")
+    parser.add_argument(
+        "--impls", default="FA2,cuDNN,FA4", help="comma-separated: FA2 (torch built-in), cuDNN (attn_backend=cudnn), FA3, FA4"
+    )
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--iters", type=int, default=20)

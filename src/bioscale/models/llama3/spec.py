@@ -1,4 +1,5 @@
-"""Llama 3 registry entry: named sizes (``debug``, a Lingua-shaped ``1B``, the Llama 3 ``8B`` shape) and FLOPs."""
+"""Llama 3 registry entry: named sizes (``debug``, the Llama 3.2 ``1B`` and Llama 3.1 ``8B`` shapes, ``lingua_1B``)
+and FLOPs."""
 
 from __future__ import annotations
 
@@ -18,8 +19,21 @@ SIZES: dict[str, dict[str, Any]] = {
         intermediate_size=128,
         rope_theta=500000.0,
     ),
-    # The Lingua 1B shape (facebookresearch/lingua apps/main/configs/llama_1B.yaml) with Llama 3 GQA.
+    # Meta's Llama-3.2-1B shape (vocabulary aside: 16 layers, 2048 wide, SwiGLU 8192, 32 query / 8 KV heads of 64),
+    # without its RoPE scaling, which extends a 128k-token vocabulary model's context past 8k and is not needed for
+    # models trained from scratch at 8k (set ``rope_scaling`` in the overrides to add it). ~0.97B matmul weights.
     "1B": dict(
+        num_hidden_layers=16,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+    ),
+    # The Lingua 1B shape (facebookresearch/lingua apps/main/configs/llama_1B.yaml) with Llama 3 GQA: deeper and
+    # narrower than Llama 3.2 1B (~1.26B matmul weights, head_dim 128). bioscale's "1B" until 2026-11-22, so the
+    # Llama rows of the benchmark results before that date are this shape.
+    "lingua_1B": dict(
         num_hidden_layers=25,
         hidden_size=2048,
         intermediate_size=6144,
