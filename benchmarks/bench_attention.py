@@ -1,18 +1,19 @@
-"""Packed (varlen) attention kernels at bioscale's model shapes: torch's built-in flash kernel (FA2) vs cuDNN / FA4 / FA3.
+"""Packed (varlen) attention kernels at bioscale's model shapes: torch's built-in flash kernel (FA2) vs FA4 / FA3.
 
 ``bioscale.models.attention.varlen_attention`` calls ``torch.nn.attention.varlen.varlen_attn``, whose flash ops torch
 can reroute to FlashAttention 4 (``torch.nn.attention.activate_flash_attention_impl("FA4")``, needs the
 ``flash-attn-4`` package and its CUTLASS DSL wheels) or FA3. This script times forward + backward of that call for
 each shape with each implementation on the same tensors, checks FA4's output and gradients against FA2's, and writes
-a table to ``<out-dir>/<date>-<gpu>-attention.md``. ``cuDNN`` is bioscale's ``attn_backend=cudnn`` (cuDNN's fused
-attention with ragged offsets, ``bioscale.models.attention.cudnn_attention``) on the same tensors::
+a table to ``<out-dir>/<date>-<gpu>-attention.md``::
 
-    python benchmarks/bench_attention.py                  # FA2 vs cuDNN vs FA4 (rows say why one is missing)
+    python benchmarks/bench_attention.py                  # FA2 vs FA4 (rows say why an implementation is missing)
     python benchmarks/bench_attention.py --impls FA2,FA3
 
 "new-N call ms" is one forward + backward on a batch with a different number of sequences, wall clock: what a
-kernel that plans per shape (cuDNN builds an execution plan per batch geometry) costs when every packed batch holds
-a different number of sequences, as in training.
+kernel that plans per batch geometry costs when every packed batch holds a different number of sequences, as in
+training. (cuDNN's ragged attention, tried through ``aten._cudnn_attention_forward`` with ``cum_seq_q/k`` in commit
+ef4b074, built a plan on every call on torch 2.11 — 50–150 ms per call — and returned wrong values: see
+``results/2026-11-22-nvidia-h100-80gb-hbm3-attention-cudnn.md``.)
 
 Shapes: ESM-2 650M (20 heads × 64) and 3B (40 × 64) on 16,384 packed tokens of UniRef90-like lengths (uniform
 100–1,024; bidirectional), Llama 3 1B (Llama 3.2 1B shape: 32 query / 8 KV heads × 64, causal) and the Lingua 1B shape
@@ -59,7 +60,7 @@ def _activate(impl: str) -> str | None:
     """Route torch's flash ops to ``impl``; returns why not, or None."""
     from torch.nn import attention
 
-    if impl in ("FA2", "cuDNN"):
+    if impl == "FA2":
         if hasattr(attention, "restore_flash_attention_impl"):
             attention.restore_flash_attention_impl()
         return None
@@ -86,7 +87,7 @@ def _time(fn: Any, iters: int) -> float:
 
 
 def run_shape(name: str, impls: list[str], tokens: int, iters: int) -> list[dict[str, Any]]:
-    from bioscale.models.attention import AttentionInputs, cudnn_attention, varlen_attention
+    from bioscale.models.attention import AttentionInputs, varlen_attention
 
     heads, kv_heads, head_dim, causal, kind = SHAPES[name]
     rng = np.random.default_rng(0)
@@ -118,10 +119,8 @@ def run_shape(name: str, impls: list[str], tokens: int, iters: int) -> list[dict
         try:
             qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
 
-            kernel = cudnn_attention if impl == "cuDNN" else varlen_attention
-
             def forward(qq=qq, kk=kk, vv=vv, batch=inputs) -> torch.Tensor:
-                return kernel(qq, kk, vv, batch, None)
+                return varlen_attention(qq, kk, vv, batch, None)
 
             def forward_backward(qq=qq, kk=kk, vv=vv, batch=inputs) -> None:
                 qq.grad = kk.grad = vv.grad = None
@@ -188,9 +187,7 @@ def render(rows: list[dict[str, Any]], env: dict[str, str], command: str) -> str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument(
-        "--impls", default="FA2,cuDNN,FA4", help="comma-separated: FA2 (torch built-in), cuDNN (attn_backend=cudnn), FA3, FA4"
-    )
+    parser.add_argument("--impls", default="FA2,FA4", help="comma-separated: FA2 (torch built-in), FA3, FA4")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--iters", type=int, default=20)

@@ -202,9 +202,7 @@ class VariantSpec:
     quant_stats_freq: int = 0  # attach bioscale.precision.QuantStats recording every this many steps (0: off)
     params: str = "fp32"  # weights / optimizer: one of PARAM_DTYPES (see the module docstring)
     compile_mode: str | None = None  # torch.compile mode of the blocks (None: default; e.g. max-autotune-no-cudagraphs)
-    # Packed attention kernel: None (torch's built-in FA2 behind varlen_attn), "FA3" / "FA4" (flash kernels rerouted
-    # behind varlen_attn) or "cudnn" (the model's attn_backend=cudnn: cuDNN's ragged fused attention).
-    attn_impl: str | None = None
+    attn_impl: str | None = None  # flash kernels behind varlen_attn: None (torch's built-in FA2), "FA3" or "FA4"
 
     @property
     def label(self) -> str:
@@ -299,8 +297,7 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
 
     Every variant takes ``params`` (:data:`PARAM_DTYPES`; default ``--param-dtype``); the bioscale ones also
     ``compile`` (a ``torch.compile`` mode, default ``--compile-mode``); the packed ones ``attn`` (``FA3`` / ``FA4``:
-    see :func:`flash_attention_impl`; ``cudnn``: the model's ``attn_backend=cudnn``); ``packed_fp8`` also the FP8
-    options.
+    see :func:`flash_attention_impl`); ``packed_fp8`` also the FP8 options.
     """
     name, options = _parse_options(text, "--variants entry")
     if name not in VARIANTS:
@@ -322,8 +319,8 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
         raise ValueError(f"--variants {text!r}: params=fsdp needs a bioscale model (FSDP2 shards model.layers)")
     compile_mode = options.get("compile", defaults.compile_mode if name != "hf_padded" else None)
     attn_impl = options.get("attn")
-    if attn_impl not in (None, "FA3", "FA4", "cudnn"):
-        raise ValueError(f"--variants {text!r}: attn must be FA3, FA4 or cudnn (torch's built-in FA2 is the default)")
+    if attn_impl not in (None, "FA3", "FA4"):
+        raise ValueError(f"--variants {text!r}: attn must be FA3 or FA4 (torch's built-in FA2 is the default)")
     return VariantSpec(
         name=name,
         fp8_recipe=recipe,
@@ -685,7 +682,7 @@ def build_variant_model(
 
     notes: list[str] = []
     packed = variant.name.startswith("packed")
-    config = _model_config(case, ("cudnn" if variant.attn_impl == "cudnn" else "varlen") if packed else "sdpa")
+    config = _model_config(case, "varlen" if packed else "sdpa")
     model = build_model(config, device="meta")
     if variant.name == "packed_fp8":
         from bioscale.precision import apply_fp8, fp8_layer_names
@@ -802,8 +799,7 @@ def run_variant(
     try:
         if variant.params == "fsdp":
             process_group.enter_context(one_rank_process_group(device))
-        if variant.attn_impl != "cudnn":  # cudnn is a model backend, not a flash kernel behind varlen_attn
-            attention_impl.enter_context(flash_attention_impl(variant.attn_impl))
+        attention_impl.enter_context(flash_attention_impl(variant.attn_impl))
         model, notes, masters = build_variant_model(case, variant, device, args)
         result.notes = "; ".join(notes)
         optimizer = build_optimizer(model, masters, device, args)

@@ -7,7 +7,6 @@ import torch
 
 from bioscale.models.attention import (
     ATTENTION_BACKENDS,
-    AttentionInputs,
     attention_forward,
     check_backend_name,
     packed_attention_inputs,
@@ -41,7 +40,7 @@ def _packed_qkv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("backend", ["sdpa", "varlen", "cudnn", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "flex"])
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # eager FlexAttention on CPU warns
 def test_packed_attention_equals_reference(backend: str, causal: bool) -> None:
     q, k, v, cu = _packed_qkv()
@@ -103,30 +102,6 @@ def test_packed_batches_fall_back_to_sdpa_without_a_varlen_kernel() -> None:
         dtype=torch.float32,
     )
     assert inputs.backend == "sdpa" and inputs.attention_mask is not None  # CPU / float32 → block-diagonal sdpa
-
-
-def test_cudnn_packed_batches_fall_back_where_cudnn_cannot_run() -> None:
-    """On CPU (or float32) a packed batch asking for cudnn takes the same fallback as varlen: block-diagonal sdpa."""
-    _, _, _, cu = _packed_qkv()
-    for dtype in (torch.float32, torch.bfloat16):
-        inputs = packed_attention_inputs(
-            backend="cudnn",
-            causal=False,
-            cu_seqlens=cu,
-            max_seqlen=12,
-            sequence_ids=sequence_ids_from_cu_seqlens(cu, 25),
-            dtype=dtype,
-        )
-        assert inputs.backend == "sdpa" and inputs.attention_mask is not None
-
-
-def test_cudnn_backend_refuses_to_run_where_its_kernel_cannot() -> None:
-    q, k, v, cu = _packed_qkv()
-    forced = AttentionInputs(
-        backend="cudnn", causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12
-    )
-    with pytest.raises(ValueError, match="needs CUDA, cuDNN"):
-        ATTENTION_BACKENDS["cudnn"](q[None], k[None], v[None], forced, None)
 
 
 def test_varlen_backend_refuses_to_run_where_its_kernel_cannot() -> None:

@@ -11,16 +11,11 @@ Backends:
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on padded batches (the reference; runs everywhere).
   Also the CPU / float32 fallback for packed batches, with a block-diagonal mask.
 - ``varlen``: packed batches through ``torch.nn.attention.varlen.varlen_attn`` (flash varlen; CUDA, fp16/bf16).
-- ``cudnn``: packed batches through cuDNN's fused attention with ragged offsets (``aten._cudnn_attention_forward``
-  with ``cum_seq_q/k``, the kernel family TransformerEngine uses for THD batches; CUDA, fp16/bf16), wrapped in a
-  custom op so ``torch.compile`` keeps it in the block's graph. Opt-in: ``varlen`` stays the default until the
-  benchmark shows cuDNN faster on the GPU at hand (``benchmarks/bench_attention.py --impls FA2,cuDNN``).
 - ``flex``: FlexAttention with a document (packed) or padding mask.
 
 Routing rule (applied by the builders, from ``config.attn_backend``): a *packed* batch uses ``varlen`` unless the
-config asks for ``flex`` or ``cudnn``; where the varlen (or cuDNN) kernel cannot run (CPU, float32, torch without
-the kernel) it falls back to ``varlen`` if that runs, else to ``sdpa`` with a block-diagonal mask. A *padded* batch
-uses ``sdpa`` unless the config asks for ``flex``.
+config asks for ``flex``; where the varlen kernel cannot run (CPU, float32, torch without ``varlen_attn``) it falls
+back to ``sdpa`` with a block-diagonal mask. A *padded* batch uses ``sdpa`` unless the config asks for ``flex``.
 KV-cache decoding always uses ``sdpa``. In every case no query attends to a key of another sequence.
 """
 
@@ -38,7 +33,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-BACKEND_NAMES = ("sdpa", "varlen", "cudnn", "flex")
+BACKEND_NAMES = ("sdpa", "varlen", "flex")
 
 
 @dataclass(frozen=True)
@@ -50,8 +45,8 @@ class AttentionInputs:
         causal: causal (Llama) or bidirectional (ESM-2).
         attention_mask: ``sdpa`` only: bool, ``True`` = may attend; ``[B, 1, 1, S_kv]`` or ``[B, 1, S, S_kv]``.
             ``None`` with ``causal`` means plain causal attention aligned at the top-left (no cache, no padding).
-        cu_seqlens_q / cu_seqlens_k: ``varlen`` / ``cudnn`` only: int32 ``[N + 1]`` sequence boundaries.
-        max_seqlen_q / max_seqlen_k: ``varlen`` / ``cudnn`` only: longest sequence, as a Python int.
+        cu_seqlens_q / cu_seqlens_k: ``varlen`` only: int32 ``[N + 1]`` sequence boundaries.
+        max_seqlen_q / max_seqlen_k: ``varlen`` only: longest sequence, as a Python int.
         block_mask: ``flex`` only: a FlexAttention ``BlockMask``.
         dropout_p: attention-probability dropout (training only; ``sdpa`` only).
     """
@@ -176,141 +171,6 @@ def varlen_attention(
     return out.unsqueeze(0)
 
 
-def cudnn_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether cuDNN's ragged (packed) fused attention can run for activations of ``dtype`` on ``device``."""
-    return (
-        device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and hasattr(torch.ops.aten, "_cudnn_attention_forward")
-        and torch.backends.cudnn.is_available()
-    )
-
-
-# cuDNN's ragged layout: token t of the packed batch at row t of a contiguous [T, H, D] tensor; the kernel finds
-# sequence i at element offset cu_seqlens[i] * H * D, so q/k/v must be contiguous (a view into a fused QKV output has
-# a token stride of 3 * H * D and would be read at the wrong offsets). Outputs: out [T, H, D], logsumexp [T, H, 1]
-# fp32. The aten op has no fake (meta) kernel, so torch.compile could not trace it; a custom op with a fake and an
-# autograd formula keeps each compiled block one graph.
-@torch.library.custom_op("bioscale::cudnn_varlen_attention", mutates_args=(), device_types="cuda")
-def _cudnn_varlen_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    result = torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, 0.0, causal, False, scale=scale
-    )
-    out, lse = result[0], result[1]
-    expected_lse = (q.shape[0], q.shape[1], 1)
-    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != expected_lse or not out.is_contiguous():
-        # The fake below promises these shapes to the compiler; a cuDNN/torch build that differs must not be traced
-        # with wrong metadata.
-        raise RuntimeError(
-            f"cuDNN ragged attention returned out {tuple(out.shape)} / logsumexp {tuple(lse.shape)}, expected "
-            f"{tuple(q.shape)} / {expected_lse}: this torch build's layout is not supported; use attn_backend=varlen"
-        )
-    return out, lse
-
-
-@_cudnn_varlen_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("bioscale::cudnn_varlen_attention_backward", mutates_args=(), device_types="cuda")
-def _cudnn_varlen_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # No dropout, so the philox seed and offset are never read; the op still takes tensors for them.
-    unused = torch.zeros(1, dtype=torch.int64, device=q.device)
-    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-        grad_out.contiguous(),
-        q,
-        k,
-        v,
-        out,
-        lse,
-        unused,
-        unused,
-        None,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        0.0,
-        causal,
-        scale=scale,
-    )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_cudnn_varlen_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _cudnn_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _cudnn_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _cudnn_varlen_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, ctx.causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_cudnn_varlen_forward.register_autograd(_cudnn_backward, setup_context=_cudnn_setup_context)
-
-
-def cudnn_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None
-) -> torch.Tensor:
-    """Packed attention through cuDNN's ragged fused kernel (``[1, T, H, D]`` in and out; GQA native)."""
-    if not cudnn_varlen_available(q.device, q.dtype):
-        raise ValueError(
-            f"the cudnn attention backend needs CUDA, cuDNN and fp16/bf16 activations (got {q.device}, {q.dtype}); "
-            "build the metadata with packed_attention_inputs(), which falls back to varlen / sdpa"
-        )
-    assert inputs.cu_seqlens_q is not None and inputs.max_seqlen_q is not None
-    cu_k = inputs.cu_seqlens_k if inputs.cu_seqlens_k is not None else inputs.cu_seqlens_q
-    max_k = inputs.max_seqlen_k if inputs.max_seqlen_k is not None else inputs.max_seqlen_q
-    out, _ = _cudnn_varlen_forward(
-        q.squeeze(0).contiguous(),
-        k.squeeze(0).contiguous(),
-        v.squeeze(0).contiguous(),
-        inputs.cu_seqlens_q,
-        cu_k,
-        inputs.max_seqlen_q,
-        max_k,
-        inputs.causal,
-        scale if scale is not None else q.shape[-1] ** -0.5,
-    )
-    return out.unsqueeze(0)
-
-
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
@@ -344,7 +204,6 @@ def flex_attention_backend(
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": sdpa_attention,
     "varlen": varlen_attention,
-    "cudnn": cudnn_attention,
     "flex": flex_attention_backend,
 }
 
@@ -452,16 +311,7 @@ def packed_attention_inputs(
     if backend == "flex":
         _check_no_dropout("flex", dropout_p)
         return AttentionInputs(backend="flex", causal=causal, block_mask=_document_block_mask(sequence_ids, causal))
-    _check_no_dropout(backend if backend == "cudnn" else "varlen", dropout_p)
-    if backend == "cudnn" and cudnn_varlen_available(device, dtype):
-        return AttentionInputs(
-            backend="cudnn",
-            causal=causal,
-            cu_seqlens_q=cu_seqlens,
-            cu_seqlens_k=cu_seqlens,
-            max_seqlen_q=max_seqlen,
-            max_seqlen_k=max_seqlen,
-        )
+    _check_no_dropout("varlen", dropout_p)
     if varlen_available(device, dtype):
         return AttentionInputs(
             backend="varlen",

@@ -32,7 +32,7 @@ class Esm2Config(PretrainedConfig):
             ``(1 - 0.15 * 0.8) / (1 - observed mask ratio)`` per sequence (see ``Esm2Embeddings``).
         emb_layer_norm_before: LayerNorm right after the embedding (ESM-1b; ``False`` for ESM-2).
         mask_token_id, pad_token_id, cls_token_id, eos_token_id: special tokens of the ESM alphabet.
-        attn_backend: ``"sdpa"``, ``"varlen"``, ``"cudnn"`` or ``"flex"``; packed inputs use ``varlen`` unless this is ``"flex"`` or ``"cudnn"``
+        attn_backend: ``"sdpa"``, ``"varlen"`` or ``"flex"``; packed inputs use ``varlen`` unless this is ``"flex"``
             (see :mod:`bioscale.models.attention` for the full routing rule).
         rope_theta: RoPE base (10000 in ESM-2).
     """

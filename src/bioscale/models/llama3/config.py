@@ -38,7 +38,7 @@ class Llama3Config(PretrainedConfig):
         attention_dropout: dropout on attention probabilities (padded ``sdpa`` batches only; Llama 3: 0).
         initializer_range: std of the normal init of linear and embedding weights.
         bos_token_id, eos_token_id, pad_token_id: special tokens (used by ``generate``).
-        attn_backend: ``"sdpa"``, ``"varlen"``, ``"cudnn"`` or ``"flex"``; packed inputs use ``varlen`` unless this is ``"flex"`` or ``"cudnn"``
+        attn_backend: ``"sdpa"``, ``"varlen"`` or ``"flex"``; packed inputs use ``varlen`` unless this is ``"flex"``
             (see :mod:`bioscale.models.attention`).
         use_cache: whether ``generate`` keeps a KV cache (a plain forward never builds one unless asked).
     """
