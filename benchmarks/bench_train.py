@@ -199,6 +199,7 @@ class VariantSpec:
     fp8_recipe: str = "tensorwise"
     fp8_layers: tuple[int, ...] | None = None
     fp8_min_features: int = 0
+    fp8_modules: tuple[str, ...] | None = None  # apply_fp8(modules=...): linears by name / prefix inside a block
     quant_stats_freq: int = 0  # attach bioscale.precision.QuantStats recording every this many steps (0: off)
     params: str = "fp32"  # weights / optimizer: one of PARAM_DTYPES (see the module docstring)
     compile_mode: str | None = None  # torch.compile mode of the blocks (None: default; e.g. max-autotune-no-cudagraphs)
@@ -211,6 +212,8 @@ class VariantSpec:
             parts.append(self.fp8_recipe)
             if self.fp8_min_features:
                 parts.append(f"min{self.fp8_min_features}")
+            if self.fp8_modules is not None:
+                parts.append("modules=" + "+".join(self.fp8_modules))
             if self.fp8_layers is not None:
                 parts.append("L" + _format_ranges(self.fp8_layers))
             if self.quant_stats_freq:
@@ -293,7 +296,8 @@ def parse_model(text: str) -> ModelCase:
 
 
 def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
-    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33:qstats=10:params=bf16``.
+    """``packed_fp8`` or ``packed_fp8:recipe=rowwise:min_features=2048:layers=2-33:qstats=10:params=bf16``
+    (``modules=mlp+attention.qkv_proj``: the linears of each block to convert, ``+``-separated).
 
     Every variant takes ``params`` (:data:`PARAM_DTYPES`; default ``--param-dtype``); the bioscale ones also
     ``compile`` (a ``torch.compile`` mode, default ``--compile-mode``); the packed ones ``attn`` (``FA3`` / ``FA4``:
@@ -304,7 +308,7 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     valid = {"params"} | ({"compile"} if name != "hf_padded" else set()) | ({"attn"} if "packed" in name else set())
     if name == "packed_fp8":
-        valid |= {"recipe", "min_features", "layers", "qstats"}
+        valid |= {"recipe", "min_features", "layers", "modules", "qstats"}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"--variants {text!r}: unknown options {unknown}; valid for {name}: {sorted(valid)}")
@@ -326,6 +330,7 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
         fp8_recipe=recipe,
         fp8_layers=None if layers in (None, "all") else _parse_ranges(layers),
         fp8_min_features=int(options.get("min_features", defaults.fp8_min_features)),
+        fp8_modules=tuple(options["modules"].split("+")) if "modules" in options else None,
         quant_stats_freq=int(options.get("qstats", 0)),
         params=params,
         compile_mode=compile_mode or None,
@@ -693,6 +698,7 @@ def build_variant_model(
             recipe=variant.fp8_recipe,
             layers=list(variant.fp8_layers) if variant.fp8_layers is not None else None,
             min_features=variant.fp8_min_features,
+            modules=variant.fp8_modules,
             emulate=emulate,
         )
         notes.append(f"{len(fp8_layer_names(model))} FP8 linears" + (" (emulated GEMMs on CPU)" if emulate else ""))

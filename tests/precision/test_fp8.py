@@ -46,6 +46,33 @@ def test_converts_exactly_the_named_blocks() -> None:
     assert all(type(m) is nn.Linear for i in (1, 3) for m in model.layers[i].modules() if isinstance(m, nn.Linear))
 
 
+@pytest.mark.parametrize(
+    ("modules", "expected"),
+    [
+        (["mlp"], ("mlp.up_proj", "mlp.down_proj")),
+        (["attention.qkv_proj", "mlp.down_proj"], ("attention.qkv_proj", "mlp.down_proj")),
+        (None, BLOCK_LINEARS),
+    ],
+)
+def test_modules_pick_the_linears_of_each_block_by_name_or_prefix(modules, expected) -> None:
+    model = esm_model(num_layers=3)
+    apply_fp8(model, layers=[2, 3], modules=modules, emulate=True)
+    names = [f"esm.layers.{i}.{name}" for i in (1, 2) for name in BLOCK_LINEARS if name in expected]
+    assert fp8_layer_names(model) == names
+
+
+def test_modules_work_with_llama_names_and_reject_unknown_ones() -> None:
+    llama = build_model(build_config("llama3", "debug"), device="cpu")
+    apply_fp8(llama, modules=["mlp"], emulate=True)
+    names = [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_up_proj", "down_proj")]
+    assert fp8_layer_names(llama) == names
+    # "mlp.up" is not a dotted prefix of "mlp.up_proj"; the error lists the block's linears.
+    with pytest.raises(ValueError, match=r"\['mlp.up'\] name no linear layer of a Esm2Block.*'mlp.up_proj'"):
+        apply_fp8(esm_model(), modules=["mlp.up"], emulate=True)
+    with pytest.raises(ValueError, match="non-empty list"):
+        apply_fp8(esm_model(), modules="mlp", emulate=True)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_all_blocks_when_layers_is_none(recipe: str) -> None:
     model = esm_model(num_layers=3)

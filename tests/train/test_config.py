@@ -43,6 +43,7 @@ def test_overrides_reach_nested_and_top_level_keys():
             "num_train_steps=7",
             "optimizer.lr=0.5",
             "fp8_layers=[1,2]",
+            "fp8_config.modules=[mlp,attention.qkv_proj]",
             "+model.overrides.num_hidden_layers=3",
             "checkpoint.ckpt_dir=/tmp/x",
             "parallelism.strategy=ddp",
@@ -51,6 +52,7 @@ def test_overrides_reach_nested_and_top_level_keys():
     assert cfg.num_train_steps == 7
     assert cfg.optimizer.lr == 0.5
     assert cfg.fp8_layers == [1, 2]
+    assert cfg.fp8_config.modules == ["mlp", "attention.qkv_proj"]
     assert cfg.model.overrides == {"num_hidden_layers": 3}
     assert cfg.checkpoint.ckpt_dir == "/tmp/x"
     assert cfg.parallelism.strategy == "ddp"

@@ -104,6 +104,7 @@ def apply_fp8(
     *,
     recipe: str = "tensorwise",
     layers: Sequence[int] | None = None,
+    modules: Sequence[str] | None = None,
     min_features: int = 0,
     fsdp_float8_all_gather: bool = False,
     emulate: bool = False,
@@ -118,6 +119,10 @@ def apply_fp8(
         recipe: ``"tensorwise"`` (one dynamic scale per tensor; fastest, cuBLAS kernels; e5m2 gradients) or
             ``"rowwise"`` (one scale per row, power-of-two scales, e4m3 everywhere; more accurate, slower casts).
         layers: 1-indexed blocks to convert; ``None`` converts every block. The others stay in high precision.
+        modules: which linears of each selected block to convert, by their name inside the block or a dotted prefix
+            of it (``["mlp"]``: ESM-2's ``mlp.up_proj`` / ``mlp.down_proj``, Llama's ``mlp.gate_up_proj`` /
+            ``mlp.down_proj``; ``["attention.qkv_proj", "mlp"]``); ``None`` converts all. Width alone cannot pick
+            ESM-2's MLP (its narrower side is the hidden size, like the attention projections'), names can.
         min_features: skip linears whose narrower side (``min(in_features, out_features)``) is below this. On an
             H100 the on-the-fly casts make 1280-wide layers slower than bf16, while layers >= ~4k wide gain
             1.2-1.6x; 0 converts every eligible layer.
@@ -132,7 +137,8 @@ def apply_fp8(
 
     Raises:
         ValueError: unknown ``recipe``; ``layers`` empty, out of range or repeated; ``model`` without ``layers``;
-            a block that already holds FP8 layers; ``fsdp_float8_all_gather`` with the rowwise recipe.
+            a block that already holds FP8 layers; ``fsdp_float8_all_gather`` with the rowwise recipe; an entry of
+            ``modules`` that names no linear of the blocks (the message lists the valid names).
         ImportError: torchao is not installed (names the ``bioscale[fp8]`` extra).
         RuntimeError: no GPU with FP8 support (compute capability >= 8.9), unless ``emulate``.
     """
@@ -146,6 +152,7 @@ def apply_fp8(
         raise ValueError(f"fp8 min_features must be >= 0; got {min_features}")
     blocks = _blocks(model)
     selected = _select_blocks(layers, len(blocks))
+    module_names = _check_module_names(modules, blocks[selected[0]])
     if not emulate:
         check_fp8_hardware()
     float8 = import_torchao_float8()
@@ -174,6 +181,9 @@ def apply_fp8(
             if min(in_features, out_features) < min_features:
                 skipped.append(f"{name} ({in_features}->{out_features}: narrower than min_features={min_features})")
                 return False
+            if module_names is not None and not any(_matches(fqn, entry) for entry in module_names):
+                skipped.append(f"{name} (not in modules={list(module_names)})")
+                return False
             converted.append(name)
             return True
 
@@ -188,6 +198,25 @@ def apply_fp8(
         log.warning("FP8: %d linears stay in high precision: %s", len(skipped), "; ".join(skipped))
     if not converted:
         log.warning("FP8 is enabled but no linear was converted; the run trains entirely in high precision")
+
+
+def _matches(name: str, entry: str) -> bool:
+    return name == entry or name.startswith(entry + ".")
+
+
+def _check_module_names(modules: Sequence[str] | None, block: nn.Module) -> tuple[str, ...] | None:
+    if modules is None:
+        return None
+    if isinstance(modules, str) or not modules:
+        raise ValueError(f"fp8 modules must be a non-empty list of linear names inside a block; got {modules!r}")
+    linears = [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+    unknown = [entry for entry in modules if not any(_matches(name, entry) for name in linears)]
+    if unknown:
+        raise ValueError(
+            f"fp8 modules {unknown} name no linear layer of a {type(block).__name__}; its linears are {linears} "
+            "(an entry may also be a dotted prefix, e.g. 'mlp')"
+        )
+    return tuple(modules)
 
 
 def _check_token_count(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:

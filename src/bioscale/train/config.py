@@ -146,6 +146,8 @@ class FP8Config:
 
     enabled: bool = False
     recipe: str = "tensorwise"
+    # Linears of each FP8 block to convert, by name inside the block or a dotted prefix ("mlp"); None: all.
+    modules: Optional[list[str]] = None
 
 
 @dataclass

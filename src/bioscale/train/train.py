@@ -190,7 +190,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             from bioscale.precision.fp8 import apply_fp8, check_fp8_hardware, precompute_fp8_scales
 
             _check_fp8_device(check_fp8_hardware, device)
-            apply_fp8(model, recipe=cfg.fp8_config.recipe, layers=cfg.fp8_layers, fsdp_float8_all_gather=fp8_all_gather)
+            apply_fp8(
+                model,
+                recipe=cfg.fp8_config.recipe,
+                layers=cfg.fp8_layers,
+                modules=cfg.fp8_config.modules,
+                fsdp_float8_all_gather=fp8_all_gather,
+            )
 
         # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
         cp.apply(model)
