@@ -227,6 +227,17 @@ class VariantSpec:
         return f"{self.name}[{','.join(parts)}]" if parts else self.name
 
 
+def quant_stats_step_offset(warmup: int, freq: int) -> int:
+    """What to add to the step number the quant-stats recorder sees (it records where ``step % freq == 0``).
+
+    The first recording compiles the blocks' statistics variant (seconds). With this offset the last warm-up step
+    (index ``warmup - 1``) records, so that compile happens in the warm-up and the timed steps hold only steady-state
+    recordings, every ``freq``-th step, as in a long run; with ``warmup == 0`` there is nothing to hide it in and the
+    offset is 0.
+    """
+    return (-warmup) % freq if warmup > 0 else 0
+
+
 def _parse_options(text: str, what: str) -> tuple[str, dict[str, str]]:
     """``name:key=value:key=value`` -> (name, {key: value}); ``ValueError`` naming ``what`` when malformed."""
     name, *pairs = text.split(":")
@@ -825,11 +836,13 @@ def run_variant(
                     torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_k"], 0)
             steps.append((micro, counts, sum(counts)))
         quant_stats = None
+        stats_step_offset = 0
         if variant.quant_stats_freq:
             from bioscale.precision import QuantStats
 
             # Attached before the first forward, as the trainer does; its cost is part of the timed steps.
             slug = re.sub(r"[^A-Za-z0-9_]+", "-", case.label)
+            stats_step_offset = quant_stats_step_offset(warmup, variant.quant_stats_freq)
             stats_dir = args.out_dir / f"quant_stats-{slug}-every{variant.quant_stats_freq}"
             quant_stats = QuantStats(model, freq=variant.quant_stats_freq, output_dir=stats_dir)
             notes.append(f"quant stats every {variant.quant_stats_freq} steps -> {stats_dir.name}/")
@@ -855,7 +868,7 @@ def run_variant(
             for group in optimizer.param_groups:
                 group["lr"] = schedule[index]
             if quant_stats is not None:
-                quant_stats.begin_step(index + 1)
+                quant_stats.begin_step(index + 1 + stats_step_offset)
             step_loss = torch.zeros((), device=device)
             for position, (batch, count) in enumerate(zip(micro, counts)):
                 # FSDP2 reduce-scatters the gradients of the last micro-batch only, as the trainer does.
@@ -869,7 +882,7 @@ def run_variant(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if quant_stats is not None:
-                quant_stats.end_step(index + 1)
+                quant_stats.end_step(index + 1 + stats_step_offset)
             losses.append(step_loss / step_labels)
         _synchronize(device)
         elapsed = time.perf_counter() - timed_start

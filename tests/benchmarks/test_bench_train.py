@@ -138,6 +138,16 @@ def test_case_and_variant_labels_name_every_non_default(bench) -> None:
         bench.parse_variant("packed:attn=FA2", args)
 
 
+@pytest.mark.parametrize(("warmup", "freq"), [(5, 10), (4, 1), (1, 2), (12, 10), (10, 10)])
+def test_quant_stats_first_record_falls_on_the_last_warmup_step(bench, warmup: int, freq: int) -> None:
+    offset = bench.quant_stats_step_offset(warmup, freq)
+    recorded = [index for index in range(warmup + 3 * freq) if (index + 1 + offset) % freq == 0]
+    assert recorded[0] <= warmup - 1  # the one-time compile of the stats variant happens in the warm-up, untimed
+    timed = [index for index in recorded if index >= warmup]
+    assert timed == [warmup - 1 + freq * k for k in (1, 2, 3)]  # then every freq-th step, from the last warm-up one
+    assert bench.quant_stats_step_offset(0, 10) == 0
+
+
 def test_master_weight_adamw_tracks_fp32_adamw(bench) -> None:
     torch.manual_seed(0)
     reference = torch.nn.Linear(16, 8)
