@@ -203,6 +203,9 @@ class VariantSpec:
     quant_stats_freq: int = 0  # attach bioscale.precision.QuantStats recording every this many steps (0: off)
     params: str = "fp32"  # weights / optimizer: one of PARAM_DTYPES (see the module docstring)
     compile_mode: str | None = None  # torch.compile mode of the blocks (None: default; e.g. max-autotune-no-cudagraphs)
+    # Packed only: pad cu_seq_lens with empty segments to a multiple of this length (None: off), so CUDA graphs
+    # (compile=reduce-overhead) see a few cu_seq_lens shapes instead of one per sequence count.
+    cu_pad: int | None = None
     attn_impl: str | None = None  # flash kernels behind varlen_attn: None (torch's built-in FA2), "FA3" or "FA4"
 
     @property
@@ -224,6 +227,8 @@ class VariantSpec:
             parts.append(f"compile={self.compile_mode}")
         if self.attn_impl:
             parts.append(f"attn={self.attn_impl}")
+        if self.cu_pad:
+            parts.append(f"cu_pad={self.cu_pad}")
         return f"{self.name}[{','.join(parts)}]" if parts else self.name
 
 
@@ -312,12 +317,15 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
 
     Every variant takes ``params`` (:data:`PARAM_DTYPES`; default ``--param-dtype``); the bioscale ones also
     ``compile`` (a ``torch.compile`` mode, default ``--compile-mode``); the packed ones ``attn`` (``FA3`` / ``FA4``:
-    see :func:`flash_attention_impl`); ``packed_fp8`` also the FP8 options.
+    see :func:`flash_attention_impl`) and ``cu_pad`` (pad ``cu_seq_lens`` with empty segments to a multiple of it, for
+    CUDA graphs: ``packed:cu_pad=64:compile=reduce-overhead``); ``packed_fp8`` also the FP8 options.
     """
     name, options = _parse_options(text, "--variants entry")
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    valid = {"params"} | ({"compile"} if name != "hf_padded" else set()) | ({"attn"} if "packed" in name else set())
+    valid = {"params"} | ({"compile"} if name != "hf_padded" else set())
+    if "packed" in name:
+        valid |= {"attn", "cu_pad"}
     if name == "packed_fp8":
         valid |= {"recipe", "min_features", "layers", "modules", "qstats"}
     unknown = sorted(set(options) - valid)
@@ -346,6 +354,7 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
         params=params,
         compile_mode=compile_mode or None,
         attn_impl=attn_impl,
+        cu_pad=int(options["cu_pad"]) if "cu_pad" in options else None,
     )
 
 
@@ -475,11 +484,14 @@ def plan_steps(examples: Sequence[Example], case: ModelCase, num_steps: int) -> 
     return steps
 
 
-def packed_batch(pack: Sequence[Example], case: ModelCase) -> dict[str, Any]:
-    """A THD micro-batch of exactly ``case.tokens`` tokens: the sequences, then one ``<pad>`` segment (label -100)."""
+def packed_batch(pack: Sequence[Example], case: ModelCase, segments_multiple_of: int | None = None) -> dict[str, Any]:
+    """A THD micro-batch of exactly ``case.tokens`` tokens: the sequences, then one ``<pad>`` segment (label -100);
+    ``segments_multiple_of``: see :func:`bioscale.data.collate_packed` (variant option ``cu_pad``)."""
     from bioscale.data import PAD_TOKEN_ID, collate_packed
 
-    batch = collate_packed([e.input_ids for e in pack], pad_to_multiple_of=case.tokens)
+    batch = collate_packed(
+        [e.input_ids for e in pack], pad_to_multiple_of=case.tokens, segments_multiple_of=segments_multiple_of
+    )
     labels = np.concatenate([e.labels for e in pack])
     padded_labels = np.full(batch["input_ids"].shape[1], IGNORE_INDEX, dtype=np.int64)
     padded_labels[: len(labels)] = labels
@@ -824,7 +836,9 @@ def run_variant(
         steps = []  # per step: (micro-batches on the device, their label counts, the step's label count)
         for plan in plans:
             micro = (
-                [packed_batch(pack, case) for pack in plan.packs] if packed else padded_batches(plan.sequences, case)
+                [packed_batch(pack, case, variant.cu_pad) for pack in plan.packs]
+                if packed
+                else padded_batches(plan.sequences, case)
             )
             counts = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro]
             micro = [_to_device(mb, device) for mb in micro]

@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_session.sh params       # fp32+autocast vs bf16 weights vs bf16 weights + fp32 master
 #   bash benchmarks/gpu_session.sh tokens       # ESM-2 650M / 3B at 16k, 32k, 64k tokens per micro-batch
 #   bash benchmarks/gpu_session.sh compile      # ESM-2 650M: max-autotune (GEMM epilogue fusion) and CUDA graphs
+#                                               # (cu_seq_lens padded to a multiple of 64 so graphs replay)
+#   bash benchmarks/gpu_session.sh fp8modules   # ESM-2 650M, Llama 3 1B: FP8 on the MLP only / on QKV + MLP
 #   bash benchmarks/gpu_session.sh fa4          # ESM-2 650M, Llama 3 1B: varlen attention on FA4 vs FA2 (needs its
 #                                               # wheels in .whl: flash-attn-4, nvidia-cutlass-dsl and their deps)
 #
@@ -20,7 +22,7 @@
 # (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fa4}
+job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4}
 out=${OUT:-benchmarks/results}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
@@ -57,8 +59,11 @@ case "$job" in
   tokens)
     bench --models @tokens-esm2 --variants packed:params=bf16-master --steps 8 --warmup 4 ;;
   compile)
-    bench --models esm2_650M --variants packed:params=bf16-master,packed:params=bf16-master:compile=max-autotune-no-cudagraphs,packed:params=bf16-master:compile=reduce-overhead \
+    bench --models esm2_650M --variants packed:params=bf16-master,packed:params=bf16-master:compile=max-autotune-no-cudagraphs,packed:params=bf16-master:cu_pad=64:compile=reduce-overhead \
       --steps 8 --warmup 4 --profile ;;
+  fp8modules)
+    bench --models esm2_650M,llama3_1B --variants packed,packed_fp8,packed_fp8:modules=mlp,packed_fp8:modules=attention.qkv_proj+mlp \
+      --steps 8 --warmup 4 ;;
   fa4)
     bench --models esm2_650M,llama3_1B --variants packed:params=bf16-master,packed:params=bf16-master:attn=FA4 \
       --steps 8 --warmup 4 --profile ;;

@@ -45,6 +45,14 @@ def test_model_and_variant_options(bench) -> None:
     assert variant.label == "packed_fp8[rowwise,min2048,L2-4,7]"
     with pytest.raises(ValueError, match="unknown options"):
         bench.parse_variant("packed:recipe=rowwise", args)
+    graphs = bench.parse_variant("packed:cu_pad=64:compile=reduce-overhead", args)
+    assert (graphs.cu_pad, graphs.compile_mode) == (64, "reduce-overhead")
+    assert graphs.label == "packed[compile=reduce-overhead,cu_pad=64]"
+    mlp = bench.parse_variant("packed_fp8:modules=mlp+attention.qkv_proj", args)
+    assert mlp.fp8_modules == ("mlp", "attention.qkv_proj")
+    assert mlp.label == "packed_fp8[rowwise,modules=mlp+attention.qkv_proj]"
+    with pytest.raises(ValueError, match="unknown options"):
+        bench.parse_variant("padded:cu_pad=64", args)
 
 
 def _toy_examples(bench, lengths: list[int]) -> list:

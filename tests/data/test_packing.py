@@ -152,3 +152,29 @@ def test_buffered_packing_pairs_windows_across_tails():
 
 def pack_sequences_groups(stream, max_tokens):
     return [unpack(b) for b in pack_sequences(stream, max_tokens)]
+
+
+def test_empty_segments_give_a_fixed_cu_seqlens_length_and_change_no_output():
+    """``segments_multiple_of`` pads ``cu_seq_lens`` with empty segments (for CUDA graphs); the model's outputs and
+    loss on the padded batch equal those on the plain one."""
+    from bioscale.data import collate_packed
+    from bioscale.models import build_config, build_model
+
+    pieces = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    plain = collate_packed(pieces, pad_to_multiple_of=16)
+    padded = collate_packed(pieces, pad_to_multiple_of=16, segments_multiple_of=8)
+    assert plain["cu_seq_lens_q"].tolist() == [0, 5, 8, 15, 16]
+    assert padded["cu_seq_lens_q"].tolist() == [0, 5, 8, 15, 16, 16, 16, 16]
+    assert torch.equal(padded["cu_seq_lens_k"], padded["cu_seq_lens_q"])
+    for key in ("input_ids", "position_ids", "labels"):
+        assert torch.equal(plain[key], padded[key]), key
+    assert collate_packed(pieces, segments_multiple_of=4)["cu_seq_lens_q"].tolist() == [0, 5, 8, 15]
+    with pytest.raises(ValueError, match="segments_multiple_of must be >= 1"):
+        collate_packed(pieces, segments_multiple_of=0)
+
+    torch.manual_seed(0)
+    model = build_model(build_config("esm2", "debug"), device="cpu").eval()
+    with torch.no_grad():
+        reference, out = model(**plain), model(**padded)
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=0)

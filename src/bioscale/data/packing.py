@@ -164,14 +164,25 @@ def pack_groups(
 
 
 def collate_packed(
-    pieces: Sequence[TokenIds], *, pad_to_multiple_of: int | None = None, pad_token_id: int = PAD_TOKEN_ID
+    pieces: Sequence[TokenIds],
+    *,
+    pad_to_multiple_of: int | None = None,
+    pad_token_id: int = PAD_TOKEN_ID,
+    segments_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """One packed micro-batch from ``pieces``: the THD keys of the model contract, labels = inputs (pad: -100).
 
     Keys: ``input_ids``, ``position_ids`` (restart at 0 per segment), ``labels`` (all ``[1, T]`` int64),
     ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32 ``[N + 1]``, the padding segment included), ``max_length_q`` =
     ``max_length_k`` (python ints). The objective collators rewrite ``labels``.
+
+    ``segments_multiple_of`` appends empty segments (``cu_seq_lens`` repeats its last value) until ``N + 1`` is a
+    multiple of it. Every micro-batch then has one of a few ``cu_seq_lens`` lengths instead of a new one for each
+    sequence count: what CUDA graphs (``torch.compile`` mode ``reduce-overhead``) need to replay instead of
+    recording again. Empty segments hold no tokens, so no output changes.
     """
+    if segments_multiple_of is not None and segments_multiple_of < 1:
+        raise ValueError(f"segments_multiple_of must be >= 1, got {segments_multiple_of}")
     arrays = [np.asarray(p, dtype=np.int64) for p in pieces]
     lengths = [len(a) for a in arrays]
     if not arrays or min(lengths) == 0:
@@ -186,6 +197,8 @@ def collate_packed(
     np.cumsum(lengths, out=cu[1:])
     # Positions restart at 0 per segment: position = index - start of its segment.
     position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
+    if segments_multiple_of:
+        cu = np.pad(cu, (0, (-len(cu)) % segments_multiple_of), mode="edge")
     labels = input_ids.copy()
     if num_pad:
         labels[num_real:] = IGNORE_INDEX
