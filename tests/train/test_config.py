@@ -95,6 +95,8 @@ def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
         ("parallelism.dp_replicate=0", "parallelism.dp_replicate"),
         # HSDP is an FSDP2 layout.
         ("parallelism.strategy=ddp parallelism.dp_replicate=2", "parallelism.dp_replicate"),
+        # Megatron-FSDP with context parallelism has not been run on GPUs.
+        ("parallelism.strategy=mfsdp cp_size=2", "cp_size=2 with parallelism.strategy=mfsdp"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(override, named):
