@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from .toy_model import ToyModel
+
 pytest.importorskip("torchao.float8")
 
 from bioscale.precision import QuantStats, apply_fp8, attach_quant_stats, cast_stats  # noqa: E402
@@ -98,30 +100,6 @@ def test_matches_float64_reference(
     assert got == pytest.approx(want, rel=1e-6)
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.nn.functional.gelu(self.up(x)))
-
-
-class _Toy(nn.Module):
-    def __init__(self, width: int = 32, depth: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Linear(16, width)
-        self.layers = nn.ModuleList([_Block(width) for _ in range(depth)])
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        for block in self.layers:
-            h = block(h)
-        return self.head(h)
-
-
 def _train(model: nn.Module, quant_stats: QuantStats, steps: int, micro_batches: int = 2) -> list[list[dict]]:
     gen = torch.Generator().manual_seed(3)
     recorded = []
@@ -138,7 +116,7 @@ def _train(model: nn.Module, quant_stats: QuantStats, steps: int, micro_batches:
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_records_match_the_tensors_the_layer_casts(recipe: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _Toy()
+    model = ToyModel()
     apply_fp8(model, recipe=recipe, layers=[2], emulate=True)
     quant_stats = QuantStats(model, freq=2, output_dir=tmp_path)
     assert quant_stats.layer_names == ["layers.1.up", "layers.1.down"]
@@ -204,7 +182,7 @@ def test_compiled_and_checkpointed_blocks_give_the_eager_records() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     torch.manual_seed(0)
-    base = _Toy()
+    base = ToyModel()
     apply_fp8(base, recipe="tensorwise", layers=[1, 3], emulate=True)
     eager_model, compiled_model = base, copy.deepcopy(base)
     for index, block in enumerate(compiled_model.layers):
@@ -222,7 +200,7 @@ def test_compiled_and_checkpointed_blocks_give_the_eager_records() -> None:
 
 
 def test_other_steps_are_untouched_and_close_detaches(tmp_path: Path) -> None:
-    model = _Toy()
+    model = ToyModel()
     apply_fp8(model, layers=[1], emulate=True)
 
     class Writer:
@@ -257,7 +235,7 @@ def test_other_steps_are_untouched_and_close_detaches(tmp_path: Path) -> None:
 
 def test_attach_writes_jsonl_and_tensorboard(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    model = _Toy()
+    model = ToyModel()
     apply_fp8(model, layers=[1], emulate=True)
     quant_stats = attach_quant_stats(model, run_dir=tmp_path, freq=1, rank=0)
     # The trainer's pattern: step(n) after step n ends, which arms step n + 1.
@@ -274,8 +252,8 @@ def test_attach_writes_jsonl_and_tensorboard(tmp_path: Path) -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="freq"):
-        QuantStats(_Toy(), freq=0)
-    meta_model = _Toy().to("meta")
+        QuantStats(ToyModel(), freq=0)
+    meta_model = ToyModel().to("meta")
     apply_fp8(meta_model, layers=[1], emulate=True)
     with pytest.raises(ValueError, match="meta device"):
         QuantStats(meta_model, freq=1)
