@@ -16,8 +16,8 @@ ef4b074, built a plan on every call on torch 2.11 — 50–150 ms per call — a
 ``results/2026-11-22-nvidia-h100-80gb-hbm3-attention-cudnn.md``.)
 
 Shapes: ESM-2 650M (20 heads × 64) and 3B (40 × 64) on 16,384 packed tokens of UniRef90-like lengths (uniform
-100–1,024; bidirectional), Llama 3 1B (Llama 3.2 1B shape: 32 query / 8 KV heads × 64, causal) and the Lingua 1B shape
-(16 / 8 × 128) on two 8,192-token sequences.
+100–1,024; bidirectional), Llama 3 1B (Llama 3.2 1B shape: 32 query / 8 KV heads × 64, causal) and the Lingua 1B
+shape (16 / 8 × 128) on two 8,192-token sequences.
 TFLOP/s counts the useful work: 4·L²·heads·head_dim per sequence forward (half for causal), 2.5× that for backward.
 """
 

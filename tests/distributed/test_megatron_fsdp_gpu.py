@@ -85,7 +85,8 @@ def test_megatron_fsdp_on_two_gpus_matches_one_gpu_and_resumes(initial_weights, 
 
     fsdp2_dir = tmp_path / "fsdp2"
     fsdp2_layout = [o.replace("strategy=mfsdp", "strategy=fsdp2") for o in layout]
-    result = _torchrun(fsdp2_dir, [*fsdp2_layout, "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false"])
+    no_checkpoints = ["checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false"]
+    result = _torchrun(fsdp2_dir, [*fsdp2_layout, *no_checkpoints])
     assert result.returncode == 0, result.stderr[-4000:]
     fsdp2 = read_metrics(fsdp2_dir / "metrics.jsonl")
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in fsdp2], rel=1e-5)

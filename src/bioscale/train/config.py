@@ -361,8 +361,8 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.parallelism.strategy == "mfsdp" and cfg.cp_size > 1:
         # Not run on GPUs yet (docs/context_parallel.md): refuse rather than risk a silently wrong gradient reduction.
         raise ValueError(
-            f"cp_size={cfg.cp_size} with parallelism.strategy=mfsdp is not supported yet; use parallelism.strategy=fsdp2 "
-            "for context parallelism"
+            f"cp_size={cfg.cp_size} with parallelism.strategy=mfsdp is not supported yet; use "
+            "parallelism.strategy=fsdp2 for context parallelism"
         )
     if cfg.use_sequence_packing != cfg.data.use_sequence_packing:
         raise ValueError(
