@@ -3,6 +3,7 @@ quant stats, and FSDP2 on two GPUs. CPU tests cover the numerics; these check th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,35 @@ def test_fp8_with_quant_stats_on_gpu(tmp_path):
     )
     _learns(tmp_path)
     assert (tmp_path / "quant_stats.jsonl").is_file()
+
+
+@pytest.mark.gpu
+def test_fp8_modules_selection_through_the_trainer(tmp_path):
+    """``fp8_config.modules=[mlp]`` with ``fp8_layers=[2]``: exactly block 2's MLP linears run FP8 (the quant-stats
+    layers are the FP8 linears), and the run learns."""
+    pytest.importorskip("torchao")
+    import torch
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability >= 8.9")
+    run_in_process(
+        "L0_sanity",
+        tmp_path,
+        [
+            *GPU,
+            "compile=true",
+            "fp8_config.enabled=true",
+            "fp8_config.modules=[mlp]",
+            "fp8_layers=[2]",
+            "quant_stats_config.enabled=true",
+            "quant_stats_config.freq=10",
+        ],
+    )
+    _learns(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "quant_stats.jsonl").read_text().splitlines()]
+    layers = sorted({record["layer"] for record in records})
+    assert layers and all("layers.1.mlp." in name for name in layers), layers
+    assert {name.rsplit(".", 1)[-1] for name in layers} == {"up_proj", "down_proj"}
 
 
 @pytest.mark.multi_gpu
