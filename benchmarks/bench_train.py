@@ -53,9 +53,10 @@ Learning rate: the trainer's ``linear_warmup_linear_decay`` (ESM-2) over the who
 clipped to ``--max-grad-norm`` as the trainer does. Defaults: with ``--loss-compare-steps N``, 10% of N warm-up steps,
 decay to 10% and clipping at 1.0 (the trainer's); without it (throughput runs), warm-up over the untimed
 ``--warmup`` steps, then a constant lr, clipping at 1.0 (so the timed steps pay for the norm as training does, and
-the short runs' final losses agree across variants instead of spiking at random). The loss comparison (:func:`render_loss_compare`) reports, per variant against ``packed``, the mean loss of
-the last 10% of steps, its relative difference, the largest per-step difference over those steps, and every loss
-spike (:func:`find_spikes`) of either run. Throughput counts real (unpadded) tokens; MFU uses the model spec's
+the short runs' final losses agree across variants instead of spiking at random). The loss comparison
+(:func:`render_loss_compare`) reports, per variant against ``packed``, the mean loss of the last 10% of steps,
+its relative difference, the largest per-step difference over those steps, and every loss spike
+(:func:`find_spikes`) of either run. Throughput counts real (unpadded) tokens; MFU uses the model spec's
 training FLOPs per token at the token-weighted mean sequence length, against 989 TFLOP/s (H100 SXM dense bf16) and
 789 TFLOP/s (the bf16 GEMM rate measured on the lent H100). Warm-up steps (compilation included) are not timed.
 """
@@ -77,7 +78,7 @@ import shlex
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -563,6 +564,7 @@ class Result:
     losses: list[float] = dataclasses.field(default_factory=list)
     grad_norms: list[float] = dataclasses.field(default_factory=list)  # per step, before clipping (when clipping)
     profile: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    profile_categories: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # summarize_kernels
 
 
 def _model_config(case: ModelCase, attn_backend: str) -> Any:
@@ -904,7 +906,9 @@ def run_variant(
         if quant_stats is not None:
             quant_stats.close()
         if args.profile and device.type == "cuda":
-            result.profile = profile_steps(steps[-min(3, len(steps)) :], loss_fn, optimizer, autocast, device)
+            result.profile, result.profile_categories = profile_steps(
+                steps[-min(3, len(steps)) :], loss_fn, optimizer, autocast, device
+            )
         result.losses = torch.stack(losses).tolist()
         result.grad_norms = torch.stack(grad_norms).tolist() if grad_norms else []
         result.first_loss, result.final_loss = result.losses[0], result.losses[-1]
@@ -956,12 +960,46 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return (full_tensor() if full_tensor is not None else norm).detach().float()
 
 
+# Kernel families for the profile's breakdown, first match wins. Attention comes first because FlashAttention's
+# names contain "cutlass"; activations before copies because Inductor names fused kernels after every op
+# (``triton_poi_fused__to_copy_add_div_erf_...`` is a GELU).
+KERNEL_CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("attention", re.compile(r"flash|fmha|attention|attn", re.IGNORECASE)),
+    ("GEMM", re.compile(r"nvjet|gemm|cutlass|xmma|scaled_mm|triton_mm|cublas|wgmma", re.IGNORECASE)),
+    ("optimizer", re.compile(r"multi_tensor_apply|fusedopti|adam", re.IGNORECASE)),
+    ("norm", re.compile(r"layer_norm|rms_?norm|rsqrt", re.IGNORECASE)),
+    ("activation", re.compile(r"erf|gelu|silu|sigmoid", re.IGNORECASE)),
+    ("FP8 scaling", re.compile(r"amax|float8|fp8|e4m3|e5m2", re.IGNORECASE)),
+    ("copy / cast", re.compile(r"copy|cast|cat_|stack", re.IGNORECASE)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The family a CUDA kernel belongs to (:data:`KERNEL_CATEGORIES`), ``other`` when none matches."""
+    return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+
+
+def summarize_kernels(times_us: Mapping[str, float], num_steps: int, wall_ms_per_step: float) -> list[dict[str, Any]]:
+    """Per-family ms/step and share of the wall step; ``GPU idle`` is the wall time no kernel covered (launch
+    gaps, host work; kernels are assumed not to overlap, true of our one-stream steps)."""
+    per_category: dict[str, float] = {}
+    for name, time_us in times_us.items():
+        category = kernel_category(name)
+        per_category[category] = per_category.get(category, 0.0) + time_us / 1e3 / num_steps
+    rows = sorted(per_category.items(), key=lambda item: item[1], reverse=True)
+    rows.append(("GPU idle", max(0.0, wall_ms_per_step - sum(per_category.values()))))
+    return [{"category": c, "ms_per_step": ms, "share": ms / wall_ms_per_step} for c, ms in rows]
+
+
 def profile_steps(
     steps: Sequence[Any], loss_fn: Any, optimizer: Any, autocast: Any, device: torch.device
-) -> list[dict[str, Any]]:
-    """The top CUDA kernels of a few more steps, with their share of the GPU time."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The top CUDA kernels of a few more steps, with their share of the GPU time, and the time per kernel family
+    (:func:`summarize_kernels`)."""
     from torch.profiler import ProfilerActivity, profile
 
+    _synchronize(device)
+    started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for micro, counts, step_labels in steps:
             for batch, count in zip(micro, counts):
@@ -971,13 +1009,16 @@ def profile_steps(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
+    wall_ms_per_step = (time.perf_counter() - started) * 1e3 / len(steps)
     events = [e for e in prof.key_averages() if _device_time(e) > 0]
     total = sum(_device_time(e) for e in events)
     events.sort(key=_device_time, reverse=True)
-    return [
+    top = [
         {"kernel": e.key[:110], "ms_per_step": _device_time(e) / 1e3 / len(steps), "share": _device_time(e) / total}
         for e in events[:15]
     ]
+    categories = summarize_kernels({e.key: _device_time(e) for e in events}, len(steps), wall_ms_per_step)
+    return top, categories
 
 
 def _device_time(event: Any) -> float:
@@ -1026,7 +1067,14 @@ def render_profiles(results: Sequence[Result]) -> str:
     for r in results:
         if not r.profile:
             continue
-        rows = [f"#### {r.model} / {r.variant}", "", "| kernel | ms/step | share |", "|---|---:|---:|"]
+        rows = [f"#### {r.model} / {r.variant}", ""]
+        if r.profile_categories:
+            rows += ["| kernel family | ms/step | share of the step |", "|---|---:|---:|"]
+            rows += [
+                f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |" for c in r.profile_categories
+            ]
+            rows.append("")
+        rows += ["| kernel | ms/step | share |", "|---|---:|---:|"]
         rows += [f"| `{p['kernel']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% |" for p in r.profile]
         sections.append("\n".join(rows))
     return "\n\n".join(sections)

@@ -382,3 +382,34 @@ def test_quick_cpu_fsdp_run_matches_packed(bench, shared_data: Path, tmp_path: P
     np.testing.assert_allclose(fsdp["losses"], packed["losses"], rtol=1e-5)
     np.testing.assert_allclose(fsdp["grad_norms"], packed["grad_norms"], rtol=1e-4)
     assert packed["grad_norms"][0] > 1.0  # clipping was active, so it was compared too
+
+
+# ---- profile breakdown --------------------------------------------------------------------------------------------
+
+
+def test_kernel_families_of_real_h100_kernel_names(bench) -> None:
+    names = {  # from the 2026-11-22 H100 profiles of ESM-2 650M and Llama 3 1B
+        "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "GEMM",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128": "attention",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, cutlass::bf": "attention",
+        "triton_poi_fused__to_copy_add_div_erf_exp_mul_neg_pow_view_4": "activation",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::FusedOpti": "optimizer",
+        "triton_per_fused__to_copy_add_native_layer_norm_native_layer_norm_backward_view_10": "norm",
+        "triton_poi_fused__to_copy_add_cat_mul_neg_slice_stack_unsqueeze_8": "copy / cast",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Te": "copy / cast",
+        "triton_red_fused_abs_amax_0": "FP8 scaling",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>": "other",
+    }
+    assert {name: bench.kernel_category(name) for name in names} == names
+
+
+def test_kernel_summary_sums_families_and_reports_idle_time(bench) -> None:
+    times_us = {"nvjet_a": 3000.0, "nvjet_b": 1000.0, "flash_fwd": 2000.0, "fill": 500.0}  # over 2 steps
+    rows = bench.summarize_kernels(times_us, num_steps=2, wall_ms_per_step=4.0)
+    assert [(r["category"], r["ms_per_step"]) for r in rows] == [
+        ("GEMM", 2.0),
+        ("attention", 1.0),
+        ("other", 0.25),
+        ("GPU idle", 0.75),
+    ]
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
