@@ -6,6 +6,7 @@ sequences and masks, the first-step losses of ``transformers``, bioscale padded 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -413,3 +414,27 @@ def test_kernel_summary_sums_families_and_reports_idle_time(bench) -> None:
         ("GPU idle", 0.75),
     ]
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+
+
+def test_profile_steps_runs_the_steps_with_clipping(bench) -> None:
+    # On CPU the profiler records no CUDA kernels: the whole timed step counts as GPU idle; the steps still train.
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = torch.ones(2, 4)
+    clipped = []
+
+    def clip() -> None:
+        clipped.append(bench.clip_grad_norm(model, 1.0))
+
+    before = model.weight.detach().clone()
+    top, families = bench.profile_steps(
+        [([batch], [2], 2)] * 3,
+        lambda b, count: model(b).sum(),
+        optimizer,
+        contextlib.nullcontext(),
+        torch.device("cpu"),
+        clip=clip,
+        step_ms=5.0,
+    )
+    assert len(clipped) == 3 and not torch.equal(model.weight, before)
+    assert top == [] and families == [{"category": "GPU idle", "ms_per_step": 5.0, "share": 1.0}]
