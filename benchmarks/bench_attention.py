@@ -57,17 +57,12 @@ def _lengths(kind: str, tokens: int, rng: np.random.Generator) -> list[int]:
 
 
 def _activate(impl: str) -> str | None:
-    """Route torch's flash ops to ``impl``; returns why not, or None."""
-    from torch.nn import attention
+    """Route torch's flash ops to ``impl`` (:func:`bioscale.models.flash_impl.activate_flash_impl`); returns why
+    not, or None."""
+    from bioscale.models.flash_impl import activate_flash_impl
 
-    if impl == "FA2":
-        if hasattr(attention, "restore_flash_attention_impl"):
-            attention.restore_flash_attention_impl()
-        return None
-    if not hasattr(attention, "activate_flash_attention_impl"):
-        return f"torch {torch.__version__} has no activate_flash_attention_impl"
     try:
-        attention.activate_flash_attention_impl(impl)
+        activate_flash_impl(impl)
     except Exception as err:  # noqa: BLE001 — report, don't crash: the other implementations still run
         return f"{type(err).__name__}: {str(err)[:200]}"
     return None

@@ -617,24 +617,13 @@ class MasterWeightAdamW:
 
 @contextlib.contextmanager
 def flash_attention_impl(impl: str | None) -> Iterator[None]:
-    """Routes torch's flash-attention ops (``varlen_attn`` included) to ``impl`` for the block, then back to FA2.
+    """Routes torch's flash-attention ops (``varlen_attn`` included) to ``impl`` for the block, then back to FA2:
+    :func:`bioscale.models.flash_impl.flash_impl` (``FA3`` needs ``flash_attn_interface``, ``FA4`` ``flash_attn.cute``
+    from PyPI ``flash-attn-4``; carry their wheels to the device)."""
+    from bioscale.models.flash_impl import flash_impl
 
-    ``FA3`` needs the ``flash_attn_interface`` module (FlashAttention 3, Hopper build); ``FA4`` needs
-    ``flash_attn.cute`` (PyPI ``flash-attn-4``: CuTe DSL, Hopper and Blackwell) — carry their wheels to the device.
-    torch registers both names (``torch.nn.attention.activate_flash_attention_impl``, a prototype in 2.13).
-    """
-    if impl is None:
+    with flash_impl(impl):
         yield
-        return
-    from torch.nn import attention
-
-    if not hasattr(attention, "activate_flash_attention_impl"):
-        raise ValueError(f"attn={impl}: torch {torch.__version__} has no activate_flash_attention_impl")
-    attention.activate_flash_attention_impl(impl)
-    try:
-        yield
-    finally:
-        attention.restore_flash_attention_impl()
 
 
 @contextlib.contextmanager

@@ -14,16 +14,23 @@
 #   bash benchmarks/gpu_session.sh compile      # ESM-2 650M: max-autotune (GEMM epilogue fusion) and CUDA graphs
 #                                               # (cu_seq_lens padded to a multiple of 64 so graphs replay)
 #   bash benchmarks/gpu_session.sh fp8modules   # ESM-2 650M, Llama 3 1B: FP8 on the MLP only / on QKV + MLP
-#   bash benchmarks/gpu_session.sh fa4          # ESM-2 650M, Llama 3 1B: varlen attention on FA4 vs FA2 (needs its
-#                                               # wheels in .whl: flash-attn-4, nvidia-cutlass-dsl and their deps)
+#   bash benchmarks/gpu_session.sh fa4libs      # call 1 of 2, carry [".fa4a"]: unpack the CUTLASS DSL CUDA 13
+#                                               # libraries (.fa4a/cu13.tar.xz, 63.5 MB) to /tmp/fa4x of the machine
+#   bash benchmarks/gpu_session.sh fa4          # call 2, at once on the same warm machine, carry [".fa4b", ".whl",
+#                                               # ".data"]: ESM-2 650M with FA4 vs FA2 (.fa4b: flash-attn-4 and the
+#                                               # rest of its wheels). 92 MB of libraries do not fit one call.
 #
 # benchmarks/NOTES.md says what each job is expected to show.
 # Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
 # (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4}
+job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4libs|fa4}
 out=${OUT:-benchmarks/results}
+if [ "$job" = fa4libs ]; then  # nothing else travels with this call: the libraries alone fill it
+  mkdir -p /tmp/fa4x && tar -xJf .fa4a/cu13.tar.xz -C /tmp/fa4x && du -sh /tmp/fa4x
+  exit 0
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
 
@@ -65,8 +72,13 @@ case "$job" in
     bench --models esm2_650M,llama3_1B --variants packed,packed_fp8,packed_fp8:modules=mlp,packed_fp8:modules=attention.qkv_proj+mlp \
       --steps 8 --warmup 4 ;;
   fa4)
-    bench --models esm2_650M,llama3_1B --variants packed:params=bf16-master,packed:params=bf16-master:attn=FA4 \
-      --steps 8 --warmup 4 --profile ;;
+    test -d /tmp/fa4x/nvidia_cutlass_dsl/cu13 || { echo "run the fa4libs job first, on this machine" >&2; exit 3; }
+    pip install -q --no-index --no-deps --target /tmp/fa4site .fa4b/*.whl
+    cp -r --update=none /tmp/fa4x/nvidia_cutlass_dsl/. /tmp/fa4site/nvidia_cutlass_dsl/
+    # --target installs skip .pth files: put the DSL's package folder on the path by hand.
+    export PYTHONPATH="/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH"
+    bench --models esm2_650M:tokens=40960 --variants packed:params=bf16,packed:params=bf16:attn=FA4 \
+      --steps 10 --warmup 5 --profile ;;
   *)
     echo "unknown job $job" >&2; exit 2 ;;
 esac

@@ -97,6 +97,7 @@ def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
         ("parallelism.strategy=ddp parallelism.dp_replicate=2", "parallelism.dp_replicate"),
         # Megatron-FSDP with context parallelism has not been run on GPUs.
         ("parallelism.strategy=mfsdp cp_size=2", "cp_size=2 with parallelism.strategy=mfsdp"),
+        ("model.flash_impl=FA5", "model.flash_impl"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(override, named):
@@ -109,6 +110,14 @@ def test_megatron_fsdp_on_cpu_fails_with_a_config_error(tmp_path):
 
     cfg = load_config("L0_sanity", ["device=cpu", "parallelism.strategy=mfsdp", f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"parallelism\.strategy=mfsdp runs on NVIDIA GPUs only"):
+        train(cfg)
+
+
+def test_flash_impl_on_cpu_fails_with_a_config_error(tmp_path):
+    from bioscale.train.train import train
+
+    cfg = load_config("L0_sanity", ["device=cpu", "model.flash_impl=FA4", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"model\.flash_impl=FA4 needs a CUDA device"):
         train(cfg)
 
 

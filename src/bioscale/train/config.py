@@ -20,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from bioscale.data.config import DataConfig
+from bioscale.models.flash_impl import FLASH_IMPLS
 
 SCHEMA_NAME = "bioscale_train"
 
@@ -45,6 +46,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     # Attention backend key (``sdpa``, ``varlen``, ``flex``, ``te``); None keeps the model config's default.
     attn_backend: Optional[str] = None
+    # Which flash kernels torch's varlen / SDPA-flash ops run: FA2 (built in), FA3 or FA4 when installed (CUDA
+    # only; bioscale.models.flash_impl). None leaves torch's choice (FA2). A process setting, not stored with the model.
+    flash_impl: Optional[str] = None
     # Start from these weights (a ``save_pretrained`` directory, e.g. an earlier run's ``final_model``) instead of a
     # random init. The architecture still comes from name/size/overrides and must match the stored weights.
     init_from: Optional[str] = None
@@ -312,6 +316,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _choice("device", cfg.device, DEVICES)
     _choice("dtype", cfg.dtype, DTYPES)
     _choice("parallelism.strategy", cfg.parallelism.strategy, STRATEGIES)
+    if cfg.model.flash_impl is not None:
+        _choice("model.flash_impl", cfg.model.flash_impl, FLASH_IMPLS)
     _choice("parallelism.reshard_after_forward", cfg.parallelism.reshard_after_forward, RESHARD_POLICIES)
     _choice("parallelism.reduce_dtype", cfg.parallelism.reduce_dtype, REDUCE_DTYPES)
     _choice("activation_checkpointing", cfg.activation_checkpointing, AC_MODES)

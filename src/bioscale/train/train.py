@@ -117,7 +117,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpt_dir = Path(cfg.checkpoint.ckpt_dir)
     metrics: MetricsLogger | None = None
     profiler: StepProfiler | None = None
+    flash_before: str | None = None
     try:
+        if cfg.model.flash_impl is not None:
+            # Before any model code runs: compiled graphs keep the kernel they traced.
+            from bioscale.models.flash_impl import activate_flash_impl, active_flash_impl
+
+            if device.type != "cuda":
+                raise ValueError(
+                    f"model.flash_impl={cfg.model.flash_impl} needs a CUDA device; this run is on {device}"
+                )
+            flash_before = active_flash_impl()
+            activate_flash_impl(cfg.model.flash_impl)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
@@ -522,6 +533,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         barrier()
         return summary
     finally:
+        if flash_before is not None:
+            from bioscale.models.flash_impl import activate_flash_impl
+
+            activate_flash_impl(flash_before)
         if profiler is not None:
             profiler.close()
         if metrics is not None:
