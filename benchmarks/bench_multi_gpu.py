@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
@@ -59,6 +60,9 @@ IGNORE_INDEX = -100
 FSDP_MODELS: dict[str, tuple[str, str, int]] = {
     "esm2_650M": ("esm2", "esm2_t33_650M", 16384),
     "esm2_3B": ("esm2", "esm2_t36_3B", 8192),
+    # 15B: ~240 GB of fp32 weights, gradients and AdamW state: sharded over 4+ GPUs (one GPU runs out of memory, and the
+    # scaling is then taken against the smallest GPU count that trained).
+    "esm2_15B": ("esm2", "esm2_t48_15B", 4096),
 }
 SMOKE_FSDP_MODELS: dict[str, tuple[str, str, int]] = {"esm2_debug": ("esm2", "debug", 1024)}
 
@@ -105,12 +109,15 @@ def _build(
     compile_blocks: bool,
     prefetch: int = 0,
     strategy: str = "fsdp2",
+    fp8: bool = False,
     **overrides: Any,
 ) -> tuple[torch.nn.Module, Any, Any]:
-    """Model on meta → (CP) → AC → (compile) → FSDP2 over every rank → materialise; plus fused AdamW.
+    """Model on meta → (CP) → (FP8) → AC → (compile) → FSDP2 over every rank → materialise; plus fused AdamW.
 
-    ``strategy="mfsdp"``: materialise first, then Megatron-FSDP over every rank (bf16 compute, fp32 main weights and
-    gradients), as the trainer does it (``bioscale.distributed.megatron_fsdp``).
+    ``fp8``: torchao tensorwise FP8 on the blocks' linears with FP8 all-gathers under FSDP2, as the trainer applies
+    ``fp8_config.enabled=true`` (emulated on CPU, for the smoke run). ``strategy="mfsdp"``: materialise first, then
+    Megatron-FSDP over every rank (bf16 compute, fp32 main weights and gradients), as the trainer does it
+    (``bioscale.distributed.megatron_fsdp``).
     """
     from bioscale.distributed import apply_ac, apply_compile, apply_fsdp
     from bioscale.distributed.context_parallel import apply_context_parallel
@@ -120,6 +127,14 @@ def _build(
     model = build_model(config, task=task, device="meta")
     if cp_group is not None:
         apply_context_parallel(model, cp_group)
+    if fp8:
+        if strategy != "fsdp2":
+            raise ValueError(
+                f"FP8 runs with fsdp2 only (Megatron-FSDP quantises TransformerEngine weights); got {strategy}"
+            )
+        from bioscale.precision.fp8 import apply_fp8
+
+        apply_fp8(model, recipe="tensorwise", fsdp_float8_all_gather=True, emulate=device.type != "cuda")
     apply_ac(model, ac)
     if compile_blocks:
         apply_compile(model)
@@ -196,6 +211,7 @@ def _train_step(
     device: torch.device,
     world_size: int,
     cp: Any = None,
+    after_step: Any = None,
 ) -> float:
     """One optimizer step on ``batch`` as the trainer does it (loss summed, normalised by the global label count)."""
     import torch.distributed as dist
@@ -225,6 +241,8 @@ def _train_step(
     else:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
+    if after_step is not None:
+        after_step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss_sum.detach().float()
     if dist.is_initialized() and world_size > 1:
@@ -245,13 +263,15 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
     models = SMOKE_FSDP_MODELS if args.smoke else FSDP_MODELS
     keys = args.fsdp_models.split(",") if args.fsdp_models else list(models)
     strategies = ["fsdp2"] if args.smoke else args.fsdp_strategies.split(",")
-    for key, strategy in [(k, s) for k in keys for s in strategies]:
+    precisions = args.fsdp_precisions.split(",")
+    for key, strategy, precision in [(k, s, p) for k in keys for s in strategies for p in precisions]:
         family, size, tokens = models[key]
         tokens = args.fsdp_tokens or tokens
         record: dict[str, Any] = {
             "phase": "fsdp",
             "model": key,
             "strategy": strategy,
+            "precision": precision,
             "gpus": world_size,
             "tokens_per_gpu": tokens,
             "ac": args.fsdp_ac,
@@ -270,14 +290,23 @@ def run_fsdp_phase(args: argparse.Namespace, device: torch.device, rank: int, wo
                 compile_blocks=args.compile,
                 prefetch=args.fsdp_prefetch,
                 strategy=strategy,
+                fp8=precision == "fp8",
             )
+            after_step = None
+            if precision == "fp8":
+                from bioscale.precision.fp8 import fp8_layer_names, precompute_fp8_scales
+
+                after_step = functools.partial(precompute_fp8_scales, model)
+                record["fp8_linears"] = len(fp8_layer_names(model))
             rng = np.random.default_rng(1000 + rank)
             times, losses, sq_sum = [], [], 0.0
             for step in range(args.warmup + args.steps):
                 batch, step_sq = _protein_batch(tokens, rng, config)
                 _synchronize(device)
                 start = time.perf_counter()
-                losses.append(_train_step(model, optimizer, batch, device=device, world_size=world_size))
+                losses.append(
+                    _train_step(model, optimizer, batch, device=device, world_size=world_size, after_step=after_step)
+                )
                 _synchronize(device)
                 if step >= args.warmup:
                     times.append(time.perf_counter() - start)
@@ -546,43 +575,47 @@ def render_report(
     ]
     fsdp = [r for r in rows if r.get("phase") == "fsdp"]
     if fsdp:
+        counts = sorted({r["gpus"] for r in fsdp})
         md += [
             "",
-            "## FSDP2 (and Megatron-FSDP) scaling, 1 → 2 GPUs (ESM-2, masked LM, packed)",
+            f"## FSDP2 (and Megatron-FSDP) scaling over {' / '.join(map(str, counts))} GPUs (ESM-2, masked LM, packed)",
             "",
             (
-                "| model | strategy | tokens / GPU / step | AC | 1 GPU tokens/s | 2 GPUs tokens/s per GPU | "
-                "scaling efficiency | MFU 1 GPU | MFU 2 GPUs | peak mem 1 / 2 GPUs (GB) |"
+                "| model | strategy | precision | GPUs | tokens / GPU / step | AC | tokens/s per GPU | scaling efficiency "
+                "| MFU | peak mem (GB) |"
             ),
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
         ]
-        for model, strategy in dict.fromkeys((r["model"], r.get("strategy", "fsdp2")) for r in fsdp):
-            mine = [r for r in fsdp if r["model"] == model and r.get("strategy", "fsdp2") == strategy]
-            one = next((r for r in mine if r["gpus"] == 1), {})
-            two = next((r for r in mine if r["gpus"] == 2), {})
-            eff = None
-            if one.get("ok") and two.get("ok"):
-                eff = two["tokens_per_sec_per_gpu"] / one["tokens_per_sec_per_gpu"]
-            tokens = (one or two).get("tokens_per_gpu")
-            md.append(
-                f"| {model} | {strategy} | {tokens} | {(one or two).get('ac')} "
-                f"| {_fmt(one.get('tokens_per_sec_per_gpu'), ',.0f', _why(one))} "
-                f"| {_fmt(two.get('tokens_per_sec_per_gpu'), ',.0f', _why(two))} | {_pct(eff)} "
-                f"| {_pct(one.get('mfu'))} | {_pct(two.get('mfu'))} "
-                f"| {_fmt(one.get('peak_mem_gb'), '.1f')} / {_fmt(two.get('peak_mem_gb'), '.1f')} |"
-            )
+        for group in dict.fromkeys(map(_fsdp_group, fsdp)):
+            model, strategy, precision = group
+            mine = sorted((r for r in fsdp if _fsdp_group(r) == group), key=lambda r: r["gpus"])
+            # Efficiency against the fewest GPUs that trained (1 unless the model does not fit one GPU).
+            base = next((r for r in mine if r.get("ok")), None)
+            for r in mine:
+                if base is None or not r.get("ok"):
+                    eff = "–"
+                elif r is base:
+                    eff = f"base ({base['gpus']} GPU{'s' if base['gpus'] > 1 else ''})"
+                else:
+                    eff = _pct(r["tokens_per_sec_per_gpu"] / base["tokens_per_sec_per_gpu"])
+                md.append(
+                    f"| {model} | {strategy} | {precision} | {r['gpus']} | {r.get('tokens_per_gpu')} | {r.get('ac')} "
+                    f"| {_fmt(r.get('tokens_per_sec_per_gpu'), ',.0f', _why(r))} | {eff} | {_pct(r.get('mfu'))} "
+                    f"| {_fmt(r.get('peak_mem_gb'), '.1f')} |"
+                )
         md += [
             "",
-            "Target: scaling efficiency ≥ 95 %. `fsdp2`: `bioscale.distributed.apply_fsdp`; `mfsdp`: Megatron-FSDP "
-            "(`bioscale.distributed.megatron_fsdp`, ZeRO-3, bf16 compute, fp32 main weights and gradients); "
-            "both on the same synthetic batches.",
+            "Target: scaling efficiency ≥ 95 % (tokens/s per GPU at N GPUs over that at the fewest GPUs that trained). "
+            "`fsdp2`: `bioscale.distributed.apply_fsdp`; `mfsdp`: Megatron-FSDP (`bioscale.distributed.megatron_fsdp`, "
+            "ZeRO-3, bf16 compute, fp32 main weights and gradients); `fp8`: torchao tensorwise FP8 linears in the blocks "
+            "with FP8 all-gathers (`bioscale.precision.apply_fp8`); all on the same synthetic batches.",
         ]
     context = [r for r in rows if r.get("phase") == "context" and not r.get("summary")]
     summaries = {r["gpus"]: r for r in rows if r.get("phase") == "context" and r.get("summary")}
     if context:
         md += [
             "",
-            "## Longest Llama 3 1B DNA context: 1 GPU vs 2 GPUs with CP=2",
+            "## Longest Llama 3 1B DNA context: 1 GPU vs context parallelism over all GPUs (CP = GPUs)",
             "",
             "| GPUs | CP | AC | sequence length | trains? | step time (s) | tokens/s per GPU | MFU | peak mem (GB) |",
             "|---:|---:|---|---:|---|---:|---:|---:|---:|",
@@ -598,14 +631,21 @@ def render_report(
                 f"| {_fmt(r.get('step_time'), '.2f')} | {_fmt(r.get('tokens_per_sec_per_gpu'), ',.0f')} "
                 f"| {_pct(r.get('mfu'))} | {_fmt(r.get('peak_mem_gb'), '.1f')} |"
             )
-        one, two = summaries.get(1, {}).get("max_length"), summaries.get(2, {}).get("max_length")
-        ratio = f"{two / one:.2f}×" if one and two else "–"
+        one = summaries.get(1, {}).get("max_length")
+        longest = []
+        for gpus in sorted(summaries):
+            length = summaries[gpus].get("max_length")
+            ratio = f" ({length / one:.2f}× 1 GPU)" if gpus > 1 and one and length else ""
+            longest.append(
+                f"{gpus} GPU{'s' if gpus > 1 else ''}{f' with CP={gpus}' if gpus > 1 else ''} "
+                f"{_fmt(length, ',d')}{ratio}"
+            )
         md += [
             "",
             (
-                f"Longest trained: 1 GPU {_fmt(one, ',d')}, 2 GPUs with CP=2 {_fmt(two, ',d')} tokens: {ratio} "
-                "(target ≥ 1.8×). Lengths are doubled until a step runs out of memory, then bisected, so the true "
-                "maxima lie between the longest length that trained and the shortest that did not."
+                f"Longest trained: {'; '.join(longest)} tokens (target with CP=2: ≥ 1.8×). Lengths are doubled until a "
+                "step runs out of memory, then bisected, so the true maxima lie between the longest length that trained "
+                "and the shortest that did not."
             ),
         ]
         errors = [r for r in context if not r.get("ok") and not r.get("oom") and not r.get("skipped")]
@@ -616,6 +656,11 @@ def render_report(
     return "\n".join(md) + "\n"
 
 
+def _fsdp_group(record: dict[str, Any]) -> tuple[str, str, str]:
+    # Rows written before strategies / precisions were recorded are FSDP2 in bf16.
+    return record["model"], record.get("strategy", "fsdp2"), record.get("precision", "bf16")
+
+
 def _why(record: dict[str, Any]) -> str:
     if not record:
         return "not run"
@@ -624,12 +669,16 @@ def _why(record: dict[str, Any]) -> str:
 
 def driver_main(args: argparse.Namespace) -> Path:
     env = environment(args.smoke)
-    if not args.smoke and env["num_gpus"] < 2:
-        raise SystemExit(f"bench_multi_gpu needs 2 GPUs (found {env['num_gpus']}); use --smoke for a CPU check")
+    most = max(int(n) for n in args.nprocs.split(","))
+    if not args.smoke and env["num_gpus"] < max(most, 2):
+        raise SystemExit(
+            f"bench_multi_gpu --nprocs {args.nprocs} needs {max(most, 2)} GPUs (found {env['num_gpus']}); "
+            "use --smoke for a CPU check"
+        )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu_slug = re.sub(r"[^A-Za-z0-9]+", "", env["gpu"].replace("NVIDIA", "")) if not args.smoke else "cpu"
-    stem = f"{env['date']}-2x{gpu_slug}-multigpu" + ("-smoke" if args.smoke else "")
+    stem = f"{env['date']}-{most}x{gpu_slug}-multigpu" + ("-smoke" if args.smoke else "")
     result_file = out_dir / f".{stem}.jsonl"
     result_file.unlink(missing_ok=True)
     runs = []
@@ -682,6 +731,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--fsdp-strategies",
         default="fsdp2",
         help="comma-separated: fsdp2, mfsdp (Megatron-FSDP, needs the megatron-fsdp package)",
+    )
+    parser.add_argument(
+        "--fsdp-precisions",
+        default="bf16",
+        help="comma-separated: bf16, fp8 (torchao tensorwise, FP8 all-gathers; emulated in --smoke)",
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
