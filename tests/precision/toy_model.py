@@ -29,3 +29,16 @@ class ToyModel(nn.Module):
         for block in self.layers:
             h = block(h)
         return self.head(h)
+
+
+def assert_records_close(got: dict, want: dict, rel: float) -> None:
+    """Statistics records equal: the same keys, names (layer, role, dtype) exactly, numbers to ``rel``.
+    (``pytest.approx`` over a whole record refuses its string values since pytest 9.1.)"""
+    import pytest
+
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key, value in want.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert got[key] == pytest.approx(value, rel=rel), (key, got, want)
+        else:
+            assert got[key] == value, (key, got, want)
