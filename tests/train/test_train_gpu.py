@@ -45,25 +45,21 @@ def test_l0_sanity_on_gpu_bf16_packed_compiled(tmp_path):
     assert summary["num_skipped_steps"] == 0
 
 
-@pytest.mark.gpu
-def test_fp8_with_quant_stats_on_gpu(tmp_path):
+def _fp8_run_with_quant_stats(tmp_path, overrides: list[str]) -> None:
+    """L0_sanity on the GPU with FP8 on block 2 and quant stats every 10 steps (plus ``overrides``); it must learn."""
     pytest.importorskip("torchao")
     import torch
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability >= 8.9")
-    run_in_process(
-        "L0_sanity",
-        tmp_path,
-        [
-            *GPU,
-            "fp8_config.enabled=true",
-            "fp8_layers=[2]",
-            "quant_stats_config.enabled=true",
-            "quant_stats_config.freq=10",
-        ],
-    )
+    fp8 = ["fp8_config.enabled=true", "fp8_layers=[2]", "quant_stats_config.enabled=true", "quant_stats_config.freq=10"]
+    run_in_process("L0_sanity", tmp_path, [*GPU, *fp8, *overrides])
     _learns(tmp_path)
+
+
+@pytest.mark.gpu
+def test_fp8_with_quant_stats_on_gpu(tmp_path):
+    _fp8_run_with_quant_stats(tmp_path, [])
     assert (tmp_path / "quant_stats.jsonl").is_file()
 
 
@@ -71,25 +67,7 @@ def test_fp8_with_quant_stats_on_gpu(tmp_path):
 def test_fp8_modules_selection_through_the_trainer(tmp_path):
     """``fp8_config.modules=[mlp]`` with ``fp8_layers=[2]``: exactly block 2's MLP linears run FP8 (the quant-stats
     layers are the FP8 linears), and the run learns."""
-    pytest.importorskip("torchao")
-    import torch
-
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 needs compute capability >= 8.9")
-    run_in_process(
-        "L0_sanity",
-        tmp_path,
-        [
-            *GPU,
-            "compile=true",
-            "fp8_config.enabled=true",
-            "fp8_config.modules=[mlp]",
-            "fp8_layers=[2]",
-            "quant_stats_config.enabled=true",
-            "quant_stats_config.freq=10",
-        ],
-    )
-    _learns(tmp_path)
+    _fp8_run_with_quant_stats(tmp_path, ["compile=true", "fp8_config.modules=[mlp]"])
     records = [json.loads(line) for line in (tmp_path / "quant_stats.jsonl").read_text().splitlines()]
     layers = sorted({record["layer"] for record in records})
     assert layers and all("layers.1.mlp." in name for name in layers), layers
