@@ -210,6 +210,8 @@ class VariantSpec:
     # (compile=reduce-overhead) see a few cu_seq_lens shapes instead of one per sequence count.
     cu_pad: int | None = None
     attn_impl: str | None = None  # flash kernels behind varlen_attn: None (torch's built-in FA2), "FA3" or "FA4"
+    # Names from bioscale.distributed.parallelize.COMPILE_PRESETS (Inductor settings), merged over compile_mode.
+    compile_presets: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -228,6 +230,8 @@ class VariantSpec:
             parts.append(f"params={self.params}")
         if self.compile_mode:
             parts.append(f"compile={self.compile_mode}")
+        if self.compile_presets:
+            parts.append("inductor=" + "+".join(self.compile_presets))
         if self.attn_impl:
             parts.append(f"attn={self.attn_impl}")
         if self.cu_pad:
@@ -319,14 +323,16 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
     (``modules=mlp+attention.qkv_proj``: the linears of each block to convert, ``+``-separated).
 
     Every variant takes ``params`` (:data:`PARAM_DTYPES`; default ``--param-dtype``); the bioscale ones also
-    ``compile`` (a ``torch.compile`` mode, default ``--compile-mode``); the packed ones ``attn`` (``FA3`` / ``FA4``:
-    see :func:`flash_attention_impl`) and ``cu_pad`` (pad ``cu_seq_lens`` with empty segments to a multiple of it, for
-    CUDA graphs: ``packed:cu_pad=64:compile=reduce-overhead``); ``packed_fp8`` also the FP8 options.
+    ``compile`` (a ``torch.compile`` mode, default ``--compile-mode``) and ``inductor`` (``+``-separated names from
+    ``bioscale.distributed.parallelize.COMPILE_PRESETS``, e.g. ``inductor=coordinate_descent``); the packed ones
+    ``attn`` (``FA3`` / ``FA4``: see :func:`flash_attention_impl`) and ``cu_pad`` (pad ``cu_seq_lens`` with empty
+    segments to a multiple of it, for CUDA graphs: ``packed:cu_pad=64:compile=reduce-overhead``); ``packed_fp8`` also
+    the FP8 options.
     """
     name, options = _parse_options(text, "--variants entry")
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    valid = {"params"} | ({"compile"} if name != "hf_padded" else set())
+    valid = {"params"} | ({"compile", "inductor"} if name != "hf_padded" else set())
     if "packed" in name:
         valid |= {"attn", "cu_pad"}
     if name == "packed_fp8":
@@ -344,6 +350,14 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
     if params == "fsdp" and name == "hf_padded":
         raise ValueError(f"--variants {text!r}: params=fsdp needs a bioscale model (FSDP2 shards model.layers)")
     compile_mode = options.get("compile", defaults.compile_mode if name != "hf_padded" else None)
+    from bioscale.distributed.parallelize import COMPILE_PRESETS
+
+    compile_presets = tuple(options["inductor"].split("+")) if "inductor" in options else ()
+    unknown_presets = sorted(set(compile_presets) - set(COMPILE_PRESETS))
+    if unknown_presets:
+        raise ValueError(
+            f"--variants {text!r}: unknown inductor presets {unknown_presets}; choose from {sorted(COMPILE_PRESETS)}"
+        )
     attn_impl = options.get("attn")
     if attn_impl not in (None, "FA3", "FA4"):
         raise ValueError(f"--variants {text!r}: attn must be FA3 or FA4 (torch's built-in FA2 is the default)")
@@ -358,6 +372,7 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
         compile_mode=compile_mode or None,
         attn_impl=attn_impl,
         cu_pad=int(options["cu_pad"]) if "cu_pad" in options else None,
+        compile_presets=compile_presets,
     )
 
 
@@ -698,7 +713,7 @@ def build_variant_model(
     FSDP2 (``params=fsdp``, under :func:`one_rank_process_group`) -> ``to_empty`` + ``init_weights``. FSDP2's
     sharded init draws its random numbers differently, so an FSDP2 model then loads :func:`reference_init`.
     """
-    from bioscale.distributed.parallelize import apply_ac, apply_fsdp
+    from bioscale.distributed.parallelize import apply_ac, apply_compile, apply_fsdp
     from bioscale.models import build_model, to_hf
 
     notes: list[str] = []
@@ -724,8 +739,9 @@ def build_variant_model(
             notes.append(f"AC {case.ac}")
         if args.compile:
             # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
-            for block in model.layers:
-                block.compile(dynamic=True if not packed else None, mode=variant.compile_mode)
+            apply_compile(
+                model, dynamic=True if not packed else None, mode=variant.compile_mode, presets=variant.compile_presets
+            )
     fsdp = variant.params == "fsdp"
     if fsdp:
         # bf16 compute over the fp32 shards on GPU; on CPU the trainer's sharded path stays fp32, and so does this.
@@ -970,6 +986,11 @@ KERNEL_CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+# Kernels listed per profiled variant: enough to reach the elementwise kernels (norms, casts, bias-gradient sums)
+# below the big GEMM and attention entries, which is where the remaining step time is.
+PROFILE_TOP_KERNELS = 30
+
+
 def kernel_category(name: str) -> str:
     """The family a CUDA kernel belongs to (:data:`KERNEL_CATEGORIES`), ``other`` when none matches."""
     return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
@@ -1018,8 +1039,14 @@ def profile_steps(
     total = sum(_device_time(e) for e in events)
     events.sort(key=_device_time, reverse=True)
     top = [
-        {"kernel": e.key[:110], "ms_per_step": _device_time(e) / 1e3 / len(steps), "share": _device_time(e) / total}
-        for e in events[:15]
+        {
+            "kernel": e.key[:110],
+            "family": kernel_category(e.key),
+            "calls_per_step": e.count / len(steps),
+            "ms_per_step": _device_time(e) / 1e3 / len(steps),
+            "share": _device_time(e) / total,
+        }
+        for e in events[:PROFILE_TOP_KERNELS]
     ]
     categories = summarize_kernels({e.key: _device_time(e) for e in events}, len(steps), step_ms)
     return top, categories
@@ -1078,8 +1105,12 @@ def render_profiles(results: Sequence[Result]) -> str:
                 f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |" for c in r.profile_categories
             ]
             rows.append("")
-        rows += ["| kernel | ms/step | share |", "|---|---:|---:|"]
-        rows += [f"| `{p['kernel']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% |" for p in r.profile]
+        rows += ["| kernel | family | calls/step | ms/step | share |", "|---|---|---:|---:|---:|"]
+        rows += [
+            f"| `{p['kernel']}` | {p.get('family', kernel_category(p['kernel']))} | {p.get('calls_per_step', 0):g} "
+            f"| {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% |"
+            for p in r.profile
+        ]
         sections.append("\n".join(rows))
     return "\n\n".join(sections)
 

@@ -19,13 +19,15 @@
 #   bash benchmarks/gpu_session.sh fa4          # call 2, at once on the same warm machine, carry [".fa4b", ".whl",
 #                                               # ".data"]: ESM-2 650M with FA4 vs FA2 (.fa4b: flash-attn-4 and the
 #                                               # rest of its wheels). 92 MB of libraries do not fit one call.
+#   bash benchmarks/gpu_session.sh fa4 ARGS...  # the same, running bench_train.py ARGS instead
+#   bash benchmarks/gpu_session.sh fa4tests     # the FA4 GPU tests (after fa4libs)
 #
 # benchmarks/NOTES.md says what each job is expected to show.
 # Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
 # (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4libs|fa4}
+job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4libs|fa4|fa4tests}
 out=${OUT:-benchmarks/results}
 if [ "$job" = fa4libs ]; then  # nothing else travels with this call: the libraries alone fill it
   mkdir -p /tmp/fa4x && tar -xJf .fa4a/cu13.tar.xz -C /tmp/fa4x && du -sh /tmp/fa4x
@@ -34,9 +36,11 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
 
-if ! python -c "import torchao" 2>/dev/null; then
-  pip install -q --no-index --no-deps .whl/*.whl  # no package index there: every dependency is in the folder
+# No package index there: every dependency is in the folder. --target: the system site is not writable for all.
+if [ ! -d /tmp/site/torchao ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
+export PYTHONPATH="$PYTHONPATH:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'torchao', torchao.__version__)"
 
@@ -71,14 +75,21 @@ case "$job" in
   fp8modules)
     bench --models esm2_650M,llama3_1B --variants packed,packed_fp8,packed_fp8:modules=mlp,packed_fp8:modules=attention.qkv_proj+mlp \
       --steps 8 --warmup 4 ;;
-  fa4)
+  fa4|fa4tests)
     test -d /tmp/fa4x/nvidia_cutlass_dsl/cu13 || { echo "run the fa4libs job first, on this machine" >&2; exit 3; }
     pip install -q --no-index --no-deps --target /tmp/fa4site .fa4b/*.whl
     cp -r --update=none /tmp/fa4x/nvidia_cutlass_dsl/. /tmp/fa4site/nvidia_cutlass_dsl/
     # --target installs skip .pth files: put the DSL's package folder on the path by hand.
     export PYTHONPATH="/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH"
-    bench --models esm2_650M:tokens=40960 --variants packed:params=bf16,packed:params=bf16:attn=FA4 \
-      --steps 10 --warmup 5 --profile ;;
+    if [ "$job" = fa4tests ]; then  # the FA4 GPU tests: the kernel against FA2, and the trainer's model.flash_impl
+      python -m pytest -q -m gpu -p no:cacheprovider tests/models/test_flash_impl.py \
+        tests/train/test_train_gpu.py::test_fa4_through_the_trainer_matches_fa2 2>&1 | tail -15
+    elif [ $# -gt 1 ]; then  # bench arguments given: run those with FA4 importable
+      bench "${@:2}"
+    else
+      bench --models esm2_650M:tokens=40960 --variants packed:params=bf16,packed:params=bf16:attn=FA4 \
+        --steps 10 --warmup 5 --profile
+    fi ;;
   *)
     echo "unknown job $job" >&2; exit 2 ;;
 esac

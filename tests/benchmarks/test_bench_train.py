@@ -54,6 +54,13 @@ def test_model_and_variant_options(bench) -> None:
     assert mlp.label == "packed_fp8[rowwise,modules=mlp+attention.qkv_proj]"
     with pytest.raises(ValueError, match="unknown options"):
         bench.parse_variant("padded:cu_pad=64", args)
+    tuned = bench.parse_variant("packed:inductor=coordinate_descent+multi_kernel", args)
+    assert tuned.compile_presets == ("coordinate_descent", "multi_kernel")
+    assert tuned.label == "packed[inductor=coordinate_descent+multi_kernel]"
+    with pytest.raises(ValueError, match="unknown inductor presets"):
+        bench.parse_variant("packed:inductor=fast", args)
+    with pytest.raises(ValueError, match="unknown options"):
+        bench.parse_variant("hf_padded:inductor=coordinate_descent", args)
 
 
 def _toy_examples(bench, lengths: list[int]) -> list:

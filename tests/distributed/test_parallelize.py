@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bioscale.distributed import apply_ac, apply_compile, apply_fsdp, grad_sync, init_distributed
+from bioscale.distributed.parallelize import compile_kwargs
 from bioscale.models import build_config, build_model
 
 
@@ -58,6 +59,25 @@ def test_compile_is_applied_per_block_in_place():
     apply_compile(model)
     assert all(block._compiled_call_impl is not None for block in model.layers)
     assert model.state_dict().keys() == names  # no "_orig_mod." in checkpoints
+
+
+def test_compile_presets_merge_over_the_mode_options():
+    assert compile_kwargs("max-autotune-no-cudagraphs") == {"mode": "max-autotune-no-cudagraphs"}
+    merged = compile_kwargs("reduce-overhead", ["coordinate_descent", "multi_kernel"])
+    assert merged == {
+        "options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "triton.multi_kernel": 1}
+    }
+    assert compile_kwargs(None, ["autotune_pointwise"]) == {"options": {"max_autotune_pointwise": True}}
+    with pytest.raises(ValueError, match="unknown compile preset.*'tune_everything'"):
+        compile_kwargs(None, ["tune_everything"])
+
+
+@pytest.mark.parametrize("preset", ["coordinate_descent", "persistent_rows_2048"])
+def test_compile_with_a_preset_matches_eager(preset):
+    model, batch = _model_and_batch()
+    expected = model(**batch).loss
+    apply_compile(model, presets=[preset])
+    torch.testing.assert_close(model(**batch).loss, expected)
 
 
 def test_apply_functions_need_the_layers_contract():
@@ -116,3 +136,38 @@ def test_fsdp_policies_and_prefetch_on_a_one_rank_group(tmp_path):
             assert states[2]._states_to_backward_prefetch == [states[1], states[0]]
     finally:
         dist.destroy_process_group()
+
+
+def test_the_persistent_rows_rule_is_inert_without_its_preset():
+    """The rule is installed on Inductor's class, but a compile without the preset keeps Inductor's own decision."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+
+    options = compile_kwargs(None, ["persistent_rows_2048"])["options"]
+    assert options["inductor_choices_class"].persistent_rows_up_to == 2048
+    assert options["fx_graph_cache"] is False
+    assert getattr(InductorChoices.should_use_persistent_reduction, "_bioscale_rows", False)
+    assert inductor_config.inductor_choices_class is None  # nothing global changed outside a compile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("presets", [(), ("persistent_rows_2048",)])
+def test_persistent_rows_preset_makes_a_1280_wide_layer_norm_persistent(presets):
+    """Inductor loops over rows longer than 1024; the preset makes both the forward and backward LayerNorm kernels
+    persistent, and the result still matches eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    norm = torch.nn.LayerNorm(1280, device="cuda")
+    x = torch.randn(4096, 1280, device="cuda", requires_grad=True)
+
+    def step(inp):
+        out = norm(inp)
+        out.square().sum().backward()
+        return out
+
+    compiled = torch.compile(step, **compile_kwargs(None, presets))
+    out, codes = run_and_get_code(compiled, x)
+    kernels = " ".join(codes)
+    torch.testing.assert_close(out, norm(x), atol=1e-5, rtol=1e-5)
+    looped = "triton_red_fused_native_layer_norm" in kernels
+    assert looped == (not presets), kernels[:2000]

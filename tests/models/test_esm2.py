@@ -173,6 +173,29 @@ def test_base_model_returns_final_hidden_states(hf_mlm: EsmForMaskedLM) -> None:
     torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=0)
 
 
+def test_block_carries_the_residual_stream_as_two_tensors(hf_mlm: EsmForMaskedLM) -> None:
+    """A block given ``(hidden, residual)`` runs on their sum and returns ``(mlp_out, h)`` whose sum is the one-tensor
+    pre-LN block ``h = x + attn(LN(x)); h + mlp(LN(h))`` -- bit for bit, so deferring the add changes nothing."""
+    model = from_hf(hf_mlm).eval()
+    block = model.layers[0]
+    input_ids, attention_mask = esm_padded_batch(esm_reference_lengths(LENGTHS))
+    batch = model.esm.prepare_batch(input_ids, attention_mask)
+    from bioscale.models.common import attention_inputs_for_batch
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, residual = (torch.randn(*input_ids.shape, model.config.hidden_size, generator=gen) for _ in range(2))
+    rotary = model.esm.rotary(batch.position_ids, hidden.dtype)
+    attn_inputs = attention_inputs_for_batch(batch, hidden, backend="sdpa", causal=False, dropout_p=0.0)
+    with torch.no_grad():
+        out, carried = block(hidden, rotary, attn_inputs, residual)
+        x = hidden + residual
+        h = x + block.attention(block.attention_norm(x), rotary, attn_inputs)
+        expected = h + block.mlp(block.mlp_norm(h))
+        first_out, first_carried = block(x, rotary, attn_inputs)
+    assert torch.equal(carried, h) and torch.equal(out + carried, expected)
+    assert torch.equal(first_out + first_carried, expected)
+
+
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # eager FlexAttention is a CPU debug path
 def test_flex_backend_matches_sdpa_on_cpu(hf_mlm: EsmForMaskedLM) -> None:
     sdpa, flex = from_hf(hf_mlm).eval(), from_hf(hf_mlm, attn_backend="flex").eval()

@@ -98,6 +98,8 @@ def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
         # Megatron-FSDP with context parallelism has not been run on GPUs.
         ("parallelism.strategy=mfsdp cp_size=2", "cp_size=2 with parallelism.strategy=mfsdp"),
         ("model.flash_impl=FA5", "model.flash_impl"),
+        ("compile=true compile_presets=[fast]", "compile_presets"),
+        ("compile_presets=[coordinate_descent]", "needs compile=true"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(override, named):

@@ -202,10 +202,12 @@ def test_too_many_consecutive_non_finite_steps_stop_and_keep_the_last_good_check
 
 @pytest.mark.slow
 def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path):
-    """Per-block torch.compile (inductor on CPU) + selective AC on packed batches vs the eager loop: same losses."""
+    """Per-block torch.compile (inductor on CPU, with a compile preset) + selective AC on packed batches vs the eager
+    loop: same losses."""
     packed = ["num_train_steps=3", "use_sequence_packing=true", "data.max_tokens_per_batch=1024"]
     run_in_process("L0_sanity", tmp_path / "eager", packed)
-    run_in_process("L0_sanity", tmp_path / "compiled", [*packed, "compile=true", "activation_checkpointing=selective"])
+    compiled = [*packed, "compile=true", "compile_presets=[persistent_rows_2048]", "activation_checkpointing=selective"]
+    run_in_process("L0_sanity", tmp_path / "compiled", compiled)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 

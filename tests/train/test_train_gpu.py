@@ -45,6 +45,22 @@ def test_l0_sanity_on_gpu_bf16_packed_compiled(tmp_path):
     assert summary["num_skipped_steps"] == 0
 
 
+@pytest.mark.gpu
+def test_fa4_through_the_trainer_matches_fa2(tmp_path):
+    """``model.flash_impl=FA4`` trains like torch's built-in FA2 on the same steps, and the trainer hands the
+    process back with FA2 active (needs flash-attn-4 and a Hopper/Blackwell GPU)."""
+    pytest.importorskip("flash_attn.cute")
+    from bioscale.models.flash_impl import active_flash_impl
+
+    run_in_process("L0_sanity", tmp_path / "fa2", [*GPU, "compile=true"])
+    run_in_process("L0_sanity", tmp_path / "fa4", [*GPU, "compile=true", "model.flash_impl=FA4"])
+    _learns(tmp_path / "fa4")
+    fa2, fa4 = losses(tmp_path / "fa2"), losses(tmp_path / "fa4")
+    assert fa4[0] == pytest.approx(fa2[0], abs=1e-2)  # same weights and batch: only the kernel differs
+    assert sum(fa4[-5:]) / 5 == pytest.approx(sum(fa2[-5:]) / 5, rel=0.03)
+    assert active_flash_impl() == "FA2"
+
+
 def _fp8_run_with_quant_stats(tmp_path, overrides: list[str]) -> None:
     """L0_sanity on the GPU with FP8 on block 2 and quant stats every 10 steps (plus ``overrides``); it must learn."""
     pytest.importorskip("torchao")

@@ -17,8 +17,9 @@ are reachable as ``model.layers`` (an ``nn.ModuleList``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,17 +90,107 @@ def apply_ac(model: nn.Module, mode: str) -> None:
         layers[index] = checkpoint_wrapper(block, **kwargs)
 
 
-def apply_compile(model: nn.Module, *, fullgraph: bool = False, dynamic: bool | None = None) -> None:
+def _persistent_reductions_up_to(max_rnumel: int) -> dict[str, Any]:
+    """Inductor options that make row reductions (a LayerNorm over the hidden dim) of up to ``max_rnumel`` elements
+    persistent: one program holds whole rows in registers. Inductor's own limit is 1024, so the LayerNorms of a
+    1280-wide model get looped kernels (on the H100, the persistent forward LayerNorm took half the time).
+
+    Inductor asks ``V.choices`` (an ``InductorChoices``) whether to go persistent. Its documented hook, the
+    ``inductor_choices_class`` option, only takes effect in a thread that has not compiled anything yet (the handler
+    is cached per thread, and backward graphs compile in autograd's thread), so the rule is installed once on
+    ``InductorChoices`` itself and applies only while a compile runs with this preset's class as that option.
+    """
+    from torch._inductor.choices import InductorChoices
+
+    _install_persistent_row_rule()
+
+    class PersistentRowReductions(InductorChoices):
+        persistent_rows_up_to = max_rnumel
+
+    # The choices class is not part of the FX graph cache key: without the cache off, a graph compiled earlier (in
+    # this process or on disk) with the default heuristic would be reused.
+    return {"inductor_choices_class": PersistentRowReductions, "fx_graph_cache": False}
+
+
+def _install_persistent_row_rule() -> None:
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    default_rule = InductorChoices.should_use_persistent_reduction
+    if getattr(default_rule, "_bioscale_rows", False):
+        return
+
+    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+        limit = getattr(inductor_config.inductor_choices_class, "persistent_rows_up_to", None)
+        if (
+            limit is not None
+            and inductor_config.triton.persistent_reductions
+            and not cooperative_reduction
+            and features.get_reduction_hint() == ReductionHint.INNER
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
+        ):
+            return True
+        return default_rule(features, cooperative_reduction)
+
+    should_use_persistent_reduction._bioscale_rows = True  # type: ignore[attr-defined]
+    InductorChoices.should_use_persistent_reduction = staticmethod(should_use_persistent_reduction)  # type: ignore[method-assign]
+
+
+# Inductor settings a run can switch on by name: configs name these presets, never raw Inductor keys. Each entry
+# builds its options when used (importing Inductor is slow).
+COMPILE_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    # Benchmarks neighbours of each generated pointwise / reduction kernel's heuristic block sizes and warp count
+    # and keeps the fastest (compile takes longer).
+    "coordinate_descent": lambda: {"coordinate_descent_tuning": True},
+    # Compiles each reduction both persistent and looped and picks the faster at run time.
+    "multi_kernel": lambda: {"triton.multi_kernel": 1},
+    # Benchmarks a fixed list of configs for each pointwise / reduction kernel.
+    "autotune_pointwise": lambda: {"max_autotune_pointwise": True},
+    # Persistent LayerNorm / RMSNorm kernels for hidden sizes up to 2048 (see _persistent_reductions_up_to).
+    "persistent_rows_2048": lambda: _persistent_reductions_up_to(2048),
+}
+
+
+def compile_kwargs(mode: str | None = None, presets: Sequence[str] = ()) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments for ``mode`` plus the named :data:`COMPILE_PRESETS`.
+
+    ``torch.compile`` takes a ``mode`` or an ``options`` dict, not both; with presets the mode is expanded into its
+    Inductor options (``torch._inductor.list_mode_options``) and the presets are merged over them.
+    """
+    unknown = [name for name in presets if name not in COMPILE_PRESETS]
+    if unknown:
+        raise ValueError(f"unknown compile preset(s) {unknown}; choose from {sorted(COMPILE_PRESETS)}")
+    if not presets:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode)) if mode else {}
+    for name in presets:
+        options.update(COMPILE_PRESETS[name]())
+    return {"options": options}
+
+
+def apply_compile(
+    model: nn.Module,
+    *,
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+    mode: str | None = None,
+    presets: Sequence[str] = (),
+) -> None:
     """``torch.compile`` each transformer block in place.
 
     ``nn.Module.compile`` (rather than replacing the block with ``torch.compile(block)``) keeps parameter names free
     of ``_orig_mod.``, so checkpoints do not depend on whether compile was on. ``fullgraph`` defaults to False so an
     attention backend with a data-dependent branch costs a graph break rather than a crash. ``dynamic``: None lets
     Dynamo specialise first and generalise on the first shape change; True compiles for dynamic shapes at once
-    (padded batches, whose ``[B, S]`` changes every step).
+    (padded batches, whose ``[B, S]`` changes every step). ``mode`` and ``presets``: see :func:`compile_kwargs`.
     """
+    kwargs = compile_kwargs(mode, presets)
     for block in _blocks(model):
-        block.compile(fullgraph=fullgraph, dynamic=dynamic)
+        block.compile(fullgraph=fullgraph, dynamic=dynamic, **kwargs)
 
 
 RESHARD_POLICIES = ("default", "always", "never")

@@ -215,7 +215,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.compile:
             # Packed micro-batches keep their shape stable enough for automatic dynamic shapes (see _to_device);
             # padded ones change [B, S] every step, so compile those blocks for dynamic shapes from the start.
-            apply_compile(model, dynamic=None if cfg.use_sequence_packing else True)
+            apply_compile(
+                model, dynamic=None if cfg.use_sequence_packing else True, presets=list(cfg.compile_presets)
+            )
         if use_fsdp:
             if sharded_bf16 and not cfg.parallelism.fp32_master_weights:
                 model.to(dtype=torch.bfloat16)  # bf16 shards: no master copy (the optimizer updates bf16 weights)
