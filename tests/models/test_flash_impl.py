@@ -31,7 +31,7 @@ def test_missing_package_names_what_to_install(monkeypatch) -> None:
             flash_impl.activate_flash_impl("FA4")
         return
     monkeypatch.setattr(flash_impl, "_find_spec", lambda module: None)
-    with pytest.raises(ValueError, match=r"needs the module 'flash_attn\.cute': pip install flash-attn-4"):
+    with pytest.raises(ValueError, match=r"needs the module 'flash_attn\.cute': pip install 'bioscale\[fa4\]'"):
         flash_impl.activate_flash_impl("FA4")
     with pytest.raises(ValueError, match="needs the module 'flash_attn_interface'"):
         flash_impl.activate_flash_impl("FA3")

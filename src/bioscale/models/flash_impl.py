@@ -6,10 +6,10 @@ and SDPA's flash backend — to an external FlashAttention build instead of the 
 faster kernel. On the lent H100 (2026-11-22, torch 2.11, flash-attn-4 4.0.0b36) FA4 cut ESM-2 650M's attention time
 per step from 81 to 56 ms and raised training throughput by 5.5% (``benchmarks/results/*-esm2-650M-fa4.md``).
 
-What each choice needs on the machine (none of it is a bioscale dependency):
+What each choice needs on the machine (none of it is a required dependency):
 
-- ``FA4``: ``pip install flash-attn-4`` (CuTe DSL; pulls ``nvidia-cutlass-dsl`` and its CUDA 13 libraries), compute
-  capability 9.x or 10.x.
+- ``FA4``: ``pip install 'bioscale[fa4]'`` (flash-attn-4 4.0.0b36, CuTe DSL; pulls ``nvidia-cutlass-dsl`` and its
+  CUDA 13 libraries), compute capability 9.x or 10.x.
 - ``FA3``: FlashAttention 3's Hopper build (module ``flash_attn_interface``), compute capability 9.x.
 - ``FA2``: torch's built-in kernels (the default; selecting it undoes an earlier activation).
 
@@ -35,7 +35,7 @@ FLASH_IMPLS = ("FA2", "FA3", "FA4")
 # The module torch imports for each external implementation, and what to install for it.
 _REQUIREMENTS = {
     "FA3": ("flash_attn_interface", "FlashAttention 3's Hopper build (flash_attn_interface)", (9,)),
-    "FA4": ("flash_attn.cute", "pip install flash-attn-4", (9, 10)),
+    "FA4": ("flash_attn.cute", "pip install 'bioscale[fa4]' (flash-attn-4)", (9, 10)),
 }
 _active: str = "FA2"
 
