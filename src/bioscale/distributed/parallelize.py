@@ -122,7 +122,7 @@ def _install_persistent_row_rule() -> None:
     if getattr(default_rule, "_bioscale_rows", False):
         return
 
-    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool, *args: Any, **kwargs: Any) -> bool:
         limit = getattr(inductor_config.inductor_choices_class, "persistent_rows_up_to", None)
         if (
             limit is not None
@@ -132,7 +132,8 @@ def _install_persistent_row_rule() -> None:
             and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
         ):
             return True
-        return default_rule(features, cooperative_reduction)
+        # Everything else, including whatever arguments a later torch adds, goes to Inductor's own rule.
+        return default_rule(features, cooperative_reduction, *args, **kwargs)
 
     should_use_persistent_reduction._bioscale_rows = True  # type: ignore[attr-defined]
     InductorChoices.should_use_persistent_reduction = staticmethod(should_use_persistent_reduction)  # type: ignore[method-assign]
