@@ -6,4 +6,7 @@ Importing ``bioscale`` registers its model classes with the ``transformers`` Aut
 
 __version__ = "0.1.0"
 
-from bioscale import models  # noqa: F401,E402  (registers Auto classes)
+from bioscale._quiet import quiet_third_party_imports  # noqa: E402
+
+with quiet_third_party_imports():
+    from bioscale import models  # noqa: F401,E402  (registers Auto classes)

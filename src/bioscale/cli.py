@@ -1,53 +1,15 @@
-"""The ``bioscale`` command: a thin dispatcher to each subcommand's own module.
+"""``python -m bioscale.cli`` (e.g. ``torchrun -m bioscale.cli train ...``): the ``bioscale`` command.
 
-Each subcommand lives next to the code it drives and is imported lazily, so ``bioscale --help`` stays fast and a
-missing optional dependency of one subcommand never breaks another.
+The dispatcher itself is :mod:`bioscale_cli`, outside this package, so that ``bioscale --help`` does not import torch.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-# subcommand -> (module, function, one-line help). The function takes ``argv: list[str]`` and returns an exit code.
-SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    # `bioscale train --config-name X` runs a recipe; with --input / piped stdin it is the pipeline's train stage.
-    "train": ("bioscale.pipeline.cli", "train_main", "train a model from a Hydra recipe (bioscale train --config-name L0_sanity)"),
-    "data": ("bioscale.pipeline.cli", "data_main", "curate sequences into a dataset artifact"),
-    "eval": ("bioscale.pipeline.cli", "eval_main", "evaluate a model artifact"),
-    "pipeline": ("bioscale.pipeline.cli", "pipeline_main", "run data -> train -> eval"),
-    "embed": ("bioscale.use.cli", "embed_main", "embed sequences with a trained model"),
-    "finetune": ("bioscale.use.cli", "finetune_main", "fine-tune a classification head (full or LoRA)"),
-    "generate": ("bioscale.use.cli", "generate_main", "generate DNA with a causal model"),
-    "export": ("bioscale.use.cli", "export_main", "export a bioscale model to the plain transformers format"),
-}
+from bioscale_cli import SUBCOMMANDS, main
 
-
-def _usage() -> str:
-    width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: bioscale <command> [options]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(), file=sys.stderr)
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
-        from bioscale import __version__
-
-        print(__version__)
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"bioscale: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module_name, func_name, _ = SUBCOMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
-
+__all__ = ["SUBCOMMANDS", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

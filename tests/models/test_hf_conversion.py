@@ -230,3 +230,29 @@ def test_unsupported_models_are_rejected() -> None:
     with pytest.raises(ValueError, match="is not a bioscale config"):
         to_hf(EsmForMaskedLM(tiny_esm_config()))
     assert isinstance(from_hf(EsmForMaskedLM(tiny_esm_config())), Esm2ForMaskedLM)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_llama_export_reads_as_the_same_model_in_transformers_4_and_5(tmp_path, scaled: bool) -> None:
+    """transformers 5 writes only ``rope_parameters``; 4.x ignores that key and would fall back to ``rope_theta``
+    10000 with no scaling. The export must carry the 4.x keys with the same values, and read back the same here."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from bioscale.models.llama3.convert import _hf_rope
+
+    overrides = {} if scaled else {"rope_scaling": None}
+    bioscale_model = from_hf(LlamaForCausalLM(tiny_llama_config(**overrides)))
+    to_hf(bioscale_model).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    expected_scaling = bioscale_model.config.rope_scaling
+    assert (expected_scaling is not None) == scaled
+    # What transformers 4.x reads (its LlamaConfig takes these two keys and nothing else about RoPE):
+    assert raw["rope_theta"] == bioscale_model.config.rope_theta == 500000.0
+    assert raw.get("rope_scaling") == expected_scaling
+    # What transformers 5.x reads first, when it wrote it:
+    if "rope_parameters" in raw:
+        assert raw["rope_parameters"]["rope_theta"] == 500000.0
+    # And the installed release reads the same model back.
+    assert _hf_rope(LlamaConfig.from_pretrained(tmp_path)) == (500000.0, expected_scaling)

@@ -138,10 +138,80 @@ def test_float_attention_mask_is_read_as_zero_one(esm: Esm2ForMaskedLM, llama: L
 def test_unknown_keyword_arguments_raise(esm: Esm2ForMaskedLM) -> None:
     batch = _packed()
     batch["cu_seq_len_q"] = batch.pop("cu_seq_lens_q")  # a typo must not silently unpack the batch
-    with pytest.raises(ValueError, match="unexpected keyword arguments \\['cu_seq_len_q'\\]"):
+    with pytest.raises(ValueError, match="unexpected keyword argument 'cu_seq_len_q'"):
         esm(**batch)
     with pytest.raises(ValueError, match="inputs_embeds"):
         esm(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+@pytest.mark.parametrize(
+    "name, value, match",
+    [
+        ("inputs_embeds", torch.zeros(2, 6, 32), "inputs_embeds"),
+        ("output_attentions", True, "attention weights"),
+        ("output_hidden_states", True, "hidden states"),
+        ("head_mask", torch.ones(2), "head_mask"),
+        ("token_type_ids", torch.ones(2, 6, dtype=torch.long), "token_type_ids must be all zeros"),
+        ("segment_ids", torch.zeros(2, 6, dtype=torch.long), "unexpected keyword argument 'segment_ids'"),
+    ],
+)
+def test_arguments_that_would_change_the_result_are_refused(
+    esm: Esm2ForMaskedLM, llama: Llama3ForCausalLM, name: str, value: object, match: str
+) -> None:
+    for model, (input_ids, attention_mask) in ((esm, esm_padded_batch([6, 4])), (llama, llama_padded_batch([6, 4]))):
+        with pytest.raises(ValueError, match=match):
+            model(input_ids=input_ids, attention_mask=attention_mask, **{name: value})
+
+
+def test_what_transformers_passes_is_accepted_and_ignored(esm: Esm2ForMaskedLM, llama: Llama3ForCausalLM) -> None:
+    # What generate() / Trainer pass, under the names of several releases: none of it may change the result.
+    passed = dict(
+        return_dict=True,
+        cache_position=torch.arange(6),
+        num_items_in_batch=torch.tensor(7),
+        output_attentions=False,
+        output_hidden_states=None,
+        inputs_embeds=None,
+        some_future_option=None,  # an option that is off cannot change the result, whatever its name
+    )
+    for model, (input_ids, attention_mask) in ((esm, esm_padded_batch([6, 4])), (llama, llama_padded_batch([6, 4]))):
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            got = model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids), **passed
+            ).logits
+        assert torch.equal(got, expected)
+
+
+def test_a_cache_under_any_name_is_the_kv_cache(esm: Esm2ForMaskedLM, llama: Llama3ForCausalLM) -> None:
+    from transformers import DynamicCache
+
+    input_ids, attention_mask = llama_padded_batch([6, 6])
+    with torch.no_grad():
+        full = llama(input_ids=input_ids).logits
+        for name in ("past_key_values", "cache"):
+            cache = DynamicCache()
+            llama(input_ids=input_ids[:, :5], **{name: cache})
+            assert cache.get_seq_length() == 5
+            step = llama(input_ids=input_ids[:, 5:], position_ids=torch.full((2, 1), 5), **{name: cache}).logits
+            torch.testing.assert_close(step[:, 0], full[:, 5], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="two different KV caches"):
+        llama(input_ids=input_ids, past_key_values=DynamicCache(), cache=DynamicCache())
+    with pytest.raises(ValueError, match="keeps no KV cache"):
+        esm(input_ids=esm_padded_batch([6])[0], cache=DynamicCache())
+
+
+def test_documented_ignored_arguments_equal_the_code() -> None:
+    import re
+    from pathlib import Path
+
+    from bioscale.models.common import IGNORED_FORWARD_KWARGS, REFUSED_FORWARD_KWARGS
+
+    docs = (Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    section = docs.split("<!-- forward-kwargs:ignored -->")[1].split("<!-- /forward-kwargs:ignored -->")[0]
+    assert set(re.findall(r"^\s*\| `(\w+)` \|", section, flags=re.M)) == set(IGNORED_FORWARD_KWARGS)
+    section = docs.split("<!-- forward-kwargs:refused -->")[1].split("<!-- /forward-kwargs:refused -->")[0]
+    assert set(re.findall(r"^\s*\| `(\w+)` \|", section, flags=re.M)) == set(REFUSED_FORWARD_KWARGS)
 
 
 def test_value_checks_can_be_switched_off(esm: Esm2ForMaskedLM) -> None:

@@ -121,7 +121,10 @@ def test_export_loads_with_from_pretrained_and_matches_the_trained_weights(l0_ru
     with torch.no_grad():
         expected = reference(**batch).logits
         torch.testing.assert_close(exported(**batch).logits, expected, rtol=0, atol=0)
-        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        # Stock ESM's logits at padding positions depend on the transformers release (4.x SDPA lets padded queries
+        # attend differently); they are never read, so compare the real tokens.
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(plain(**batch).logits[real], expected[real], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(
         expected, build_model(build_config("esm2", "debug"), task="masked_lm", device="cpu")(**batch).logits
     )  # training changed something

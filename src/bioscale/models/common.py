@@ -18,39 +18,94 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from bioscale.models.attention import AttentionInputs, packed_attention_inputs, padded_attention_inputs
-from bioscale.models.batch import Batch
+from bioscale.models.batch import Batch, input_validation_enabled
 from bioscale.models.rotary import RotaryEmbedding
 
-# Keyword arguments that transformers' generate()/Trainer pass to every model and that bioscale models accept and
-# ignore. Anything else unknown is an error: a misspelt ``cu_seq_len_q`` must not silently turn a packed batch into
-# one long sequence.
-_IGNORED_KWARGS = frozenset(
-    {
-        "cache_position",
-        "return_dict",
-        "output_attentions",
-        "output_hidden_states",
-        "num_items_in_batch",
-        "inputs_embeds",
-    }
-)
+# What a bioscale ``forward`` does with keyword arguments it has no parameter for. ``transformers``' ``generate()``
+# and ``Trainer`` pass extra arguments to every model and rename them between releases (``past_key_values`` became
+# ``cache`` in 5.2x), so a fixed allow-list breaks on every rename. The rule, applied to each extra argument in turn:
+#
+# 1. An argument that would change the result if ignored (``REFUSED_FORWARD_KWARGS``) is refused when it asks for
+#    something (a value that is not ``None`` / ``False``): ``inputs_embeds``, attention weights, per-layer hidden
+#    states, head masks.
+# 2. A value of ``None`` or ``False`` is ignored whatever the name: an option that is off cannot change the result.
+# 3. A ``transformers`` ``Cache`` object, under any name (or under a cache name, ``CACHE_KWARGS``), is the KV cache:
+#    taken by causal models, refused by encoders.
+# 4. ``token_type_ids`` is ignored when it is all zeros (what tokenizers return for one segment; bioscale models have
+#    no segment embedding) and refused otherwise.
+# 5. The names in ``IGNORED_FORWARD_KWARGS`` are ignored (each with the reason); ``docs/models.md`` lists the same
+#    names, and a test keeps the two equal.
+# 6. Anything else is refused: a misspelt ``cu_seq_len_q`` must not silently turn a packed batch into one long
+#    sequence.
+IGNORED_FORWARD_KWARGS: dict[str, str] = {
+    "return_dict": "outputs are always ModelOutput objects (which also index like tuples)",
+    "cache_position": "positions come from attention_mask / position_ids and the cache length",
+    "use_cache": "encoders keep no KV cache (causal models take use_cache as a parameter)",
+    "num_items_in_batch": "losses are means over the micro-batch's label tokens; normalise across micro-batches with "
+    "loss_reduction='sum' and num_label_tokens",
+    "logits_to_keep": "encoders score every position (causal models take logits_to_keep as a parameter)",
+}
+REFUSED_FORWARD_KWARGS: dict[str, str] = {
+    "inputs_embeds": "does not support inputs_embeds; pass input_ids",
+    "output_attentions": "does not return attention weights (fused attention kernels never form them)",
+    "output_hidden_states": "does not return per-layer hidden states; use the base model's last_hidden_state",
+    "head_mask": "does not support head_mask (fused attention kernels have no per-head mask)",
+    "encoder_hidden_states": "is not an encoder-decoder model (no cross-attention)",
+}
+CACHE_KWARGS = ("past_key_values", "cache")
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False
+
+
+def split_forward_kwargs(model_name: str, kwargs: dict[str, Any], *, takes_cache: bool = False) -> Cache | None:
+    """Apply the rule above to a forward's extra keyword arguments; return the KV cache among them, if any.
+
+    Raises ``ValueError`` naming the argument for everything the rule refuses.
+    """
+    cache: Cache | None = None
+    for name, value in kwargs.items():
+        if name in REFUSED_FORWARD_KWARGS:
+            if not _is_off(value):
+                raise ValueError(f"{model_name} {REFUSED_FORWARD_KWARGS[name]}")
+            continue
+        if _is_off(value):
+            continue
+        if isinstance(value, Cache) or name in CACHE_KWARGS:
+            if not takes_cache:
+                raise ValueError(f"{model_name} keeps no KV cache; got {name}={type(value).__name__}")
+            if not isinstance(value, Cache):
+                raise ValueError(f"{model_name}: {name} must be a transformers Cache, got {type(value).__name__}")
+            if cache is not None and value is not cache:
+                raise ValueError(f"{model_name}: two different KV caches were passed (past_key_values and cache)")
+            cache = value
+            continue
+        if name == "token_type_ids":
+            if torch.is_tensor(value) and input_validation_enabled() and bool(value.any()):
+                raise ValueError(
+                    f"{model_name} has no token-type (segment) embedding: token_type_ids must be all zeros or absent"
+                )
+            continue
+        if name in IGNORED_FORWARD_KWARGS:
+            continue
+        raise ValueError(f"{model_name}.forward() got an unexpected keyword argument {name!r}")
+    return cache
 
 
 def reject_unknown_kwargs(model_name: str, kwargs: dict[str, Any]) -> None:
-    """Raise ``ValueError`` for forward kwargs a bioscale model does not understand (and unsupported features)."""
-    if kwargs.get("inputs_embeds") is not None:
-        raise ValueError(f"{model_name} does not support inputs_embeds; pass input_ids")
-    if kwargs.get("output_attentions"):
-        raise ValueError(f"{model_name} does not return attention weights (fused attention kernels never form them)")
-    if kwargs.get("output_hidden_states"):
-        raise ValueError(
-            f"{model_name} does not return per-layer hidden states; use the base model's last_hidden_state"
-        )
-    unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
-    if unknown:
-        raise ValueError(f"{model_name}.forward() got unexpected keyword arguments {unknown}")
+    """:func:`split_forward_kwargs` for models that keep no KV cache (encoders)."""
+    split_forward_kwargs(model_name, kwargs, takes_cache=False)
+
+
+def output_cache_field(output_class: type) -> str:
+    """The name under which a ``transformers`` output class holds the KV cache: ``cache`` from transformers 5.2x,
+    ``past_key_values`` before."""
+    fields = getattr(output_class, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
 
 
 def activation_dtype(x: torch.Tensor) -> torch.dtype:

@@ -65,8 +65,12 @@ def config_from_hf(hf_config: LlamaConfig, **overrides: Any) -> Llama3Config:
 
 
 def config_to_hf(config: Llama3Config) -> LlamaConfig:
-    """The stock ``LlamaConfig`` of ``config`` (bioscale-only fields are dropped: they do not change outputs)."""
-    return LlamaConfig(
+    """The stock ``LlamaConfig`` of ``config`` (bioscale-only fields are dropped: they do not change outputs).
+
+    Its ``config.json`` reads as the same model in every supported ``transformers`` release: see
+    :func:`_write_rope_for_every_version`.
+    """
+    hf_config = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -90,6 +94,20 @@ def config_to_hf(config: Llama3Config) -> LlamaConfig:
         attention_dropout=config.attention_dropout,
         mlp_bias=False,
     )
+    _write_rope_for_every_version(hf_config, config.rope_theta, config.rope_scaling)
+    return hf_config
+
+
+def _write_rope_for_every_version(hf_config: LlamaConfig, rope_theta: float, rope_scaling: dict | None) -> None:
+    """Make ``hf_config.save_pretrained`` write the RoPE settings under the 4.x keys as well as 5.x's.
+
+    transformers 5 folds ``rope_theta`` and ``rope_scaling`` into ``rope_parameters`` and writes only that; 4.x does
+    not know ``rope_parameters`` and silently falls back to ``rope_theta`` 10000 and no scaling, a different model.
+    5.x reads ``rope_parameters`` first, so the extra keys change nothing there. ``to_dict`` serialises the instance
+    ``__dict__``; on 5.x ``rope_scaling`` is a class property, hence the direct writes.
+    """
+    hf_config.__dict__.setdefault("rope_theta", float(rope_theta))
+    hf_config.__dict__.setdefault("rope_scaling", dict(rope_scaling) if rope_scaling else None)
 
 
 def _base_from_hf(hf_state: dict[str, torch.Tensor], prefix: str, config: Llama3Config) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ from bioscale.models.common import (
     RMSNorm,
     attention_inputs_for_batch,
     keep_as_is,
-    reject_unknown_kwargs,
+    output_cache_field,
+    split_forward_kwargs,
 )
 from bioscale.models.llama3.config import Llama3Config
 from bioscale.models.loss import IGNORE_INDEX, check_loss_reduction, select_label_positions, token_cross_entropy
@@ -145,7 +146,7 @@ class Llama3PreTrainedModel(BioscalePreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Llama3Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_cache_class = True
 
     @torch.no_grad()
@@ -211,7 +212,19 @@ class Llama3Model(Llama3PreTrainedModel):
             hidden_states = block(hidden_states, rotary, attn_inputs, kv_cache)
         return self.norm(hidden_states)
 
-    def _cache_for(self, past_key_values: Cache | None, use_cache: bool | None) -> Cache | None:
+    def _cache_for(
+        self, past_key_values: Cache | None, use_cache: bool | None, kwargs: dict[str, Any], caller: str
+    ) -> Cache | None:
+        """The KV cache of one forward: ``past_key_values``, or a cache passed under another name (transformers
+        5.2x's ``generate()`` passes ``cache=``), or a new one when ``use_cache=True``; ``None`` for a plain forward.
+
+        Checks the other extra keyword arguments (:func:`bioscale.models.common.split_forward_kwargs`).
+        """
+        other = split_forward_kwargs(caller, kwargs, takes_cache=True)
+        if past_key_values is not None and other is not None and other is not past_key_values:
+            raise ValueError(f"{caller}: two different KV caches were passed (past_key_values and cache)")
+        if past_key_values is None:
+            past_key_values = other
         # A plain forward (training) never builds a cache; generate() passes one, or use_cache=True asks for one.
         if past_key_values is None and use_cache:
             try:
@@ -233,13 +246,14 @@ class Llama3Model(Llama3PreTrainedModel):
         max_length_k: int | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        reject_unknown_kwargs(type(self).__name__, kwargs)
-        kv_cache = self._cache_for(past_key_values, use_cache)
+        kv_cache = self._cache_for(past_key_values, use_cache, kwargs, type(self).__name__)
         batch = self.prepare_batch(
             input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, kv_cache
         )
         hidden_states = self.decode(batch, kv_cache)
-        return BaseModelOutputWithPast(last_hidden_state=unbatch(hidden_states, batch), past_key_values=kv_cache)
+        return BaseModelOutputWithPast(
+            last_hidden_state=unbatch(hidden_states, batch), **{output_cache_field(BaseModelOutputWithPast): kv_cache}
+        )
 
 
 class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
@@ -316,7 +330,6 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
                 ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged.
             loss_reduction: ``"mean"`` over label tokens or ``"sum"``; ``num_label_tokens`` is always returned.
         """
-        reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         if labels is not None and shift_labels is not None:
             raise ValueError("give labels (unshifted) or shift_labels (already shifted), not both")
@@ -324,7 +337,8 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if has_labels and not keep_all:
             raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position")
-        kv_cache = self.model._cache_for(past_key_values, use_cache)
+        kv_cache = self.model._cache_for(past_key_values, use_cache, kwargs, type(self).__name__)
+        cache_field = {output_cache_field(CausalLMOutputWithCount): kv_cache}
         batch = self.model.prepare_batch(
             input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, kv_cache
         )
@@ -336,7 +350,7 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
             else:
                 hidden_states = hidden_states[:, logits_to_keep]
             logits = unbatch(self.compute_logits(hidden_states), batch)
-            return CausalLMOutputWithCount(logits=logits, past_key_values=kv_cache)
+            return CausalLMOutputWithCount(logits=logits, **cache_field)
 
         if labels is not None:
             targets = shift_labels_fn(labels_like(labels, batch), batch.cu_seqlens)
@@ -351,7 +365,7 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
             logits = self.compute_logits(hidden_states)
             loss, count = token_cross_entropy(logits, targets, reduction=loss_reduction)
             logits = unbatch(logits, batch)
-        return CausalLMOutputWithCount(loss=loss, logits=logits, past_key_values=kv_cache, num_label_tokens=count)
+        return CausalLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count, **cache_field)
 
 
 shift_labels_fn = shift_labels  # the forward() argument of the same name shadows the function inside forward
