@@ -49,7 +49,7 @@ def test_invalid_prompt_names_character_and_position(llama_dir: Path, capsys: py
         generate_dna(llama_dir, ["ACGT", "acXgt"], max_new_tokens=4, device="cpu")
     assert generate_main([str(llama_dir), "--prompt", "ACG-T", "--max-new-tokens", "4", "--device", "cpu"]) == 2
     assert "character '-' at position 4" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="generation needs a causal Llama 3 model"):
+    with pytest.raises(ValueError, match="generation needs a causal model with its LM head"):
         generate_dna(load_model(llama_dir).model, "ACGT", max_new_tokens=4, device="cpu")  # base model: no LM head
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate_dna(llama_dir, "ACGT", max_new_tokens=0, device="cpu")

@@ -57,18 +57,10 @@ from bioscale.models.attention import (
     varlen_available,
 )
 from bioscale.models.batch import Batch, input_validation
+from bioscale.models.registry import spec_for_model
 
 CP_BACKEND = "context_parallel"
 
-# Model classes whose forward is token-local apart from attention (and ESM's token-dropout rescaling, handled below).
-# Sequence-level heads (mean pooling) would silently pool one rank's tokens only.
-_SUPPORTED_MODELS = (
-    "Esm2Model",
-    "Esm2ForMaskedLM",
-    "Esm2ForTokenClassification",
-    "Llama3Model",
-    "Llama3ForCausalLM",
-)
 _CP_ATTRIBUTE = "_bioscale_cp_group"
 
 __all__ = [
@@ -193,11 +185,20 @@ def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup | None)
     Raises:
         ValueError: an unsupported model class or a non-zero attention dropout.
     """
+    # Only heads whose forward is token-local apart from attention (and ESM's token-dropout rescaling, handled
+    # below): a sequence-level head (mean pooling) would silently pool one rank's tokens. Each family's spec lists
+    # them (ModelSpec.cp_tasks).
     name = type(model).__name__
-    if name not in _SUPPORTED_MODELS:
+    try:
+        spec = spec_for_model(model)
+    except ValueError:
+        spec = None
+    task = spec.task_of(type(model)) if spec is not None else None
+    if spec is None or task not in spec.cp_tasks:
+        supported = f"{spec.name} tasks {sorted(spec.cp_tasks)}" if spec is not None else "bioscale models"
         raise ValueError(
-            f"context parallelism supports {', '.join(_SUPPORTED_MODELS)}; {name} has a sequence-level head (or is "
-            "unknown) whose output would depend on how the sequence is split"
+            f"context parallelism supports {supported}; {name} has a sequence-level head (or is unknown) whose "
+            "output would depend on how the sequence is split"
         )
     config = getattr(model, "config", None)
     for key in ("attention_dropout", "attention_probs_dropout_prob"):

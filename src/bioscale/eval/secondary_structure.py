@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from bioscale.eval.batching import chunk_sequence, encode, padded_batches, resolve_device, special_token_count
 from bioscale.eval.splits import held_out_fraction_point, is_held_out
+from bioscale.models import spec_for_model
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def secondary_structure_finetune(
     import pyarrow.parquet as pq
 
     from bioscale.use.finetune import DSSP8_LABELS, finetune, load_finetune_config
-    from bioscale.use.loading import LoadedModel, family_of_model, model_class
+    from bioscale.use.loading import LoadedModel
 
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -360,15 +361,19 @@ def secondary_structure_finetune(
             labels = ["".join(DSSP8_LABELS[int(i)] for i in ids) for _, ids in rows]
             pq.write_table(pa.table({"Sequence": [s for s, _ in rows], "Secondary_structure": labels}), files[split])
         for name, model in models.items():
-            if family_of_model(model) != "esm2":
-                raise ValueError(f"secondary-structure fine-tuning needs an ESM-2 model, got {type(model).__name__}")
+            spec = spec_for_model(model)
+            if spec.modality != "protein" or "token_classification" not in spec.tasks:
+                raise ValueError(
+                    f"secondary-structure fine-tuning needs a protein model with a token-classification head, got "
+                    f"{type(model).__name__} ({spec.name}, {spec.modality})"
+                )
             config = copy.deepcopy(model.config)
             config.num_labels = len(DSSP8_LABELS)
             config.id2label = dict(enumerate(DSSP8_LABELS))
             config.label2id = {label: i for i, label in enumerate(DSSP8_LABELS)}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                head = model_class("esm2", "token_classification")(config)
+                head = spec.model_class("token_classification")(config)
             encoder = getattr(model, model.base_model_prefix, model)
             getattr(head, head.base_model_prefix).load_state_dict(encoder.state_dict())
             settings = load_finetune_config("token_classification", [
@@ -379,7 +384,7 @@ def secondary_structure_finetune(
                 f"lora.enabled={str(lora).lower()}", *([f"device={device}"] if device is not None else []),
             ])  # fmt: skip
             logger.info("secondary-structure %s fine-tune of the %s model: %d steps", method, name, max_steps)
-            loaded = LoadedModel(model=head, tokenizer=tokenizer, family="esm2", source=name)
+            loaded = LoadedModel(model=head, tokenizer=tokenizer, family=spec.name, source=name)
             metrics = finetune(settings, loaded=loaded, progress=False).metrics
             result[name] = {"q3": float(metrics["q3"]), "q8": float(metrics["q8"]), "loss": float(metrics["loss"])}
     result.update(

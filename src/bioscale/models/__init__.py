@@ -11,15 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 
 from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs, attention_forward
 from bioscale.models.batch import input_validation, set_input_validation
@@ -32,13 +24,19 @@ from bioscale.models.esm2 import (
 )
 from bioscale.models.llama3 import Llama3Config, Llama3ForCausalLM, Llama3Model, shift_labels
 from bioscale.models.registry import (
+    MODALITIES,
     ModelSpec,
     build_config,
     build_model,
     get_model_spec,
+    is_bioscale_config,
     list_models,
+    register_auto_classes,
+    register_model_family,
+    spec_for_any_config,
     spec_for_config,
     spec_for_hf_model_type,
+    spec_for_model,
 )
 
 
@@ -64,18 +62,12 @@ def to_hf(model: PreTrainedModel) -> PreTrainedModel:
     return spec_for_config(config).to_hf(model)
 
 
-def _register_auto_classes() -> None:
-    AutoConfig.register(Esm2Config.model_type, Esm2Config, exist_ok=True)
-    AutoConfig.register(Llama3Config.model_type, Llama3Config, exist_ok=True)
-    AutoModel.register(Esm2Config, Esm2Model, exist_ok=True)
-    AutoModel.register(Llama3Config, Llama3Model, exist_ok=True)
-    AutoModelForMaskedLM.register(Esm2Config, Esm2ForMaskedLM, exist_ok=True)
-    AutoModelForTokenClassification.register(Esm2Config, Esm2ForTokenClassification, exist_ok=True)
-    AutoModelForSequenceClassification.register(Esm2Config, Esm2ForSequenceClassification, exist_ok=True)
-    AutoModelForCausalLM.register(Llama3Config, Llama3ForCausalLM, exist_ok=True)
+def _register_shipped_families() -> None:
+    for name in list_models():
+        register_auto_classes(get_model_spec(name))
 
 
-_register_auto_classes()
+_register_shipped_families()
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -88,6 +80,7 @@ __all__ = [
     "Llama3Config",
     "Llama3ForCausalLM",
     "Llama3Model",
+    "MODALITIES",
     "ModelSpec",
     "attention_forward",
     "build_config",
@@ -95,8 +88,13 @@ __all__ = [
     "from_hf",
     "get_model_spec",
     "input_validation",
+    "is_bioscale_config",
     "list_models",
+    "register_model_family",
     "set_input_validation",
     "shift_labels",
+    "spec_for_any_config",
+    "spec_for_config",
+    "spec_for_model",
     "to_hf",
 ]

@@ -1,4 +1,5 @@
-"""What the bioscale model families share: the ``PreTrainedModel`` base with explicit initialisation, and RMSNorm.
+"""What the bioscale model families share besides their layers (``bioscale.models.layers``): the ``PreTrainedModel``
+base with explicit initialisation, the forward keyword-argument rule, and per-batch attention metadata.
 
 Initialisation contract (torchtitan's, made to coexist with ``transformers``' loading):
 
@@ -22,7 +23,7 @@ from transformers.cache_utils import Cache
 
 from bioscale.models.attention import AttentionInputs, packed_attention_inputs, padded_attention_inputs
 from bioscale.models.batch import Batch, input_validation_enabled
-from bioscale.models.rotary import RotaryEmbedding
+from bioscale.models.layers import RMSNorm, RotaryEmbedding
 
 # What a bioscale ``forward`` does with keyword arguments it has no parameter for. ``transformers``' ``generate()``
 # and ``Trainer`` pass extra arguments to every model and rename them between releases (``past_key_values`` became
@@ -144,28 +145,6 @@ def attention_inputs_for_batch(
         device=hidden_states.device,
         dropout_p=dropout_p,
     )
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 and cast back before the weight, as ``LlamaRMSNorm`` does."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden_states.to(input_dtype)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
 def keep_as_is(tensor: torch.Tensor | None, only_missing: bool) -> bool:

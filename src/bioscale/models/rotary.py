@@ -90,9 +90,19 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: torch.Tensor
 
-    def __init__(self, head_dim: int, base: float = 10000.0, rope_scaling: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        base: float = 10000.0,
+        rope_scaling: Mapping[str, Any] | None = None,
+        *,
+        interleaved: bool = False,
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
+        # Table layout: rotate-half pairs dimension i with i + D/2 (transformers, ESM-2, Llama); interleaved pairs
+        # 2i with 2i + 1 (the complex-number form of the original RoPE paper, AMPLIFY). See apply_rotary.
+        self.interleaved = interleaved
         self.base = float(base)
         self.rope_scaling = validate_rope_scaling(rope_scaling)
         # Non-persistent: recomputed from the config, never loaded, so a checkpoint cannot carry a stale table.
@@ -119,12 +129,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float32 whatever the model dtype: bf16 positions * frequencies lose whole radians past ~256.
         freqs = position_ids[..., None].to(torch.float32) * self.inv_freq.to(torch.float32)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         # Cast like transformers does, so bf16 runs round the tables the same way the reference does.
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}, rope_scaling={self.rope_scaling}"
+        layout = ", interleaved" if self.interleaved else ""
+        return f"head_dim={self.head_dim}, base={self.base}, rope_scaling={self.rope_scaling}{layout}"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -133,22 +144,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """``[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]``: multiplication by ``i`` of adjacent pairs read as complex
+    numbers ``x0 + i x1`` (the interleaved RoPE layout)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, compute_in_float32: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    compute_in_float32: bool = False,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` ``[B, S, H, D]`` and ``k`` ``[B, S, H_kv, D]`` by tables ``cos``/``sin`` ``[B, S, D]``.
 
     ``compute_in_float32`` reproduces ESM's reference (``transformers`` ESM upcasts q/k for the rotation); Llama's
-    reference rotates in the activation dtype.
+    reference rotates in the activation dtype. ``interleaved`` rotates adjacent pairs (tables from
+    ``RotaryEmbedding(interleaved=True)``) instead of the two halves.
     """
+    rotate = rotate_interleaved if interleaved else rotate_half
     cos = cos.unsqueeze(2)
     sin = sin.unsqueeze(2)
     if compute_in_float32:
         q_dtype, k_dtype = q.dtype, k.dtype
         q, k = q.float(), k.float()
-        q_rot = q * cos + rotate_half(q) * sin
-        k_rot = k * cos + rotate_half(k) * sin
+        q_rot = q * cos + rotate(q) * sin
+        k_rot = k * cos + rotate(k) * sin
         return q_rot.to(q_dtype), k_rot.to(k_dtype)
     # The tables are float32; under autocast q/k are bf16, and the product would silently promote to float32 (so the
     # attention kernel would see float32). Rotate at the tables' precision and hand back the activation dtype.
-    return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
+    return (q * cos + rotate(q) * sin).to(q.dtype), (k * cos + rotate(k) * sin).to(k.dtype)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bioscale.models import get_model_spec
 from bioscale.pipeline.artifacts import (
     Artifact,
     ArtifactMetadata,
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 PORTER6_FILENAME = "porter6_secondary_structure_sample.parquet"
 # Keys the train stage sets itself: overriding them would break the artifact's layout or its lineage.
 _RESERVED_TRAIN_KEYS = ("data.source", "run_dir", "checkpoint.ckpt_dir", "checkpoint.save_final_model")
-_FAMILY_MODALITY = {"esm2": "protein", "llama3": "dna"}
 _HYDRA_PLAIN = re.compile(r"^[\w./:\-]+$")
 
 
@@ -352,13 +352,14 @@ def evaluate(
     # ---- the model -----------------------------------------------------------------------------------------------
     torch_device = resolve_device(device)
     family = family_of(load_model_config(model_dir))
-    modality: Modality = _FAMILY_MODALITY[family]  # type: ignore[assignment]
+    spec = get_model_spec(family)
+    modality: Modality = spec.modality  # type: ignore[assignment]
     if artifact is not None and artifact.metadata.modality not in (None, modality):
         raise ValueError(
             f"model artifact {artifact.path}: field 'modality' is {artifact.metadata.modality!r} but the checkpoint "
             f"is a {family} model"
         )
-    loaded = load_model(model_dir, task="masked_lm" if modality == "protein" else "causal_lm", device=torch_device)
+    loaded = load_model(model_dir, task=spec.default_task, device=torch_device)
     trained, tokenizer = loaded.model, loaded.tokenizer
     # Score with the context the model was trained on (the recipe's data.max_seq_length); a plain checkpoint gets the
     # family's usual one.

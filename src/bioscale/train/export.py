@@ -39,7 +39,7 @@ def export_final_model(
 
     Collective: call on every rank.
     """
-    from bioscale.models import build_model, to_hf
+    from bioscale.models import build_model, spec_for_config, to_hf
 
     from bioscale.distributed.megatron_fsdp import full_state_dict, is_megatron_fsdp
 
@@ -57,7 +57,10 @@ def export_final_model(
         export_model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         logger.info("exported %s to %s", type(export_model).__name__, out_dir)
-        if hf_out_dir is not None:
+        if hf_out_dir is not None and not spec_for_config(model_config).hf_model_types:
+            logger.info("%s has no stock transformers counterpart: no %s written", type(export_model).__name__,
+                        hf_out_dir)  # fmt: skip
+        elif hf_out_dir is not None:
             hf_model = to_hf(export_model)
             hf_model.save_pretrained(Path(hf_out_dir), safe_serialization=True)
             tokenizer.save_pretrained(Path(hf_out_dir))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bioscale.models import spec_for_model
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.inputs import SequencesLike, read_sequences
 from bioscale.use.loading import default_tokenizer, family_of_model, load_config, load_model
@@ -42,7 +43,6 @@ Batching = Literal["auto", "packed", "padded"]
 
 # HF/fair-esm ESM-2 configs say max_position_embeddings = 1026: ESM-1b's learned positions were offset by the
 # padding index (+2), and ESM-2 kept the number although it uses RoPE. ESM-2 trained on 1,024-token crops.
-_ESM_POSITION_OFFSET = 2
 
 
 @dataclass
@@ -130,8 +130,7 @@ def context_residues(model: PreTrainedModel, num_special: int, max_length: int |
     """Residues per model input: ``max_length`` (tokens, special ones included) or the model's trained maximum."""
     if max_length is None:
         max_length = int(getattr(model.config, "max_position_embeddings", 1024))
-        if family_of_model(model) == "esm2":
-            max_length -= _ESM_POSITION_OFFSET
+        max_length -= spec_for_model(model).position_offset
     residues = max_length - num_special
     if residues < 1:
         raise ValueError(f"max_length={max_length} leaves no room for residues next to {num_special} special tokens")
@@ -294,8 +293,11 @@ def embed(
     else:
         model.to(device=device, dtype=dtype)
     family = family_of_model(model)
-    if pooling == "cls" and family != "esm2":
-        raise ValueError("pooling='cls' needs a bidirectional encoder (ESM-2); use pooling='mean' for causal models")
+    if pooling == "cls" and spec_for_model(model).causal:
+        raise ValueError(
+            f"pooling='cls' needs a bidirectional encoder; {family} is causal (its first token sees nothing after "
+            "it): use pooling='mean'"
+        )
     tokenizer = tokenizer or default_tokenizer(family)
     encoder = base_model_of(model).eval()
 

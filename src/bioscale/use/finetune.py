@@ -36,11 +36,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bioscale.models import spec_for_model
 from bioscale.models.loss import IGNORE_INDEX
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.embed import default_device, resolve_batching, special_affixes, tokenize_residues
 from bioscale.use.inputs import read_table
-from bioscale.use.loading import LoadedModel, load_config, load_model
+from bioscale.use.loading import LoadedModel, family_tasks, load_config, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -591,8 +592,11 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
     head_task = "token_classification" if task == "token_classification" else "sequence_classification"
     if loaded is None:
         loaded = load_model(config.model, task=head_task, config_overrides=overrides)
-    if loaded.family != "esm2":
-        raise ValueError(f"fine-tuning heads needs an ESM-2 model; {config.model!r} is a {loaded.family} model")
+    if head_task not in family_tasks(loaded.family) or spec_for_model(loaded.model).causal:
+        raise ValueError(
+            f"fine-tuning a {head_task} head needs a bidirectional encoder with that head; {config.model!r} is a "
+            f"{loaded.family} model (tasks {family_tasks(loaded.family)})"
+        )
     base_model, tokenizer = loaded.model, loaded.tokenizer
     base_model.to(device=device, dtype=torch.float32)  # float32 master weights; bf16 comes from autocast
 

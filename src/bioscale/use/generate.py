@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from bioscale.models import spec_for_model
 from bioscale.use.embed import default_device, default_dtype, special_affixes
-from bioscale.use.loading import default_tokenizer, family_of_model, load_model
+from bioscale.use.loading import default_tokenizer, load_model
 
 
 @dataclass
@@ -146,10 +147,13 @@ def generate_dna(
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     else:
         model.to(device=device, dtype=dtype)
-    if family_of_model(model) != "llama3" or not hasattr(model, "generate"):
-        raise ValueError(f"generation needs a causal Llama 3 model with a LM head, got {type(model).__name__}")
+    spec = spec_for_model(model)
+    # A bioscale causal LM, or the stock transformers class a causal family converts to (a baseline, an export).
+    with_head = spec.task_of(type(model)) == "causal_lm" or type(model).__name__.endswith("ForCausalLM")
+    if not spec.causal or not with_head or not hasattr(model, "generate"):
+        raise ValueError(f"generation needs a causal model with its LM head, got {type(model).__name__}")
     model.eval()
-    tokenizer = tokenizer or default_tokenizer("llama3")
+    tokenizer = tokenizer or default_tokenizer(spec.name)
     alphabet = residue_alphabet(tokenizer)
     cleaned = [validate_prompt(p, alphabet, index=i) for i, p in enumerate(prompts)]
 

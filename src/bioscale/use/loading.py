@@ -1,4 +1,5 @@
-"""Loading a model for use: a bioscale checkpoint, a plain ``transformers`` ESM/Llama checkpoint, or a Hub id.
+"""Loading a model for use: a bioscale checkpoint, a plain ``transformers`` checkpoint of a type a bioscale family
+converts (ESM, Llama, ...), or a Hub id.
 
 Every ``bioscale embed|finetune|generate|export`` command takes a MODEL argument and goes through
 :func:`load_model`, so they accept the same things and fail the same way: a local directory written by
@@ -19,22 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from bioscale.data.tokenizers import get_tokenizer
+from bioscale.models import from_hf, get_model_spec, is_bioscale_config, spec_for_any_config
 
 logger = logging.getLogger(__name__)
 
-# Tasks a caller can ask for, per family.
-FAMILY_TASKS: dict[str, tuple[str, ...]] = {
-    "esm2": ("base", "masked_lm", "token_classification", "sequence_classification"),
-    "llama3": ("base", "causal_lm"),
-}
-# config.model_type -> (family, is a bioscale config)
-_MODEL_TYPES: dict[str, tuple[str, bool]] = {
-    "bioscale_esm2": ("esm2", True),
-    "bioscale_llama3": ("llama3", True),
-    "esm": ("esm2", False),
-    "llama": ("llama3", False),
-}
 # A Hub id names its owner (``facebook/esm2_t6_8M_UR50D``): a bare name is taken for a missing local directory, so a
 # typo fails at once instead of after the Hub client's network retries.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -51,18 +43,18 @@ class LoadedModel:
 
 
 def family_of(config: PretrainedConfig) -> str:
-    """``"esm2"`` or ``"llama3"`` for a bioscale or ``transformers`` config (``ValueError`` otherwise)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model type {model_type!r}: bioscale uses ESM-2 ('bioscale_esm2' or transformers 'esm') and "
-            f"Llama 3 ('bioscale_llama3' or transformers 'llama') checkpoints"
-        )
-    return _MODEL_TYPES[model_type][0]
+    """The bioscale family (``"esm2"``, ``"llama3"``, ...) of a bioscale or stock ``transformers`` config
+    (``ValueError`` naming the type otherwise)."""
+    return spec_for_any_config(config).name
 
 
 def family_of_model(model: PreTrainedModel) -> str:
     return family_of(model.config)
+
+
+def family_tasks(family: str) -> tuple[str, ...]:
+    """The tasks a caller can ask :func:`load_model` for, for ``family``."""
+    return get_model_spec(family).tasks
 
 
 def _checkpoint_inside(path: Path) -> Path | None:
@@ -112,8 +104,6 @@ def _resolve_source(source: str | Path) -> str:
 
 def load_config(source: str | Path) -> PretrainedConfig:
     """The model config of ``source`` (``ValueError`` naming it when it cannot be read)."""
-    import bioscale  # noqa: F401  (registers the bioscale config classes with AutoConfig)
-
     resolved = _resolve_source(source)
     try:
         return AutoConfig.from_pretrained(resolved)
@@ -148,17 +138,18 @@ def load_model(
     """
     config = load_config(source)
     family = family_of(config)
-    if task not in FAMILY_TASKS[family]:
-        raise ValueError(f"task {task!r} is not available for {family} models; choose one of {FAMILY_TASKS[family]}")
+    tasks = family_tasks(family)
+    if task not in tasks:
+        raise ValueError(f"task {task!r} is not available for {family} models; choose one of {tasks}")
     resolved = _resolve_source(source)
     overrides = dict(config_overrides or {})
-    is_bioscale = _MODEL_TYPES[config.model_type][1]
+    is_bioscale = is_bioscale_config(config)
     load_task = task
     if task == "base" and not overrides:
         # Load the class the checkpoint was saved as and keep its base model: loading a head checkpoint into the
         # bare base class works too, but transformers then reports every head tensor as unexpected.
         stored = saved_task(config)
-        if stored in FAMILY_TASKS[family]:
+        if stored in tasks:
             load_task = stored
     load = _load_bioscale if is_bioscale else _load_converted
     model = load(resolved, family, load_task, overrides)
@@ -172,9 +163,7 @@ def load_model(
 
 def model_class(family: str, task: str) -> type[PreTrainedModel]:
     """The bioscale class implementing ``task`` for ``family``."""
-    from bioscale import models
-
-    return models.get_model_spec(family).model_class(task)
+    return get_model_spec(family).model_class(task)
 
 
 def saved_task(config: PretrainedConfig) -> str:
@@ -199,27 +188,22 @@ def _load_bioscale(resolved: str, family: str, task: str, overrides: dict[str, A
 
 
 def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, Any]) -> PreTrainedModel:
-    """A plain ``transformers`` checkpoint: load it with ``transformers``, convert exactly with ``from_hf``."""
+    """A plain ``transformers`` checkpoint: load it with the family's stock class, convert exactly with ``from_hf``.
+
+    A task without a stock counterpart (``ModelSpec.hf_classes``; e.g. bioscale's mean-pooling sequence head, where
+    ESM's reads ``<cls>``) converts the stock base model and puts a freshly initialised bioscale head on it.
+    """
     import transformers
 
-    from bioscale import models
-
-    hf_classes = {
-        ("esm2", "token_classification"): "EsmForTokenClassification",
-        ("esm2", "masked_lm"): "EsmForMaskedLM",
-        ("esm2", "base"): "EsmModel",
-        ("llama3", "causal_lm"): "LlamaForCausalLM",
-        ("llama3", "base"): "LlamaModel",
-    }
-    if (family, task) in hf_classes:
-        hf_cls = getattr(transformers, hf_classes[(family, task)])
-        if hf_cls is transformers.EsmModel:
-            overrides = {"add_pooling_layer": False, **overrides}  # ESM-2 never trained the pooler; bioscale has none
-        hf_model = hf_cls.from_pretrained(resolved, **overrides)
-        return models.from_hf(hf_model)
-    # No exact transformers counterpart (bioscale's sequence head pools the mean, ESM's reads <cls>): convert the
-    # encoder and put a freshly initialised bioscale head on it.
-    encoder = models.from_hf(transformers.EsmModel.from_pretrained(resolved, add_pooling_layer=False))
+    spec = get_model_spec(family)
+    if task in spec.hf_classes:
+        class_name, load_kwargs = spec.hf_classes[task]
+        hf_model = getattr(transformers, class_name).from_pretrained(resolved, **{**load_kwargs, **overrides})
+        return from_hf(hf_model)
+    if "base" not in spec.hf_classes:
+        raise ValueError(f"{resolved!r} is a stock transformers checkpoint, and {family} converts none for {task!r}")
+    class_name, load_kwargs = spec.hf_classes["base"]
+    encoder = from_hf(getattr(transformers, class_name).from_pretrained(resolved, **load_kwargs))
     config = encoder.config
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -233,8 +217,6 @@ def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, 
 
 def load_tokenizer(source: str, family: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
     """The tokenizer saved with ``source``, else the family's bioscale tokenizer; checked against the vocabulary."""
-    from transformers import AutoTokenizer
-
     tokenizer: PreTrainedTokenizerBase | None = None
     path = Path(source)
     has_files = path.is_dir() and any(
@@ -255,10 +237,9 @@ def load_tokenizer(source: str, family: str, config: PretrainedConfig) -> PreTra
 
 
 def default_tokenizer(family: str) -> PreTrainedTokenizerBase:
-    """bioscale's tokenizer for ``family``: ESM-2's protein alphabet or the nucleotide tokenizer."""
-    from bioscale.data.tokenizers import nucleotide_tokenizer, protein_tokenizer
-
-    return protein_tokenizer() if family == "esm2" else nucleotide_tokenizer()
+    """bioscale's tokenizer for ``family`` (its ``ModelSpec.tokenizer``: ESM-2's protein alphabet, the nucleotide
+    tokenizer, ...)."""
+    return get_tokenizer(get_model_spec(family).tokenizer)
 
 
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, source: str) -> None:

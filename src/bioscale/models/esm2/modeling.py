@@ -17,7 +17,6 @@ activation checkpointing or ``fully_shard`` from outside.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,15 +34,10 @@ from bioscale.models.outputs import (
     SequenceClassifierOutputWithCount,
     TokenClassifierOutputWithCount,
 )
-from bioscale.models.rotary import RotaryEmbedding, apply_rotary
+from bioscale.models.layers import GeluMLP, RotaryEmbedding, apply_rotary, gelu
 
 # ESM was trained masking 15% of tokens and replacing 80% of those with <mask>: the expected <mask> ratio.
 MASK_RATIO_TRAIN = 0.15 * 0.8
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact erf GELU, as in the original ESM code (``transformers`` notes the tanh approximation is subtly wrong)."""
-    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 class Esm2Embeddings(nn.Module):
@@ -113,14 +107,11 @@ class Esm2Attention(nn.Module):
         return self.out_proj(out.reshape(batch, seq_len, -1))
 
 
-class Esm2MLP(nn.Module):
-    def __init__(self, config: Esm2Config) -> None:
-        super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+class Esm2MLP(GeluMLP):
+    """ESM's MLP: ``down(gelu(up(x)))`` with biases and the exact erf GELU."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu(self.up_proj(hidden_states)))
+    def __init__(self, config: Esm2Config) -> None:
+        super().__init__(config.hidden_size, config.intermediate_size, bias=True, approximate="none")
 
 
 class Esm2Block(nn.Module):

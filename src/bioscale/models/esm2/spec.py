@@ -73,4 +73,17 @@ MODEL_SPEC = ModelSpec(
     to_hf=to_hf,
     hf_model_types=("esm",),
     flops_per_token=flops_per_token,
+    modality="protein",
+    tokenizer="protein",
+    causal=False,
+    hf_classes={
+        "base": ("EsmModel", {"add_pooling_layer": False}),  # ESM-2 never trained the pooler; bioscale has none
+        "masked_lm": ("EsmForMaskedLM", {}),
+        "token_classification": ("EsmForTokenClassification", {}),
+        # No sequence_classification entry: ESM's head reads <cls>, bioscale's pools the mean (a fresh head).
+    },
+    packing_tasks=frozenset({"base", "masked_lm", "token_classification", "sequence_classification"}),
+    cp_tasks=frozenset({"base", "masked_lm", "token_classification"}),
+    # 1026 positions hold 1024 tokens (<cls> + residues + <eos>): ESM's rotary positions never use the last two.
+    position_offset=2,
 )

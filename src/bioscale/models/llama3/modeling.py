@@ -33,7 +33,6 @@ from bioscale.models.attention import AttentionInputs, attention_forward
 from bioscale.models.batch import Batch, labels_like, prepare_batch, sequence_ids_from_cu_seqlens, unbatch
 from bioscale.models.common import (
     BioscalePreTrainedModel,
-    RMSNorm,
     attention_inputs_for_batch,
     keep_as_is,
     output_cache_field,
@@ -42,7 +41,7 @@ from bioscale.models.common import (
 from bioscale.models.llama3.config import Llama3Config
 from bioscale.models.loss import IGNORE_INDEX, check_loss_reduction, select_label_positions, token_cross_entropy
 from bioscale.models.outputs import CausalLMOutputWithCount
-from bioscale.models.rotary import RotaryEmbedding, apply_rotary
+from bioscale.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary
 
 
 def shift_labels(
@@ -105,17 +104,11 @@ class Llama3Attention(nn.Module):
         return self.o_proj(out.reshape(batch, seq_len, -1))
 
 
-class Llama3MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up fused into ``gate_up_proj`` (gate first)."""
+class Llama3MLP(SwiGLUMLP):
+    """Llama's SwiGLU MLP (:class:`bioscale.models.layers.SwiGLUMLP`, gate and up fused in ``gate_up_proj``)."""
 
     def __init__(self, config: Llama3Config) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        super().__init__(config.hidden_size, config.intermediate_size, bias=False)
 
 
 class Llama3Block(nn.Module):

@@ -92,4 +92,10 @@ MODEL_SPEC = ModelSpec(
     to_hf=to_hf,
     hf_model_types=("llama",),
     flops_per_token=flops_per_token,
+    modality="dna",
+    tokenizer="nucleotide",
+    causal=True,
+    hf_classes={"base": ("LlamaModel", {}), "causal_lm": ("LlamaForCausalLM", {})},
+    packing_tasks=frozenset({"base", "causal_lm"}),
+    cp_tasks=frozenset({"base", "causal_lm"}),
 )
