@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from bioscale.eval.batching import resolve_device
+    from bioscale.eval.scoring_inputs import resolve_device
     from bioscale.pipeline import curate, evaluate, train_stage
 
     device = resolve_device(args.device)

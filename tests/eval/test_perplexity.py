@@ -10,7 +10,7 @@ import torch
 
 from bioscale.data.tokenizers import canonical_token_ids
 from bioscale.eval import causal_lm_nll, fixed_mlm_masking, masked_lm_perplexity
-from bioscale.eval.batching import chunk_sequence
+from bioscale.eval.scoring_inputs import chunk_sequence
 from bioscale.models import to_hf
 
 from .conftest import DNA, PROTEINS

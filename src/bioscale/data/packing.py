@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # label value ignored by the loss (PyTorch cross_entropy's default ignore_index)
-PAD_TOKEN_ID = 1  # <pad> in both bioscale tokenizers (as in ESM-2)
+from bioscale.constants import IGNORE_INDEX, PAD_TOKEN_ID
+
 
 TokenIds = Sequence[int] | np.ndarray
 

@@ -29,8 +29,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-DEFAULT_PAD_TOKEN_ID = 1  # <pad> in both bioscale tokenizers (as in ESM-2)
+from bioscale.constants import IGNORE_INDEX, PAD_TOKEN_ID
+from bioscale.models.loss import shift_labels as shift_next_token_labels
+
 
 # Keys of a model batch that shard_batch_for_cp understands (bioscale.data's padded and packed micro-batches).
 _TOKEN_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
@@ -263,7 +264,7 @@ def shard_batch_for_cp(
     cp_size: int,
     *,
     shift_labels: bool = False,
-    pad_token_id: int = DEFAULT_PAD_TOKEN_ID,
+    pad_token_id: int = PAD_TOKEN_ID,
 ) -> CPShard:
     """Rank ``cp_rank``'s shard of a padded or packed model batch, and the layout that describes it.
 
@@ -322,9 +323,7 @@ def shard_batch_for_cp(
     labels = batch.get("labels")
     if labels is not None:
         if shift_labels:
-            from bioscale.models.llama3.modeling import shift_labels as shift_fn
-
-            out["shift_labels"] = layout.shard(shift_fn(labels, cu_seqlens), IGNORE_INDEX)
+            out["shift_labels"] = layout.shard(shift_next_token_labels(labels, cu_seqlens), IGNORE_INDEX)
         else:
             out["labels"] = layout.shard(labels, IGNORE_INDEX)
     if packed:

@@ -20,7 +20,6 @@ from bioscale.eval.secondary_structure import (
     secondary_structure_finetune,
     secondary_structure_probe,
 )
-from bioscale.eval.splits import is_held_out
 
 __all__ = [
     "ReportSection",
@@ -28,7 +27,6 @@ __all__ = [
     "causal_lm_nll",
     "fit_linear_probe",
     "fixed_mlm_masking",
-    "is_held_out",
     "load_secondary_structure",
     "masked_lm_perplexity",
     "plot_training_curves",

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bioscale.eval.batching import chunk_sequence, encode, padded_batches, resolve_device, special_token_count
+from bioscale.eval.scoring_inputs import chunk_sequence, encode, padded_batches, resolve_device, special_token_count
+from bioscale.data.tokenizers import canonical_token_ids
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -109,7 +110,6 @@ def masked_lm_perplexity(
         ``perplexity``, ``nll_per_token`` (nats per masked token), ``accuracy`` (top-1 at masked positions),
         ``num_masked_tokens``, ``num_sequences``, ``num_chunks``.
     """
-    from bioscale.data.tokenizers import canonical_token_ids
 
     if tokenizer.mask_token_id is None:
         raise ValueError("masked-LM perplexity needs a tokenizer with a mask token")

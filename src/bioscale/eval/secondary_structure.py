@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bioscale.eval.batching import chunk_sequence, encode, padded_batches, resolve_device, special_token_count
-from bioscale.eval.splits import held_out_fraction_point, is_held_out
+from bioscale.eval.scoring_inputs import chunk_sequence, encode, padded_batches, resolve_device, special_token_count
+from bioscale.data.dssp import DSSP3_LABELS, DSSP8_LABELS, DSSP8_TO_DSSP3_INDEX
+from bioscale.data.splits import held_out_fraction_point, is_held_out
 from bioscale.models import spec_for_model
+from bioscale.use.finetune import encode_token_labels, finetune, load_finetune_config
+from bioscale.use.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +38,12 @@ LABEL_COLUMN = "Secondary_structure"
 
 def dssp_labels() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The 8 and 3 class names, from the fine-tuning module (one label convention across bioscale)."""
-    from bioscale.use.finetune import DSSP3_LABELS, DSSP8_LABELS
 
     return tuple(DSSP8_LABELS), tuple(DSSP3_LABELS)
 
 
 def encode_dssp8(labels: str, where: str) -> np.ndarray:
     """8-class ids of one DSSP string (coil aliases such as ``-``/``C`` accepted); ``ValueError`` names a bad label."""
-    from bioscale.use.finetune import DSSP8_LABELS, encode_token_labels
 
     return np.asarray(encode_token_labels("dssp8", DSSP8_LABELS, labels, where), dtype=np.int64)
 
@@ -174,7 +175,6 @@ def one_hot_residue_features(sequences: Sequence[str], tokenizer) -> list[torch.
 
 def label_tensors(labels: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """8-class and 3-class ids of every residue, concatenated over proteins."""
-    from bioscale.use.finetune import DSSP8_TO_DSSP3_INDEX
 
     y8 = np.concatenate(list(labels))
     return torch.from_numpy(y8), torch.from_numpy(np.asarray(DSSP8_TO_DSSP3_INDEX)[y8])
@@ -344,8 +344,6 @@ def secondary_structure_finetune(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bioscale.use.finetune import DSSP8_LABELS, finetune, load_finetune_config
-    from bioscale.use.loading import LoadedModel
 
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from bioscale.constants import IGNORE_INDEX
+from bioscale.models.batch import sequence_ids_from_cu_seqlens
+
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -64,3 +66,28 @@ def select_label_positions(hidden_states: torch.Tensor, labels: torch.Tensor) ->
         )
     keep = labels != IGNORE_INDEX
     return hidden_states[keep], labels[keep]
+
+
+def shift_labels(
+    labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Next-token targets: ``out[..., i] = labels[..., i + 1]``, ``ignore_index`` at the end of every sequence.
+
+    Args:
+        labels: ``[B, S]`` padded, or ``[1, T]`` / ``[T]`` packed, unshifted (aligned with ``input_ids``).
+        cu_seqlens: packed batches: int32 ``[N + 1]`` boundaries; the last token of each sequence gets
+            ``ignore_index`` so no target crosses into the next sequence. ``None`` for padded batches (each row is one
+            sequence; padding carries ``ignore_index`` already).
+
+    Sync-free; usable by collators and context-parallel code as well as by the model.
+    """
+    shifted = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    if cu_seqlens is None:
+        return shifted
+    num_tokens = labels.shape[-1]
+    if labels.dim() == 2 and labels.shape[0] != 1:
+        raise ValueError(f"packed labels must be [1, T] or [T], got {tuple(labels.shape)}")
+    sequence_ids = sequence_ids_from_cu_seqlens(cu_seqlens.to(labels.device), num_tokens)
+    is_last = torch.ones(num_tokens, dtype=torch.bool, device=labels.device)
+    is_last[:-1] = sequence_ids[1:] != sequence_ids[:-1]
+    return shifted.masked_fill(is_last.view(shifted.shape), ignore_index)

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from bioscale import __version__
 
 SCHEMA_VERSION = 1
 METADATA_FILENAME = "metadata.json"
@@ -159,7 +160,6 @@ def utc_now_iso() -> str:
 @lru_cache(maxsize=1)
 def code_version() -> CodeVersion:
     """The bioscale version, plus the git commit (and whether the tree is dirty) when the package sits in a checkout."""
-    from bioscale import __version__
 
     package_dir = Path(__file__).resolve().parents[1]
     commit: str | None = None

@@ -26,6 +26,7 @@ from bioscale.pipeline.artifacts import Artifact
 from bioscale.pipeline.scales import SCALES
 from bioscale.pipeline.stages import is_main_process
 from bioscale.pipeline.streams import resolve_input_artifact, stdout_to_stderr
+from bioscale.train.cli import main as recipe_main
 
 # Options that only the pipeline's train stage understands: their presence routes `bioscale train` here.
 PIPELINE_TRAIN_OPTIONS = ("--input", "--data-artifact", "--scale", "--seed", "--out", "--overwrite", "--device")
@@ -207,7 +208,6 @@ def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if is_pipeline_train(argv):
         return train_stage_main(argv)
-    from bioscale.train.cli import main as recipe_main
 
     return recipe_main(argv)
 

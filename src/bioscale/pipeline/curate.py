@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bioscale.eval.splits import is_held_out
+from bioscale.data.splits import is_held_out
 from bioscale.pipeline.artifacts import (
     Artifact,
     ArtifactMetadata,
@@ -30,6 +30,10 @@ from bioscale.pipeline.artifacts import (
     write_artifact,
 )
 from bioscale.pipeline.scales import check_modality, get_preset
+from bioscale.data.demo import demo_corpus
+from bioscale.data.policy import InputPolicy
+from bioscale.data.sources import iter_sequences
+from bioscale.data.sources import open_source
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ _POLICY_KIND = {"protein": "protein", "dna": "nucleotide"}
 
 
 def split_of(sequence: str, *, seed: int, validation_fraction: float) -> str:
-    """``"validation"`` or ``"train"`` for ``sequence``: a pure function of (sequence, seed), see eval/splits.py."""
+    """``"validation"`` or ``"train"`` for ``sequence``: a pure function of (sequence, seed), see data/splits.py."""
     return "validation" if is_held_out(sequence, seed=seed, fraction=validation_fraction) else "train"
 
 
@@ -134,7 +138,6 @@ def curate(
         ValueError: a bad argument (named), an unreadable source (the data layer names file and record), or no
             sequence left for training. Nothing is left at ``out`` after a failure.
     """
-    from bioscale.data.sources import open_source
 
     kind = check_modality(kind)
     preset = get_preset(scale)
@@ -170,7 +173,6 @@ def curate(
     # Lineage names the file actually read (a demo spec resolves to the wheel's file), hashed.
     lineage_target: str | Path = settings.source
     if settings.source.startswith("demo:"):
-        from bioscale.data.demo import demo_corpus
 
         lineage_target = demo_corpus(settings.source[len("demo:") :])
 
@@ -193,8 +195,6 @@ def curate(
 
 def _write_dataset(out: Path, opened: Any, settings: CurationSettings, *, seed: int, scale: Scale) -> ArtifactMetadata:
     """Stream the source through policy, filters and de-duplication into the split shards; the metadata to write."""
-    from bioscale.data.policy import InputPolicy
-    from bioscale.data.sources import iter_sequences
 
     writers = {name: _ShardWriter(out / name, settings.shard_size) for name in SPLITS}
     for writer in writers.values():

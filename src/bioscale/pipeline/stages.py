@@ -43,6 +43,21 @@ from bioscale.pipeline.artifacts import (
 )
 from bioscale.pipeline.curate import curate
 from bioscale.pipeline.scales import get_preset
+from bioscale.data.policy import InputPolicy
+from bioscale.data.sources import iter_sequences, open_source
+from bioscale.data.tokenizers import nucleotide_tokenizer
+from bioscale.eval.perplexity import causal_lm_nll, masked_lm_perplexity
+from bioscale.eval.report import ReportSection, plot_training_curves, write_report
+from bioscale.eval.scoring_inputs import resolve_device
+from bioscale.eval.secondary_structure import (
+    load_secondary_structure,
+    secondary_structure_finetune,
+    secondary_structure_probe,
+)
+from bioscale.train.config import load_config
+from bioscale.train.train import train
+from bioscale.use.loading import family_of, load_model
+from bioscale.use.loading import load_config as load_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +119,6 @@ def train_stage(
     Raises:
         ValueError: an invalid or wrong-kind dataset artifact, a reserved or invalid override.
     """
-    from bioscale.train.config import load_config
-    from bioscale.train.train import train
 
     data = load_artifact(dataset, "dataset")
     modality = data.metadata.modality
@@ -132,7 +145,6 @@ def train_stage(
         # The model's vocabulary must cover the tokenizer's ids (the Llama `debug` size defaults to 16 rows, the
         # nucleotide tokenizer has 20 tokens, and loading the export checks the fit). `++` sets it whether or not
         # the recipe already does.
-        from bioscale.data.tokenizers import nucleotide_tokenizer
 
         stage_overrides.append(f"++model.overrides.vocab_size={len(nucleotide_tokenizer())}")
     if device is not None:
@@ -242,8 +254,6 @@ def _read_sequences(
 
     ``sequence_column=None`` picks the first of :data:`SEQUENCE_COLUMNS` that a parquet input has.
     """
-    from bioscale.data.policy import InputPolicy
-    from bioscale.data.sources import iter_sequences, open_source
 
     if sequence_column is None:
         sequence_column = _guess_sequence_column(spec)
@@ -326,16 +336,6 @@ def evaluate(
         random_baseline: also evaluate a randomly initialised model of the same config (seeded by ``seed``).
         device: ``cpu``/``cuda``/``auto``; ``bf16`` runs the forward passes under bf16 autocast (GPU).
     """
-    from bioscale.eval.batching import resolve_device
-    from bioscale.eval.perplexity import causal_lm_nll, masked_lm_perplexity
-    from bioscale.eval.report import ReportSection, plot_training_curves, write_report
-    from bioscale.eval.secondary_structure import (
-        load_secondary_structure,
-        secondary_structure_finetune,
-        secondary_structure_probe,
-    )
-    from bioscale.use.loading import family_of, load_model
-    from bioscale.use.loading import load_config as load_model_config
 
     preset = get_preset(scale)
     if max_sequences == -1:

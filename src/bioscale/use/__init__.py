@@ -6,7 +6,7 @@ export`` commands in :mod:`bioscale.use.cli` are thin wrappers over the function
 """
 
 from bioscale.use.embed import Embeddings, embed, read_embeddings, write_embeddings
-from bioscale.use.export import export_model
+from bioscale.use.hf_export import export_model
 from bioscale.use.finetune import (
     DSSP3_LABELS,
     DSSP8_LABELS,

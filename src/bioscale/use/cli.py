@@ -227,7 +227,7 @@ def export_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from bioscale.use.export import export_model
+        from bioscale.use.hf_export import export_model
 
         out = export_model(args.model, args.output)
         config = json.loads((out / "config.json").read_text())

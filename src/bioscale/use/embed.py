@@ -36,6 +36,7 @@ from bioscale.models import spec_for_model
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.inputs import SequencesLike, read_sequences
 from bioscale.use.loading import default_tokenizer, family_of_model, load_config, load_model
+from bioscale.models.attention import varlen_available
 
 Pooling = Literal["mean", "cls"]
 LongSequences = Literal["window", "truncate", "error"]
@@ -227,7 +228,6 @@ def resolve_batching(batching: str, device: torch.device, dtype: torch.dtype) ->
         raise ValueError(f"batching must be 'auto', 'packed' or 'padded', got {batching!r}")
     if batching != "auto":
         return batching
-    from bioscale.models.attention import varlen_available
 
     return "packed" if varlen_available(device, dtype) else "padded"
 

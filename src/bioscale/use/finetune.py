@@ -36,40 +36,25 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bioscale.data.dssp import (
+    _DSSP8_ALIASES,
+    DSSP3_LABELS,
+    DSSP8_LABELS,
+    DSSP8_TO_DSSP3_INDEX,
+    dssp8_to_dssp3,
+)
 from bioscale.models import spec_for_model
 from bioscale.models.loss import IGNORE_INDEX
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.embed import default_device, resolve_batching, special_affixes, tokenize_residues
 from bioscale.use.inputs import read_table
 from bioscale.use.loading import LoadedModel, family_tasks, load_config, load_model
+from bioscale.train.optimizer import build_optimizer
+from bioscale.train.schedulers import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("token_classification", "sequence_classification", "sequence_regression")
-
-# 8-state DSSP as in Porter6: helices H (alpha), G (3-10), I (pi); strands E, bridges B; turns T, bends S; coil '~'.
-DSSP8_LABELS: tuple[str, ...] = ("H", "G", "I", "E", "B", "T", "S", "~")
-DSSP3_LABELS: tuple[str, ...] = ("H", "E", "C")
-_DSSP8_TO_DSSP3 = {"H": "H", "G": "H", "I": "H", "E": "E", "B": "E", "T": "C", "S": "C", "~": "C"}
-# DSSP8 class index -> DSSP3 class index, for reducing predictions and labels given as ids.
-DSSP8_TO_DSSP3_INDEX = np.array([DSSP3_LABELS.index(_DSSP8_TO_DSSP3[s]) for s in DSSP8_LABELS], dtype=np.int64)
-# Other spellings of coil seen in DSSP files: '-', 'C', ' ', 'L'; 'P' (PPII, DSSP >= 4) counts as coil too.
-_DSSP8_ALIASES = {"-": "~", "C": "~", " ": "~", "L": "~", "P": "~"}
-
-
-def dssp8_to_dssp3(states: str) -> str:
-    """Reduce an 8-state DSSP string to 3 states: H, G, I → H; E, B → E; T, S, ``~`` (coil) → C.
-
-    ``ValueError`` names the first character that is not a DSSP state.
-    """
-    out = []
-    for position, state in enumerate(states):
-        state = _DSSP8_ALIASES.get(state, state)
-        if state not in _DSSP8_TO_DSSP3:
-            raise ValueError(f"{state!r} at position {position + 1} is not an 8-state DSSP label {DSSP8_LABELS}")
-        out.append(_DSSP8_TO_DSSP3[state])
-    return "".join(out)
-
 
 @dataclass
 class LoraSettings:
@@ -619,8 +604,6 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
         model = apply_lora(base_model, config.lora, base_model_name_or_path=_portable_source(config.model))
     model.train()
 
-    from bioscale.train.optimizer import build_optimizer
-    from bioscale.train.schedulers import build_lr_scheduler
 
     optimizer = build_optimizer(
         model, lr=config.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=config.weight_decay, fused=None, device=device
@@ -753,7 +736,7 @@ def load_finetuned(
     """Load what :func:`finetune` saved in ``path``: the full model, or the base model + LoRA adapter (``peft``).
 
     ``merge=True`` folds the adapter into the base weights (``merge_and_unload``) and returns a plain bioscale model,
-    which is what :func:`bioscale.use.export.export_model` exports.
+    which is what :func:`bioscale.use.hf_export.export_model` exports.
     """
     path = Path(path)
     config_path = path / "finetune_config.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from bioscale.data import read_fasta
 
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fna", ".ffn", ".fas")
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
@@ -83,7 +84,6 @@ def read_sequences(
         if not path.is_file():
             raise ValueError(f"input file {origin!r} does not exist")
         if _is_fasta(path):
-            from bioscale.data import read_fasta
 
             records = list(read_fasta(path))
         else:

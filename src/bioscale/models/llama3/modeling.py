@@ -7,7 +7,8 @@ output dimension) and one ``gate_up_proj`` (gate, then up) — and attention beh
 works through ``transformers.GenerationMixin`` with a ``DynamicCache`` (padded ``sdpa`` path, left padding allowed).
 
 Causal-LM labels. Pass ``labels`` *unshifted*, exactly like ``input_ids`` with ``-100`` where nothing is to be
-predicted (as ``transformers`` expects); the model shifts them itself with :func:`shift_labels`: the logits at
+predicted (as ``transformers`` expects); the model shifts them itself with
+:func:`bioscale.models.loss.shift_labels`: the logits at
 position ``i`` are scored against ``labels[i + 1]``. In a packed batch the shift never crosses a boundary: the last
 token of each sequence predicts nothing (it is *not* asked to predict the first token of the next sequence). Code that
 has already shifted (context parallelism shards after shifting) passes ``shift_labels`` instead, used as is.
@@ -30,7 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from bioscale.models.attention import AttentionInputs, attention_forward
-from bioscale.models.batch import Batch, labels_like, prepare_batch, sequence_ids_from_cu_seqlens, unbatch
+from bioscale.models.batch import Batch, labels_like, prepare_batch, unbatch
 from bioscale.models.common import (
     BioscalePreTrainedModel,
     attention_inputs_for_batch,
@@ -39,34 +40,9 @@ from bioscale.models.common import (
     split_forward_kwargs,
 )
 from bioscale.models.llama3.config import Llama3Config
-from bioscale.models.loss import IGNORE_INDEX, check_loss_reduction, select_label_positions, token_cross_entropy
+from bioscale.models.loss import check_loss_reduction, select_label_positions, shift_labels, token_cross_entropy
 from bioscale.models.outputs import CausalLMOutputWithCount
 from bioscale.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary
-
-
-def shift_labels(
-    labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Next-token targets: ``out[..., i] = labels[..., i + 1]``, ``ignore_index`` at the end of every sequence.
-
-    Args:
-        labels: ``[B, S]`` padded, or ``[1, T]`` / ``[T]`` packed, unshifted (aligned with ``input_ids``).
-        cu_seqlens: packed batches: int32 ``[N + 1]`` boundaries; the last token of each sequence gets
-            ``ignore_index`` so no target crosses into the next sequence. ``None`` for padded batches (each row is one
-            sequence; padding carries ``ignore_index`` already).
-
-    Sync-free; usable by collators and context-parallel code as well as by the model.
-    """
-    shifted = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-    if cu_seqlens is None:
-        return shifted
-    num_tokens = labels.shape[-1]
-    if labels.dim() == 2 and labels.shape[0] != 1:
-        raise ValueError(f"packed labels must be [1, T] or [T], got {tuple(labels.shape)}")
-    sequence_ids = sequence_ids_from_cu_seqlens(cu_seqlens.to(labels.device), num_tokens)
-    is_last = torch.ones(num_tokens, dtype=torch.bool, device=labels.device)
-    is_last[:-1] = sequence_ids[1:] != sequence_ids[:-1]
-    return shifted.masked_fill(is_last.view(shifted.shape), ignore_index)
 
 
 class Llama3Attention(nn.Module):

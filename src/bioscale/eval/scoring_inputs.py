@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from bioscale.data.tokenizers import CharTokenEncoder
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -41,7 +42,6 @@ def encode(tokenizer, sequences: Sequence[str]) -> list[np.ndarray]:
     Uses the data layer's lookup-table encoder for its character-level tokenizers (identical ids, far faster) and the
     tokenizer itself otherwise.
     """
-    from bioscale.data.tokenizers import CharTokenEncoder
 
     try:
         encoder = CharTokenEncoder(tokenizer)

@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bioscale.use.loading import LoadedModel, load_config, load_model, saved_task
+from bioscale.models import to_hf
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ def export_model(
         output_dir: created if needed; existing files of the same names are overwritten.
         tokenizer: saved alongside (default: the checkpoint's tokenizer, or the family's bioscale one).
     """
-    from bioscale.models import to_hf
     from bioscale.use.loading import default_tokenizer, family_of_model
 
     if isinstance(model, (str, Path)):
