@@ -109,6 +109,19 @@ def output_cache_field(output_class: type) -> str:
     return "cache" if "cache" in fields else "past_key_values"
 
 
+def transformer_blocks(model: nn.Module, *, needed_by: str = "parallelism") -> nn.ModuleList:
+    """The model's transformer blocks, ``model.layers`` (every bioscale model lists them there so that parallelism,
+    precision converters, activation checkpointing and compile can wrap them from outside); ``ValueError`` naming
+    ``needed_by`` otherwise."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(  # noqa: TRY004  (a user-facing error)
+            f"{type(model).__name__} exposes no `layers` nn.ModuleList; {needed_by} wraps the transformer blocks "
+            "listed there"
+        )
+    return layers
+
+
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls will produce for activations like ``x`` (the autocast dtype when autocast is on)."""
     if torch.is_autocast_enabled(x.device.type):

@@ -22,6 +22,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from bioscale.models.common import transformer_blocks
+
 log = logging.getLogger(__name__)
 
 FP8_RECIPES = ("tensorwise", "rowwise")
@@ -65,12 +67,7 @@ def check_fp8_hardware(device: torch.device | int | None = None) -> None:
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"{type(model).__name__} exposes no `layers` nn.ModuleList; apply_fp8 selects transformer blocks there"
-        )
-    return layers
+    return transformer_blocks(model, needed_by="apply_fp8 (which selects FP8 blocks)")
 
 
 def _select_blocks(layers: Sequence[int] | None, num_blocks: int) -> list[int]:
