@@ -13,7 +13,7 @@ a table to ``<out-dir>/<date>-<gpu>-attention.md``::
 kernel that plans per batch geometry costs when every packed batch holds a different number of sequences, as in
 training. (cuDNN's ragged attention, tried through ``aten._cudnn_attention_forward`` with ``cum_seq_q/k`` in commit
 ef4b074, built a plan on every call on torch 2.11 — 50–150 ms per call — and returned wrong values: see
-``results/2026-11-22-nvidia-h100-80gb-hbm3-attention-cudnn.md``.)
+``results/2026-11-22-h100-attention.md``.)
 
 Shapes: ESM-2 650M (20 heads × 64) and 3B (40 × 64) on 16,384 packed tokens of UniRef90-like lengths (uniform
 100–1,024; bidirectional), Llama 3 1B (Llama 3.2 1B shape: 32 query / 8 KV heads × 64, causal) and the Lingua 1B

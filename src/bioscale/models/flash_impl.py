@@ -4,7 +4,7 @@ torch (2.11+) can send its flash ops — ``torch.nn.attention.varlen.varlen_attn
 and SDPA's flash backend — to an external FlashAttention build instead of the FA2 kernels it ships
 (``torch.nn.attention.activate_flash_attention_impl``). The models do not change: the same ``varlen`` call runs a
 faster kernel. On the lent H100 (2026-11-22, torch 2.11, flash-attn-4 4.0.0b36) FA4 cut ESM-2 650M's attention time
-per step from 81 to 56 ms and raised training throughput by 5.5% (``benchmarks/results/*-esm2-650M-fa4.md``).
+per step from 81 to 56 ms and raised training throughput by 5.5% (``benchmarks/results/2026-11-22-h100-esm2-650M.md``).
 
 What each choice needs on the machine (none of it is a required dependency):
 
