@@ -21,6 +21,10 @@
 #                                               # rest of its wheels). 92 MB of libraries do not fit one call.
 #   bash benchmarks/gpu_session.sh fa4 ARGS...  # the same, running bench_train.py ARGS instead
 #   bash benchmarks/gpu_session.sh fa4tests     # the FA4 GPU tests (after fa4libs)
+#   bash benchmarks/gpu_session.sh suite        # the whole suite there: CPU tests (8 workers) under the machine's
+#                                               # torch / transformers, then every GPU test
+#   bash benchmarks/gpu_session.sh ab DIR ARGS  # bench_train.py ARGS with the code in DIR (an older tree: DIR/src,
+#                                               # DIR/benchmarks), then with this tree, in one call (A/B rows)
 #
 # benchmarks/NOTES.md says what each job is expected to show.
 # Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
@@ -90,6 +94,13 @@ case "$job" in
       bench --models esm2_650M:tokens=40960 --variants packed:params=bf16,packed:params=bf16:attn=FA4 \
         --steps 10 --warmup 5 --profile
     fi ;;
+  suite)
+    python -m pytest -q -p no:cacheprovider -m "not gpu and not multi_gpu" -n 8 tests 2>&1 | tail -8
+    python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
+  ab)
+    old=${2:?usage: gpu_session.sh ab DIR ARGS}
+    (cd "$old" && PYTHONPATH="$PWD/src:/tmp/site" python benchmarks/bench_train.py --out-dir "$out/before" "${@:3}")
+    python benchmarks/bench_train.py --out-dir "$out/after" "${@:3}" ;;
   *)
     echo "unknown job $job" >&2; exit 2 ;;
 esac

@@ -30,9 +30,7 @@ LAYERS: dict[str, int] = {
 }
 
 # (importing module, imported module) -> why it stays inside a function.
-LAZY_ALLOWED: dict[tuple[str, str], str] = {
-    ("bioscale.distributed.parallelize", "bioscale.distributed.megatron_fsdp"): "megatron_fsdp is an optional extra",
-}
+LAZY_ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _package_of(module: str) -> str:

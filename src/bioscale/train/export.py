@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from bioscale.distributed.init import barrier
+from bioscale.distributed.megatron_fsdp import full_state_dict, is_megatron_fsdp
+from bioscale.models import build_model, spec_for_config, to_hf
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,7 @@ def export_final_model(
 
     Collective: call on every rank.
     """
-    from bioscale.models import build_model, spec_for_config, to_hf
 
-    from bioscale.distributed.megatron_fsdp import full_state_dict, is_megatron_fsdp
 
     if is_megatron_fsdp(model):
         state = full_state_dict(model)
