@@ -43,10 +43,15 @@ it is the default ``fp32``):
 - ``fsdp``: FSDP2 over a one-rank process group (:func:`one_rank_process_group`), applied to the meta model as the
   trainer does (AC -> compile -> ``apply_fsdp(param_dtype=bf16, reduce_dtype=fp32)`` -> ``to_empty``): fp32 sharded
   master weights and AdamW states, bf16 compute through FSDP2's all-gather cast, fp32 gradient reduce-scatter, no
-  autocast. The same bf16-over-fp32-master recipe as ``bf16-master``, the way the trainer gets it on one GPU. On CPU
-  FSDP2 keeps fp32 (``param_dtype=None``), like the trainer.
+  autocast. The same bf16-over-fp32-master recipe as ``bf16-master``, the way the trainer gets it on one GPU
+  (``parallelism.single_gpu_fsdp=true``). On CPU FSDP2 keeps fp32 (``param_dtype=None``), like the trainer.
 
-All variants use fused AdamW (foreach on CPU).
+What ``bioscale train`` would do: the bioscale variants build their model through the trainer's own pieces (the
+precision plan of ``bioscale.distributed.plan_parallelism``, see :func:`variant_plan`; ``parallelize``) and train
+every step through the trainer's ``bioscale.train.step.train_step`` (:class:`TrainerSteps`: gradient accumulation
+with sync on the last micro-batch, loss normalised by the step's label count, clipping, non-finite skipping, the FP8
+scale refresh of FSDP2's FP8 all-gather) with the trainer's ``LambdaLR``. The ``hf_padded`` baseline keeps a stock
+loop (:func:`stock_step`), as a ``transformers`` user writes it. All variants use fused AdamW (foreach on CPU).
 
 Learning rate: the trainer's ``linear_warmup_linear_decay`` (ESM-2) over the whole run, ``--lr`` the peak,
 ``--lr-warmup-steps`` of linear warm-up, then linear decay to ``--lr-min-ratio`` x peak at the last step; gradients
@@ -80,11 +85,35 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from bioscale.data import (
+    PAD_TOKEN_ID,
+    CLMCollator,
+    InputPolicy,
+    MLMCollator,
+    canonical_token_ids,
+    collate_packed,
+    nucleotide_tokenizer,
+    protein_tokenizer,
+    read_fasta,
+    read_parquet,
+)
+from bioscale.distributed import ParallelPlan, apply_data_parallel, parallelize, plan_parallelism
+from bioscale.distributed.parallelize import COMPILE_PRESETS
+from bioscale.models import build_config, build_model, get_model_spec, input_validation, set_input_validation, to_hf
+from bioscale.models.flash_impl import flash_impl
+from bioscale.precision import QuantStats, apply_fp8, fp8_layer_names
+from bioscale.train.schedulers import build_lr_scheduler, lr_multiplier
+from bioscale.train.step import StepResult, TrainState, model_loss, train_step
+from bioscale.train.step import clip_grad_norm as trainer_clip_grad_norm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = Path(os.environ.get("BIOSCALE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -350,8 +379,6 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
     if params == "fsdp" and name == "hf_padded":
         raise ValueError(f"--variants {text!r}: params=fsdp needs a bioscale model (FSDP2 shards model.layers)")
     compile_mode = options.get("compile", defaults.compile_mode if name != "hf_padded" else None)
-    from bioscale.distributed.parallelize import COMPILE_PRESETS
-
     compile_presets = tuple(options["inductor"].split("+")) if "inductor" in options else ()
     unknown_presets = sorted(set(compile_presets) - set(COMPILE_PRESETS))
     if unknown_presets:
@@ -392,17 +419,6 @@ class Example:
 
 def load_examples(kind: str, max_length: int, data_dir: Path, *, seed: int, limit: int | None) -> list[Example]:
     """Tokenised, cropped and labelled sequences, in file order (the same for every variant and model)."""
-    from bioscale.data import (
-        CLMCollator,
-        InputPolicy,
-        MLMCollator,
-        canonical_token_ids,
-        nucleotide_tokenizer,
-        protein_tokenizer,
-        read_fasta,
-        read_parquet,
-    )
-
     if kind == "uniref":
         path = data_dir / "uniref90_sample.parquet"
         records: Iterator[tuple[str, str | None]] = read_parquet(path) if path.exists() else iter(())
@@ -505,8 +521,6 @@ def plan_steps(examples: Sequence[Example], case: ModelCase, num_steps: int) -> 
 def packed_batch(pack: Sequence[Example], case: ModelCase, segments_multiple_of: int | None = None) -> dict[str, Any]:
     """A THD micro-batch of exactly ``case.tokens`` tokens: the sequences, then one ``<pad>`` segment (label -100);
     ``segments_multiple_of``: see :func:`bioscale.data.collate_packed` (variant option ``cu_pad``)."""
-    from bioscale.data import PAD_TOKEN_ID, collate_packed
-
     batch = collate_packed(
         [e.input_ids for e in pack], pad_to_multiple_of=case.tokens, segments_multiple_of=segments_multiple_of
     )
@@ -530,8 +544,6 @@ def padded_batches(sequences: Sequence[Example], case: ModelCase) -> list[dict[s
     most one sequence), so a step ends with a one-sequence micro-batch only when it must (3 sequences at ``mb=2``, as
     split Llama steps often have): batch size 1 is specialised by Dynamo, one more compile, during the warm-up.
     """
-    from bioscale.data import PAD_TOKEN_ID
-
     batches = []
     num_chunks = -(-len(sequences) // case.mb)
     for chunk_indices in np.array_split(np.arange(len(sequences)), num_chunks):
@@ -584,9 +596,6 @@ class Result:
 
 
 def _model_config(case: ModelCase, attn_backend: str) -> Any:
-    from bioscale.data import nucleotide_tokenizer
-    from bioscale.models import build_config
-
     overrides: dict[str, Any] = {"attn_backend": attn_backend}
     if case.data == "dna":
         tokenizer = nucleotide_tokenizer()
@@ -635,8 +644,6 @@ def flash_attention_impl(impl: str | None) -> Iterator[None]:
     """Routes torch's flash-attention ops (``varlen_attn`` included) to ``impl`` for the block, then back to FA2:
     :func:`bioscale.models.flash_impl.flash_impl` (``FA3`` needs ``flash_attn_interface``, ``FA4`` ``flash_attn.cute``
     from PyPI ``flash-attn-4``; carry their wheels to the device)."""
-    from bioscale.models.flash_impl import flash_impl
-
     with flash_impl(impl):
         yield
 
@@ -646,8 +653,6 @@ def one_rank_process_group(device: torch.device) -> Iterator[None]:
     """A default process group of world size 1 for the block (NCCL with a gloo side on CUDA, as the trainer's; gloo
     on CPU), created only if none exists and destroyed after; FSDP2 needs one even to "shard" over a single rank."""
     import socket
-
-    import torch.distributed as dist
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
@@ -668,8 +673,6 @@ def one_rank_process_group(device: torch.device) -> Iterator[None]:
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """The learning rate of optimizer step ``step`` (0-based): the trainer's ``linear_warmup_linear_decay`` over
     the run's ``warmup + steps`` steps, ``--lr`` the peak (constant with 0 warm-up steps and ``--lr-min-ratio 1``)."""
-    from bioscale.train.schedulers import lr_multiplier
-
     return args.lr * lr_multiplier(
         step,
         kind="linear_warmup_linear_decay",
@@ -693,8 +696,6 @@ def build_optimizer(
 def reference_init(case: ModelCase, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     """The initial weights every variant starts from: a plain bioscale model of ``case`` materialised on ``device``
     and initialised after ``torch.manual_seed(seed)``, as :func:`build_variant_model` does for the unsharded ones."""
-    from bioscale.models import build_model
-
     model = build_model(_model_config(case, "sdpa"), device="meta")
     model.to_empty(device=device)
     torch.manual_seed(seed)
@@ -703,26 +704,68 @@ def reference_init(case: ModelCase, device: torch.device, seed: int) -> dict[str
     return model.state_dict()
 
 
+def variant_plan(variant: VariantSpec, device: torch.device) -> ParallelPlan:
+    """The precision plan ``bioscale train`` would choose for ``variant`` on this one device (``plan_parallelism``).
+
+    ``params=fp32`` is the trainer's ``dtype=bf16`` on a GPU (bf16 autocast over fp32 weights); on CPU the smoke test
+    asks for ``dtype=fp32`` (CPUs without bf16 matrix units run bf16 slower than fp32). ``params=fsdp`` is
+    ``parallelism.single_gpu_fsdp=true`` (bf16 compute over fp32 master shards, no autocast) under
+    :func:`one_rank_process_group`. ``params=bf16`` / ``bf16-master`` are not trainer settings: the benchmark casts the
+    weights itself, so their plan is ``dtype=fp32`` (no autocast) and the weights decide the compute dtype.
+    """
+    fsdp = variant.params == "fsdp"
+    bf16 = device.type == "cuda" and variant.params in ("fp32", "fsdp")
+    plan = plan_parallelism(
+        strategy="fsdp2",
+        dtype="bf16" if bf16 else "fp32",
+        device_type=device.type,
+        world_size=1,
+        is_distributed=fsdp,
+        single_gpu_fsdp=fsdp,
+        fp8=variant.name == "packed_fp8",
+        fp8_recipe=variant.fp8_recipe,
+    )
+    if fsdp and not plan.use_fsdp:
+        # The trainer never shards a single CPU rank (its sharded path stays fp32 there, nothing to gain); the smoke
+        # test does, so that the FSDP2 path of the benchmark runs on CPU too. The dtypes stay the plan's (fp32), and
+        # FP8 weights are not all-gathered in FP8 (the trainer refuses FP8 on CPU: there is nothing to mirror).
+        plan = dataclasses.replace(plan, use_fsdp=True)
+    return plan
+
+
+def lr_scheduler(optimizer: Any, args: argparse.Namespace) -> Any:
+    """The trainer's ``LambdaLR`` over :func:`lr_at`'s schedule (step ``i`` runs at ``lr_at(i, args)``).
+
+    :class:`MasterWeightAdamW` is not a ``torch.optim.Optimizer``; its inner AdamW shares its ``param_groups``.
+    """
+    inner = optimizer.optimizer if isinstance(optimizer, MasterWeightAdamW) else optimizer
+    return build_lr_scheduler(
+        inner,
+        kind="linear_warmup_linear_decay",
+        warmup_steps=args.lr_warmup_steps,
+        total_steps=args.warmup + args.steps,
+        min_lr_ratio=args.lr_min_ratio,
+    )
+
+
 def build_variant_model(
     case: ModelCase, variant: VariantSpec, device: torch.device, args: argparse.Namespace
 ) -> tuple[torch.nn.Module, list[str], list[torch.Tensor] | None]:
     """The model of ``variant``, initialised from ``args.seed`` (identical weights for every variant), its notes and,
     for ``params=bf16-master``, fp32 copies of the initial weights (the optimizer's masters).
 
-    The meta model is wrapped in the trainer's order: FP8 linears -> activation checkpointing -> per-block compile ->
-    FSDP2 (``params=fsdp``, under :func:`one_rank_process_group`) -> ``to_empty`` + ``init_weights``. FSDP2's
-    sharded init draws its random numbers differently, so an FSDP2 model then loads :func:`reference_init`.
+    The meta model is built as the trainer builds it, under the same plan (:func:`variant_plan`): FP8 linears ->
+    ``bioscale.distributed.parallelize`` (activation checkpointing -> per-block compile -> FSDP2 for ``params=fsdp``,
+    under :func:`one_rank_process_group`) -> ``to_empty`` + ``init_weights`` -> ``apply_data_parallel`` (nothing on
+    one rank). FSDP2's sharded init draws its random numbers differently, so an FSDP2 model then loads
+    :func:`reference_init`.
     """
-    from bioscale.distributed.parallelize import apply_ac, apply_compile, apply_fsdp
-    from bioscale.models import build_model, to_hf
-
+    plan = variant_plan(variant, device)
     notes: list[str] = []
     packed = variant.name.startswith("packed")
     config = _model_config(case, "varlen" if packed else "sdpa")
     model = build_model(config, device="meta")
     if variant.name == "packed_fp8":
-        from bioscale.precision import apply_fp8, fp8_layer_names
-
         emulate = device.type != "cuda"
         apply_fp8(
             model,
@@ -731,38 +774,34 @@ def build_variant_model(
             min_features=variant.fp8_min_features,
             modules=variant.fp8_modules,
             emulate=emulate,
+            fsdp_float8_all_gather=plan.fp8_all_gather,
         )
         notes.append(f"{len(fp8_layer_names(model))} FP8 linears" + (" (emulated GEMMs on CPU)" if emulate else ""))
     if variant.name != "hf_padded":
-        apply_ac(model, case.ac)
+        # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
+        parallelize(
+            model,
+            plan,
+            activation_checkpointing=case.ac,
+            compile_blocks=args.compile,
+            compile_dynamic=None if packed else True,
+            compile_mode=variant.compile_mode,
+            compile_presets=variant.compile_presets,
+        )
         if case.ac != "none":
             notes.append(f"AC {case.ac}")
-        if args.compile:
-            # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
-            apply_compile(
-                model, dynamic=True if not packed else None, mode=variant.compile_mode, presets=variant.compile_presets
-            )
-    fsdp = variant.params == "fsdp"
-    if fsdp:
-        # bf16 compute over the fp32 shards on GPU; on CPU the trainer's sharded path stays fp32, and so does this.
-        param_dtype = torch.bfloat16 if device.type == "cuda" else None
-        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
     model.to_empty(device=device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
         model.init_weights()  # also fills the buffers (rotary tables) that no state dict carries
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
-
+    if plan.use_fsdp:
         reference = reference_init(case, device, args.seed)
         set_model_state_dict(model, reference, options=StateDictOptions(full_state_dict=True, strict=True))
         del reference
         notes.append(
-            PARAM_NOTES["fsdp"] if param_dtype is not None else "fp32 weights and compute via FSDP2 on one rank"
+            PARAM_NOTES["fsdp"] if plan.param_dtype is not None else "fp32 weights and compute via FSDP2 on one rank"
         )
+    model = apply_data_parallel(model, plan, device=device)
     if variant.name == "hf_padded":
         hf_model = to_hf(model)
         del model
@@ -782,18 +821,94 @@ def build_variant_model(
     return model, notes, masters
 
 
-def _loss_fn(model: torch.nn.Module, variant: VariantSpec, task: str) -> Any:
-    """micro-batch -> sum of its token losses (the step divides by the step's label count)."""
-    if variant.name == "hf_padded":
+# One prepared optimizer step: its micro-batches on the device, their label counts, the step's label count.
+DeviceStep = tuple[list[dict[str, Any]], list[int], int]
 
-        def hf_loss(batch: dict[str, Any], num_labels: int) -> torch.Tensor:
-            return model(**batch).loss * num_labels  # transformers returns the mean over the labels
 
-        return hf_loss
-    # The trainer's own forward (masked-only LM head for MLM).
-    from bioscale.train.train import model_loss
+class TrainerSteps:
+    """The steps of bioscale's rows: ``bioscale.train.step.train_step``, the trainer's own step (accumulation with
+    gradient sync on the last micro-batch, global label-count normalisation, clipping, non-finite skipping, the FP8
+    scale refresh of FSDP2's FP8 all-gather), under the variant's :class:`ParallelPlan`, with the trainer's scheduler.
 
-    return lambda batch, num_labels: model_loss(model, batch, task=task)
+    Like the trainer, the model checks the values of its inputs on the first step only (a host sync per forward).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, *, plan: ParallelPlan, task: str,
+                 device: torch.device, args: argparse.Namespace) -> None:  # fmt: skip
+        self.model, self.optimizer, self.plan, self.task, self.device = model, optimizer, plan, task, device
+        self.scheduler = lr_scheduler(optimizer, args)
+        self.max_grad_norm = args.max_grad_norm or None  # 0: no clipping
+        self.state = TrainState()
+
+    def __call__(self, step: DeviceStep) -> tuple[float, float | None]:
+        micro, _, step_labels = step
+        validate = self.state.step == 0
+        result: StepResult = train_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            micro,
+            state=self.state,
+            loss_fn=self._loss,
+            num_label_tokens=step_labels,
+            device=self.device,
+            max_grad_norm=self.max_grad_norm,
+            forward_context=lambda _: self._forward(validate),
+            fp8_all_gather=self.plan.fp8_all_gather,
+        )
+        return result.loss, result.grad_norm if self.max_grad_norm is not None else None
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return model_loss(self.model, batch, task=self.task)  # the trainer's forward (masked-only LM head for MLM)
+
+    @contextlib.contextmanager
+    def _forward(self, validate: bool) -> Iterator[None]:
+        with self.plan.autocast(self.device.type), input_validation(validate):
+            yield
+
+
+def stock_step(
+    step: DeviceStep, *, loss_fn: Callable[[Any, int], torch.Tensor], optimizer: Any, autocast: Any,
+    clip: Callable[[], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """One step of the ``transformers`` baseline as its users write it, deliberately not bioscale's ``train_step``:
+    each micro-batch's mean loss re-weighted by its label count and divided by the step's, clipping, the update (no
+    skipping of non-finite steps). Returns the step's loss and gradient norm as tensors: no host sync."""
+    micro, counts, step_labels = step
+    step_loss: torch.Tensor | None = None
+    for batch, count in zip(micro, counts):
+        with autocast:
+            loss_sum = loss_fn(batch, count)
+        (loss_sum / step_labels).backward()
+        detached = loss_sum.detach().float()
+        step_loss = detached if step_loss is None else step_loss + detached
+    grad_norm = clip() if clip is not None else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    assert step_loss is not None, "a step without micro-batches"
+    return step_loss / step_labels, grad_norm
+
+
+class StockSteps:
+    """The ``hf_padded`` rows' steps: :func:`stock_step` at :func:`lr_at`'s learning rate, set by hand each step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, *, plan: ParallelPlan, device: torch.device,
+                 args: argparse.Namespace) -> None:  # fmt: skip
+        self.model, self.optimizer = model, optimizer
+        self.autocast = plan.autocast(device.type)  # bf16 autocast over fp32 weights on GPU, as the trainer's
+        self.clip = (lambda: clip_grad_norm(model, args.max_grad_norm)) if args.max_grad_norm else None
+        self.schedule = [lr_at(i, args) for i in range(args.warmup + args.steps)]
+        self.index = 0
+
+    def _loss(self, batch: dict[str, Any], num_labels: int) -> torch.Tensor:
+        return self.model(**batch).loss * num_labels  # transformers returns the mean over the labels
+
+    def __call__(self, step: DeviceStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Steps after the run (the profiled ones) keep the last learning rate.
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule[min(self.index, len(self.schedule) - 1)]
+        self.index += 1
+        return stock_step(step, loss_fn=self._loss, optimizer=self.optimizer, autocast=self.autocast, clip=self.clip)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -813,6 +928,55 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def device_steps(
+    plans: Sequence[StepPlan], case: ModelCase, variant: VariantSpec, device: torch.device
+) -> list[DeviceStep]:
+    """Every step's micro-batches, built and moved to ``device`` before the timing starts."""
+    packed = variant.name.startswith("packed")
+    steps = []
+    for plan in plans:
+        micro = (
+            [packed_batch(pack, case, variant.cu_pad) for pack in plan.packs]
+            if packed
+            else padded_batches(plan.sequences, case)
+        )
+        counts = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro]
+        micro = [_to_device(mb, device) for mb in micro]
+        if packed:
+            for mb in micro:
+                # The number of sequences per micro-batch changes every step; without this hint the blocks
+                # would compile a second time, for a dynamic cu_seqlens length, after the first new value.
+                torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_q"], 0)
+                torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_k"], 0)
+        steps.append((micro, counts, sum(counts)))
+    return steps
+
+
+def time_steps(
+    run_step: Callable[[DeviceStep], tuple[Any, Any]], steps: Sequence[DeviceStep], *, warmup: int,
+    device: torch.device, quant_stats: Any = None, stats_step_offset: int = 0,
+) -> tuple[list[float], list[float], float]:  # fmt: skip
+    """Run ``steps`` through ``run_step``; returns the per-step losses and gradient norms (when clipping) and the
+    seconds of all but the first ``warmup`` steps."""
+    losses, grad_norms = [], []
+    timed_start = 0.0
+    for index, step in enumerate(steps):
+        if index == warmup:
+            _synchronize(device)
+            timed_start = time.perf_counter()
+        if quant_stats is not None:
+            quant_stats.begin_step(index + 1 + stats_step_offset)
+        loss, grad_norm = run_step(step)
+        if quant_stats is not None:
+            quant_stats.end_step(index + 1 + stats_step_offset)
+        losses.append(loss)
+        if grad_norm is not None:
+            grad_norms.append(grad_norm)
+    _synchronize(device)
+    elapsed = time.perf_counter() - timed_start
+    return [float(x) for x in losses], [float(x) for x in grad_norms], elapsed
+
+
 def run_variant(
     case: ModelCase,
     variant: VariantSpec,
@@ -822,10 +986,11 @@ def run_variant(
     device: torch.device,
     args: argparse.Namespace,
 ) -> Result:
-    """Train ``warmup + len(plans) - warmup`` steps of ``variant``; time all but the warm-up steps."""
-    from bioscale.distributed.parallelize import grad_sync
-    from bioscale.models import get_model_spec, set_input_validation
+    """Train ``warmup + len(plans) - warmup`` steps of ``variant``; time all but the warm-up steps.
 
+    bioscale's variants step through :class:`TrainerSteps` (the trainer's ``train_step`` and precision plan), the
+    ``transformers`` baseline through :class:`StockSteps` (a stock loop).
+    """
     result = Result(case.label, variant.label)
     start = time.perf_counter()
     packed = variant.name.startswith("packed")
@@ -838,31 +1003,15 @@ def run_variant(
         if variant.params == "fsdp":
             process_group.enter_context(one_rank_process_group(device))
         attention_impl.enter_context(flash_attention_impl(variant.attn_impl))
+        plan = variant_plan(variant, device)
         model, notes, masters = build_variant_model(case, variant, device, args)
         result.notes = "; ".join(notes)
         optimizer = build_optimizer(model, masters, device, args)
         del masters
-        steps = []  # per step: (micro-batches on the device, their label counts, the step's label count)
-        for plan in plans:
-            micro = (
-                [packed_batch(pack, case, variant.cu_pad) for pack in plan.packs]
-                if packed
-                else padded_batches(plan.sequences, case)
-            )
-            counts = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro]
-            micro = [_to_device(mb, device) for mb in micro]
-            if packed:
-                for mb in micro:
-                    # The number of sequences per micro-batch changes every step; without this hint the blocks
-                    # would compile a second time, for a dynamic cu_seqlens length, after the first new value.
-                    torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_q"], 0)
-                    torch._dynamo.maybe_mark_dynamic(mb["cu_seq_lens_k"], 0)
-            steps.append((micro, counts, sum(counts)))
+        steps = device_steps(plans, case, variant, device)
         quant_stats = None
         stats_step_offset = 0
         if variant.quant_stats_freq:
-            from bioscale.precision import QuantStats
-
             # Attached before the first forward, as the trainer does; its cost is part of the timed steps.
             slug = re.sub(r"[^A-Za-z0-9_]+", "-", case.label)
             stats_step_offset = quant_stats_step_offset(warmup, variant.quant_stats_freq)
@@ -870,59 +1019,20 @@ def run_variant(
             quant_stats = QuantStats(model, freq=variant.quant_stats_freq, output_dir=stats_dir)
             notes.append(f"quant stats every {variant.quant_stats_freq} steps -> {stats_dir.name}/")
             result.notes = "; ".join(notes)
-        loss_fn = _loss_fn(model, variant, task)
-        # bf16 autocast over fp32 weights on GPU; CPUs without bf16 matrix units run bf16 slower than fp32, so the
-        # CPU smoke test computes in fp32. bf16 weights and FSDP2 (its param_dtype) need no autocast.
-        autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if variant.params == "fp32" and device.type == "cuda"
-            else contextlib.nullcontext()
+        if variant.name == "hf_padded":
+            run_step: Any = StockSteps(model, optimizer, plan=plan, device=device, args=args)
+        else:
+            run_step = TrainerSteps(model, optimizer, plan=plan, task=task, device=device, args=args)
+        result.losses, result.grad_norms, elapsed = time_steps(
+            run_step, steps, warmup=warmup, device=device, quant_stats=quant_stats, stats_step_offset=stats_step_offset
         )
-        schedule = [lr_at(i, args) for i in range(len(steps))]
-        losses: list[torch.Tensor] = []
-        grad_norms: list[torch.Tensor] = []
-        timed_start = 0.0
-        for index, (micro, counts, step_labels) in enumerate(steps):
-            if index == warmup:
-                _synchronize(device)
-                timed_start = time.perf_counter()
-            # Value checks on the inputs cost a host sync per forward; the first step checks the batch format.
-            set_input_validation(index == 0)
-            for group in optimizer.param_groups:
-                group["lr"] = schedule[index]
-            if quant_stats is not None:
-                quant_stats.begin_step(index + 1 + stats_step_offset)
-            step_loss = torch.zeros((), device=device)
-            for position, (batch, count) in enumerate(zip(micro, counts)):
-                # FSDP2 reduce-scatters the gradients of the last micro-batch only, as the trainer does.
-                with grad_sync(model, enabled=position == len(micro) - 1):
-                    with autocast:
-                        loss_sum = loss_fn(batch, count)
-                    (loss_sum / step_labels).backward()
-                step_loss += loss_sum.detach().float()
-            if args.max_grad_norm:
-                grad_norms.append(clip_grad_norm(model, args.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if quant_stats is not None:
-                quant_stats.end_step(index + 1 + stats_step_offset)
-            losses.append(step_loss / step_labels)
-        _synchronize(device)
-        elapsed = time.perf_counter() - timed_start
         if quant_stats is not None:
             quant_stats.close()
         if args.profile and device.type == "cuda":
-            result.profile, result.profile_categories = profile_steps(
-                steps[-min(3, len(steps)) :],
-                loss_fn,
-                optimizer,
-                autocast,
-                device,
-                clip=(lambda: clip_grad_norm(model, args.max_grad_norm)) if args.max_grad_norm else None,
-                step_ms=elapsed * 1e3 / (len(steps) - warmup),
+            step_ms = elapsed * 1e3 / (len(steps) - warmup)
+            result.profile, result.profile_categories = profile_kernels(
+                run_step, steps[-min(3, len(steps)) :], device, step_ms=step_ms
             )
-        result.losses = torch.stack(losses).tolist()
-        result.grad_norms = torch.stack(grad_norms).tolist() if grad_norms else []
         result.first_loss, result.final_loss = result.losses[0], result.losses[-1]
 
         timed = plans[warmup:]
@@ -964,12 +1074,10 @@ def run_variant(
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm as the trainer does; returns the norm before clipping (a plain fp32 tensor, also
-    under FSDP2, whose norm is a DTensor). For ``params=bf16-master`` the bf16 gradients are clipped before the
-    optimizer casts them."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-    full_tensor = getattr(norm, "full_tensor", None)
-    return (full_tensor() if full_tensor is not None else norm).detach().float()
+    """Clip the global gradient norm as the trainer does (``bioscale.train.step.clip_grad_norm``); returns the norm
+    before clipping as a plain fp32 tensor (also under FSDP2, whose norm is a DTensor). For ``params=bf16-master`` the
+    bf16 gradients are clipped before the optimizer casts them."""
+    return trainer_clip_grad_norm(model, max_norm).detach().float()
 
 
 # Kernel families for the profile's breakdown, first match wins. Attention comes first because FlashAttention's
@@ -1017,23 +1125,24 @@ def profile_steps(
     clip: Callable[[], Any] | None,
     step_ms: float,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The top CUDA kernels of a few more steps (run as the timed ones: ``clip`` before each optimizer step), with
-    their share of the GPU time, and the time per kernel family (:func:`summarize_kernels`) against ``step_ms``, the
-    timed steps' mean: the profiler's own host overhead would inflate a wall time measured under it."""
+    """:func:`profile_kernels` of :func:`stock_step` over ``steps`` (``clip`` before each optimizer step)."""
+    run_step = partial(stock_step, loss_fn=loss_fn, optimizer=optimizer, autocast=autocast, clip=clip)
+    return profile_kernels(run_step, steps, device, step_ms=step_ms)
+
+
+def profile_kernels(
+    run_step: Callable[[Any], Any], steps: Sequence[Any], device: torch.device, *, step_ms: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The top CUDA kernels of a few more steps (run as the timed ones, through ``run_step``), with their share of
+    the GPU time, and the time per kernel family (:func:`summarize_kernels`) against ``step_ms``, the timed steps'
+    mean: the profiler's own host overhead would inflate a wall time measured under it."""
     from torch.profiler import ProfilerActivity, profile
 
     # CPU activity off CUDA only so that the function runs (and is tested) there: it records no device time.
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
-        for micro, counts, step_labels in steps:
-            for batch, count in zip(micro, counts):
-                with autocast:
-                    loss_sum = loss_fn(batch, count)
-                (loss_sum / step_labels).backward()
-            if clip is not None:
-                clip()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for step in steps:
+            run_step(step)
         _synchronize(device)
     events = [e for e in prof.key_averages() if _device_time(e) > 0]
     total = sum(_device_time(e) for e in events)

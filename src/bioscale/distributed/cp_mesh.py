@@ -9,14 +9,25 @@ parameters and optimizer state by ``cp``. With ``dp_replicate > 1`` (multi-node 
 
 Data: the ``cp`` ranks of a group train on the same micro-batches (each keeps its chunks), so the loader is built per
 data-parallel rank: ``build_dataloader(..., rank=mesh.dp_rank, world_size=mesh.dp_size)``.
+
+:class:`ContextParallel` is what a training loop holds: the mesh, this rank's data-parallel place, and the three
+things context parallelism asks of the loop (prepare the model, shard each micro-batch, wrap each forward), all
+no-ops with ``cp_size == 1``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from bioscale.distributed.context_parallel import apply_context_parallel, context_parallel
+from bioscale.distributed.cp_layout import CPLayout, shard_batch_for_cp
 
 
 @dataclass(frozen=True)
@@ -101,3 +112,66 @@ def build_parallel_mesh(device_type: str, *, cp_size: int = 1, dp_replicate: int
     if cp_size > 1:
         cp_mesh = init_device_mesh(device_type, (world_size // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
     return ParallelMesh(fsdp_mesh, cp_mesh, dp_replicate, dp_shard, cp_size, dist.get_rank())
+
+
+class ContextParallel:
+    """The loop's view of the rank layout and of context parallelism: mesh, model preparation, batch sharding, forward.
+
+    With ``cp_size == 1`` the CP methods are no-ops and every rank is its own data-parallel rank. Otherwise each group
+    of ``cp_size`` consecutive ranks shares one data stream and splits its sequences; gradients of CP ranks are
+    partial (each saw its own tokens), and FSDP2 or DDP over all ranks sums them like those of data-parallel ranks,
+    so the loss normalisation (x world size / global label count) is unchanged.
+
+    Attributes:
+        size: the CP degree.
+        mesh: the :class:`ParallelMesh` (None in a plain single process, where there is nothing to arrange).
+        fsdp_mesh: what FSDP2 shards over (2-D for HSDP with ``dp_replicate > 1``; None in a plain process).
+        dp_rank / dp_size: this rank's data shard and the number of shards (what the data loader is built for).
+
+    Raises:
+        ValueError: (constructor) ``cp_size`` or ``dp_replicate`` does not fit the job (see
+            :func:`build_parallel_mesh`).
+    """
+
+    def __init__(
+        self, cp_size: int, device_type: str, *, rank: int, world_size: int, dp_replicate: int = 1
+    ) -> None:
+        self.size = cp_size
+        self.dp_rank, self.dp_size = rank, world_size
+        self.mesh: ParallelMesh | None = None
+        self.fsdp_mesh: DeviceMesh | None = None
+        if cp_size == 1 and dp_replicate == 1 and world_size == 1:
+            return
+        self.mesh = build_parallel_mesh(device_type, cp_size=cp_size, dp_replicate=dp_replicate)
+        self.fsdp_mesh = self.mesh.fsdp_mesh
+        self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        """The process group this rank splits sequences with (None without CP)."""
+        return self.mesh.cp_group if self.mesh is not None and self.size > 1 else None
+
+    def apply(self, model: nn.Module) -> None:
+        """Prepare ``model`` (on meta, before activation checkpointing, compile and FSDP2) for CP; a no-op without."""
+        if self.size > 1:
+            apply_context_parallel(model, self.cp_group)
+
+    def shard(
+        self, batches: Sequence[dict[str, Any]], *, causal: bool, pad_token_id: int
+    ) -> tuple[list[dict[str, Any]], list[CPLayout | None]]:
+        """This rank's shards of ``batches`` and their layouts (the batches unchanged without CP).
+
+        Causal labels are shifted before the split (``shift_labels``), so no label is lost at a chunk boundary.
+        """
+        if self.size == 1:
+            return list(batches), [None] * len(batches)
+        assert self.mesh is not None
+        shards = [
+            shard_batch_for_cp(b, self.mesh.cp_rank, self.size, shift_labels=causal, pad_token_id=pad_token_id)
+            for b in batches
+        ]
+        return [s.batch for s in shards], [s.layout for s in shards]
+
+    def forward(self, model: nn.Module, layout: CPLayout | None) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward: the model's attention sees this rank's CP plan."""
+        return context_parallel(model, layout) if self.size > 1 else contextlib.nullcontext()

@@ -109,6 +109,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def get_world_size() -> int:
+    """Ranks in the default process group; 1 in a single process."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place and return it; the identity in a single process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

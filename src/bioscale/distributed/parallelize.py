@@ -1,14 +1,17 @@
 """``apply_*`` functions that make a single-device model trainable at scale, applied from outside the model.
 
-The training loop calls them in torchtitan's fixed order, because each step wraps what the previous one produced:
+:func:`parallelize` applies a :class:`~bioscale.distributed.plan.ParallelPlan` to the ``meta`` model in torchtitan's
+fixed order, because each step wraps what the previous one produced:
 
 1. (tensor parallel — not used by bioscale yet)
-2. (context parallel — ``bioscale.distributed.context_parallel``, a later addition)
+2. context parallel — :meth:`bioscale.distributed.cp_mesh.ContextParallel.apply` (attention reads the CP plan);
 3. :func:`apply_ac` — activation checkpointing per transformer block (must wrap the plain block, before compile);
 4. :func:`apply_compile` — ``torch.compile`` per block (compiling blocks, not the whole model, keeps compile time
    flat in depth and lets FSDP2's hooks sit between compiled regions);
-5. :func:`apply_fsdp` (on the ``meta`` model, before materialisation) or :func:`apply_ddp` (after it: DDP broadcasts
-   rank 0's real weights when it wraps).
+5. :func:`apply_fsdp` — on the ``meta`` model, before materialisation, so no rank ever holds the full weights.
+
+The caller then materialises the model (``to_empty`` + ``init_weights``) and calls :func:`apply_data_parallel`:
+:func:`apply_ddp` (DDP broadcasts rank 0's real weights when it wraps) or Megatron-FSDP (it shards real weights).
 
 Every function takes explicit arguments, never the run config. The model contract they rely on: transformer blocks
 are reachable as ``model.layers`` (an ``nn.ModuleList``).
@@ -26,6 +29,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from bioscale.distributed.cp_mesh import ContextParallel
+from bioscale.distributed.megatron_fsdp import apply_megatron_fsdp, is_megatron_fsdp
+from bioscale.distributed.plan import ParallelPlan
 
 AC_MODES = ("none", "full", "selective")
 
@@ -258,10 +265,64 @@ def apply_ddp(model: nn.Module, *, device: torch.device) -> DistributedDataParal
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
+def parallelize(
+    model: nn.Module,
+    plan: ParallelPlan,
+    *,
+    cp: ContextParallel | None = None,
+    activation_checkpointing: str = "none",
+    compile_blocks: bool = False,
+    compile_dynamic: bool | None = None,
+    compile_mode: str | None = None,
+    compile_presets: Sequence[str] = (),
+    reshard_after_forward: str = "default",
+    prefetch: int = 1,
+) -> None:
+    """Apply ``plan`` to the ``meta`` model in place: context parallel → activation checkpointing → compile → FSDP2.
+
+    ``cp`` holds the rank layout (its ``fsdp_mesh`` is what FSDP2 shards over; None: the default process group).
+    The other arguments are those of :func:`apply_ac`, :func:`apply_compile` (``compile_blocks`` and ``compile_*``) and :func:`apply_fsdp`.
+    Materialise the model afterwards, then call :func:`apply_data_parallel`.
+    """
+    if cp is not None:
+        cp.apply(model)
+    apply_ac(model, activation_checkpointing)
+    if compile_blocks:
+        apply_compile(model, dynamic=compile_dynamic, mode=compile_mode, presets=compile_presets)
+    if plan.use_fsdp:
+        if plan.master_dtype is None:
+            model.to(dtype=torch.bfloat16)  # bf16 shards: no master copy (the optimizer updates bf16 weights)
+        apply_fsdp(
+            model,
+            mesh=cp.fsdp_mesh if cp is not None else None,
+            param_dtype=plan.param_dtype,
+            reduce_dtype=plan.reduce_dtype,
+            reshard_after_forward=reshard_after_forward,
+            prefetch=prefetch,
+        )
+
+
+def apply_data_parallel(model: nn.Module, plan: ParallelPlan, *, device: torch.device) -> nn.Module:
+    """Wrap the materialised ``model`` as ``plan`` says: DDP, Megatron-FSDP, or nothing (FSDP2 wrapped it already).
+
+    Both wrappers need real weights: DDP broadcasts rank 0's; Megatron-FSDP keeps this rank's shard of weights that
+    every rank initialised identically from the same seed (see :mod:`bioscale.distributed.megatron_fsdp`).
+    """
+    if plan.use_ddp:
+        return apply_ddp(model, device=device)
+    if plan.use_mfsdp:
+        return apply_megatron_fsdp(
+            model,
+            device=device,
+            compute_dtype=plan.param_dtype,
+            reduce_dtype=plan.reduce_dtype,
+            master_dtype=plan.master_dtype,
+        )
+    return model
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bioscale model under a DDP or Megatron-FSDP wrapper (FSDP2 modifies the model in place)."""
-    from bioscale.distributed.megatron_fsdp import is_megatron_fsdp
-
     return model.module if isinstance(model, DistributedDataParallel) or is_megatron_fsdp(model) else model
 
 

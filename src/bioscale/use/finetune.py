@@ -51,6 +51,7 @@ from bioscale.use.inputs import read_table
 from bioscale.use.loading import LoadedModel, family_tasks, load_config, load_model
 from bioscale.train.optimizer import build_optimizer
 from bioscale.train.schedulers import build_lr_scheduler
+from bioscale.train.step import TrainState, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -632,6 +633,7 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
     history: list[dict[str, float]] = [{"step": 0.0, **{f"val_{k}": v for k, v in initial.items()}}]
     logger.info("step 0  validation %s", _format_metrics(initial))
     epoch_batches: list[list[int]] = []
+    state = TrainState()
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     for step in range(1, config.max_steps + 1):
         if not epoch_batches:
@@ -642,16 +644,26 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
         batch = collate_examples(
             [train_examples[i] for i in indices], task=task, batching=batching, pad_token_id=pad_id, device=device
         )
-        with _autocast(device, autocast_dtype):
-            loss = model(**batch.inputs).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}; lower lr (now {config.lr})")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_loss += float(loss.detach())
+        # The trainer's step (bioscale.train.step). The heads' loss is already the mean over the batch's labels, so
+        # the batch counts as one loss term and the step's normalisation divides by 1.
+        result = train_step(
+            model,
+            optimizer,
+            scheduler,
+            [batch.inputs],
+            state=state,
+            loss_fn=lambda inputs: model(**inputs).loss,
+            num_label_tokens=1,
+            device=device,
+            max_grad_norm=config.grad_clip,
+            forward_context=lambda _: _autocast(device, autocast_dtype),
+        )
+        if result.skipped:
+            raise FloatingPointError(
+                f"non-finite loss {result.loss} or gradient norm {result.grad_norm} at step {step}; "
+                f"lower lr (now {config.lr})"
+            )
+        window_loss += result.loss
         window_steps += 1
         window_tokens += int(batch.token_example.numel())
         if step % config.log_every == 0 or step == config.max_steps:
