@@ -136,7 +136,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # consecutive ranks split the sequences of one data stream; data parallelism runs across the groups, and
         # FSDP2 shards over dp_shard x cp (HSDP: replicated across dp_replicate groups).
         cp = _ContextParallel(
-            cfg.cp_size, device, rank=rank, world_size=world_size, dp_replicate=cfg.parallelism.dp_replicate
+            cfg.parallelism.cp_size, device, rank=rank, world_size=world_size, dp_replicate=cfg.parallelism.dp_replicate
         )
         # The same seed on every rank: DDP starts from rank 0's weights anyway, and FSDP2's sharded init draws from
         # one stream. Per-rank streams (dropout) are seeded after init.
@@ -155,7 +155,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
 
             check_megatron_fsdp_available(device)
-            if cfg.fp8_config.enabled:
+            if cfg.fp8.enabled:
                 raise ValueError(
                     "parallelism.strategy=mfsdp does not support torchao FP8 (Megatron-FSDP quantises only "
                     "TransformerEngine parameters); use parallelism.strategy=fsdp2 with fp8_config.enabled=true"
@@ -196,27 +196,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ---- 3. Converters (before parallelize: FSDP2 must shard the converted modules) ----------------------------
         # Under FSDP2, tensorwise FP8 also all-gathers the weights in FP8 (half the traffic of bf16); their scales
         # are then refreshed once per step, after the optimizer, in a single all-reduce.
-        fp8_all_gather = cfg.fp8_config.enabled and use_fsdp and cfg.fp8_config.recipe == "tensorwise"
-        if cfg.fp8_config.enabled:
+        fp8_all_gather = cfg.fp8.enabled and use_fsdp and cfg.fp8.recipe == "tensorwise"
+        if cfg.fp8.enabled:
             from bioscale.precision.fp8 import apply_fp8, check_fp8_hardware, precompute_fp8_scales
 
             _check_fp8_device(check_fp8_hardware, device)
             apply_fp8(
                 model,
-                recipe=cfg.fp8_config.recipe,
-                layers=cfg.fp8_layers,
-                modules=cfg.fp8_config.modules,
+                recipe=cfg.fp8.recipe,
+                layers=cfg.fp8.layers,
+                modules=cfg.fp8.modules,
                 fsdp_float8_all_gather=fp8_all_gather,
             )
 
         # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
         cp.apply(model)
-        apply_ac(model, cfg.activation_checkpointing)
-        if cfg.compile:
+        apply_ac(model, cfg.activation_checkpointing.mode)
+        if cfg.compile.enabled:
             # Packed micro-batches keep their shape stable enough for automatic dynamic shapes (see _to_device);
             # padded ones change [B, S] every step, so compile those blocks for dynamic shapes from the start.
             apply_compile(
-                model, dynamic=None if cfg.use_sequence_packing else True, presets=list(cfg.compile_presets)
+                model, dynamic=None if cfg.data.use_sequence_packing else True, presets=list(cfg.compile.presets)
             )
         if use_fsdp:
             if sharded_bf16 and not cfg.parallelism.fp32_master_weights:
@@ -251,10 +251,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         _seed_everything(cfg.seed + rank)
         quant_stats = None
-        if cfg.quant_stats_config.enabled:  # hooks on the materialised FP8 layers, before the first (compiled) forward
+        if cfg.quant_stats.enabled:  # hooks on the materialised FP8 layers, before the first (compiled) forward
             from bioscale.precision.quant_stats import attach_quant_stats
 
-            quant_stats = attach_quant_stats(model, run_dir=run_dir, freq=cfg.quant_stats_config.freq, rank=rank)
+            quant_stats = attach_quant_stats(model, run_dir=run_dir, freq=cfg.quant_stats.freq, rank=rank)
 
         # ---- 6. Optimizer and learning-rate schedule ----------------------------------------------------------------
         optimizer = build_optimizer(
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     # tokens unequally (torchtitan's normalisation).
                     global_labels = all_reduce_sum(torch.tensor(local_labels, device=device)).clamp(min=1).float()
                     micro_batches = [
-                        _to_device(b, device, compiled=cfg.compile, max_seq_length=cfg.data.max_seq_length)
+                        _to_device(b, device, compiled=cfg.compile.enabled, max_seq_length=cfg.data.max_seq_length)
                         for b in micro_batches
                     ]
                 # DDP and FSDP2 average gradients over ranks; scaling by world_size turns that mean into the sum.
@@ -435,7 +435,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             # Token counts are of this rank's data stream; a CP group shares one stream, so each of its ranks counts
             # 1/cp_size of it (summed over ranks at log time, every token counts once).
-            cp_share = 1.0 / cfg.cp_size
+            cp_share = 1.0 / cfg.parallelism.cp_size
             window.add(
                 loss=loss_value,
                 num_label_tokens=float(global_labels),
@@ -504,7 +504,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "world_size": world_size,
             "device": str(device),
             "strategy": strategy if (world_size > 1 or use_fsdp or use_mfsdp) else "single",
-            "cp_size": cfg.cp_size,
+            "cp_size": cfg.parallelism.cp_size,
             "num_train_steps": cfg.num_train_steps,
             "final_step": state.step,
             "resumed_from_step": resumed_from,
