@@ -60,18 +60,26 @@ ALIASES: dict[str, str] = {
 _SECTION_ALIASES = ("fp8_config", "quant_stats_config")
 
 
-def resolve_aliases(overrides: list[str]) -> list[str]:
-    """``key=value`` overrides with the old key names (:data:`ALIASES`) rewritten to the sectioned schema's."""
+def resolve_aliases(
+    overrides: list[str],
+    aliases: dict[str, str] | None = None,
+    section_aliases: tuple[str, ...] | None = None,
+) -> list[str]:
+    """``key=value`` overrides with the old key names rewritten to the sectioned schema's (default: the trainer's
+    :data:`ALIASES`; fine-tuning passes its own). ``ValueError`` when two spellings of one setting are both given."""
+    if aliases is None:
+        aliases, section_aliases = ALIASES, _SECTION_ALIASES
+    section_aliases = section_aliases or ()
     resolved = []
     spelled: dict[str, list[str]] = defaultdict(list)
     for override in overrides:
         prefix = override[: len(override) - len(override.lstrip("+~"))]
         body = override[len(prefix) :]
         key, sep, value = body.partition("=")
-        new_key = ALIASES.get(key) if key not in _SECTION_ALIASES else None
-        for section in _SECTION_ALIASES:
+        new_key = aliases.get(key) if key not in section_aliases else None
+        for section in section_aliases:
             if key == section or key.startswith(section + "."):
-                new_key = ALIASES[section] + key[len(section) :]
+                new_key = aliases[section] + key[len(section) :]
         resolved.append(f"{prefix}{new_key}{sep}{value}" if new_key is not None else override)
         spelled[new_key or key].append(key)
     for key, spellings in spelled.items():
