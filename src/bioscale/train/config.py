@@ -24,6 +24,7 @@ from bioscale.data.config import DataConfig
 from bioscale.distributed.parallelize import AC_MODES, COMPILE_PRESETS, RESHARD_POLICIES
 from bioscale.models.attention import ATTENTION_BACKENDS
 from bioscale.models.flash_impl import FLASH_IMPLS
+from bioscale.precision.fp8 import FP8_RECIPES
 
 SCHEMA_NAME = "bioscale_train"
 
@@ -33,7 +34,6 @@ STRATEGIES = ("ddp", "fsdp2", "mfsdp")
 REDUCE_DTYPES = ("fp32", "bf16")
 PROFILER_MODES = ("nsys", "torch")
 SCHEDULER_KINDS = ("linear_warmup_linear_decay", "warmup_cosine")
-FP8_RECIPES = ("tensorwise", "rowwise")
 
 
 def choice(default: Any, choices: tuple[str, ...]) -> Any:
