@@ -184,7 +184,7 @@ class ParallelismConfig:
     dp_replicate: int = 1
     # With dtype=bf16 on one GPU: FSDP2 / Megatron-FSDP over one rank (bf16 compute over fp32 masters) instead of
     # the plain model under autocast. Off by default: on an H100 it measured -16% at 16k-token micro-batches and +2%
-    # at 32k for ESM-2 650M (benchmarks/results/2026-11-22-nvidia-h100-80gb-hbm3-params.md).
+    # at 32k for ESM-2 650M (benchmarks/results/2026-11-22-h100-esm2-650M.md).
     single_gpu_fsdp: bool = False
     # Context-parallel degree: each group of cp_size consecutive ranks splits every sequence (docs/context_parallel.md).
     cp_size: int = 1
