@@ -24,5 +24,5 @@ def test_bench_overrides_are_a_valid_config(quick: bool) -> None:
     cfg = load_config("L0_sanity", overrides)
     assert cfg.num_train_steps == 1000
     if not quick:
-        assert cfg.model.size == "esm2_t6_8M" and cfg.use_sequence_packing and cfg.data.max_tokens_per_batch == 32768
+        assert cfg.model.size == "esm2_t6_8M" and cfg.data.use_sequence_packing and cfg.data.max_tokens_per_batch == 32768
         assert cfg.dtype == "bf16" and cfg.device == "cuda" and cfg.data.max_seq_length == 1024

@@ -100,7 +100,7 @@ def test_invalid_layer_selection(layers: object, message: str) -> None:
 
 
 def test_invalid_options() -> None:
-    with pytest.raises(ValueError, match="fp8_config.recipe"):
+    with pytest.raises(ValueError, match="fp8.recipe"):
         apply_fp8(esm_model(), recipe="delayed", emulate=True)
     with pytest.raises(ValueError, match="tensorwise"):
         apply_fp8(esm_model(), recipe="rowwise", fsdp_float8_all_gather=True, emulate=True)

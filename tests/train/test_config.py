@@ -51,18 +51,65 @@ def test_overrides_reach_nested_and_top_level_keys():
     )
     assert cfg.num_train_steps == 7
     assert cfg.optimizer.lr == 0.5
-    assert cfg.fp8_layers == [1, 2]
-    assert cfg.fp8_config.modules == ["mlp", "attention.qkv_proj"]
+    assert cfg.fp8.layers == [1, 2]
+    assert cfg.fp8.modules == ["mlp", "attention.qkv_proj"]
     assert cfg.model.overrides == {"num_hidden_layers": 3}
     assert cfg.checkpoint.ckpt_dir == "/tmp/x"
     assert cfg.parallelism.strategy == "ddp"
 
 
-def test_use_sequence_packing_mirrors_into_data():
+def test_use_sequence_packing_is_an_alias_of_the_data_key():
     assert load_config("L0_sanity", ["use_sequence_packing=true"]).data.use_sequence_packing is True
     assert load_config("L0_sanity", ["use_sequence_packing=false"]).data.use_sequence_packing is False
-    with pytest.raises(ValueError, match="set only the top-level use_sequence_packing"):
+    with pytest.raises(ValueError, match="data.use_sequence_packing"):
         load_config("L0_sanity", ["use_sequence_packing=false", "data.use_sequence_packing=true"])
+
+
+@pytest.mark.parametrize(
+    "old, new, read",
+    [
+        ("fp8_config.enabled=true", "fp8.enabled=true", lambda c: c.fp8.enabled),
+        ("fp8_config.recipe=rowwise", "fp8.recipe=rowwise", lambda c: c.fp8.recipe),
+        ("fp8_layers=[1,2]", "fp8.layers=[1,2]", lambda c: c.fp8.layers),
+        ("quant_stats_config.freq=3", "quant_stats.freq=3", lambda c: c.quant_stats.freq),
+        ("cp_size=2", "parallelism.cp_size=2", lambda c: c.parallelism.cp_size),
+        ("use_sequence_packing=true", "data.use_sequence_packing=true", lambda c: c.data.use_sequence_packing),
+        ("compile=true", "compile.enabled=true", lambda c: c.compile.enabled),
+        ("activation_checkpointing=full", "activation_checkpointing.mode=full", lambda c: c.activation_checkpointing.mode),
+        ("checkpoint.save_every_n_steps=3", "checkpoint.save_every_n_steps=3", lambda c: c.checkpoint.save_every_n_steps),
+    ],
+)
+def test_seed_recipe_override_names_still_work(old, new, read):
+    assert read(load_config("L0_sanity", [old])) == read(load_config("L0_sanity", [new]))
+    assert read(load_config("L0_sanity", [old])) != read(load_config("L0_sanity", []))
+
+
+def test_compile_presets_alias_and_section():
+    cfg = load_config("L0_sanity", ["compile=true", "compile_presets=[coordinate_descent]"])
+    assert cfg.compile.enabled and cfg.compile.presets == ["coordinate_descent"]
+
+
+def test_every_choice_is_checked_in_one_place():
+    from dataclasses import replace
+
+    from bioscale.train.config import check_choices
+
+    cfg = load_config("L0_sanity")
+    cfg.parallelism = replace(cfg.parallelism, reshard_after_forward="sometimes")
+    with pytest.raises(ValueError, match="parallelism.reshard_after_forward must be one of"):
+        check_choices(cfg)
+
+
+def test_ignored_settings_are_reported():
+    from bioscale.train.config import ignored_settings
+
+    cfg = load_config("L0_sanity", ["parallelism.prefetch=3", "quant_stats.enabled=true"])
+    notes = ignored_settings(cfg, world_size=1, device_type="cpu")
+    assert any("parallelism.prefetch" in note for note in notes)
+    assert any("quant_stats.enabled" in note for note in notes)
+    assert ignored_settings(load_config("L0_sanity"), world_size=1, device_type="cpu") == []
+    sharded = load_config("L0_sanity", ["parallelism.prefetch=3"])
+    assert not any("prefetch" in n for n in ignored_settings(sharded, world_size=2, device_type="cuda"))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +134,7 @@ def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
         ("activation_checkpointing=some", "activation_checkpointing"),
         ("grad_acc_steps=0", "grad_acc_steps"),
         ("scheduler.kind=step", "scheduler.kind"),
-        ("fp8_layers=[0]", "fp8_layers"),
+        ("fp8_layers=[0]", "fp8.layers"),
         ("data.objective=mask", "data.objective"),
         ("parallelism.reshard_after_forward=sometimes", "parallelism.reshard_after_forward"),
         ("parallelism.reduce_dtype=fp16", "parallelism.reduce_dtype"),
@@ -98,8 +145,8 @@ def test_unknown_or_mistyped_keys_are_rejected_by_name(override, named):
         # Megatron-FSDP with context parallelism has not been run on GPUs.
         ("parallelism.strategy=mfsdp cp_size=2", "cp_size=2 with parallelism.strategy=mfsdp"),
         ("model.flash_impl=FA5", "model.flash_impl"),
-        ("compile=true compile_presets=[fast]", "compile_presets"),
-        ("compile_presets=[coordinate_descent]", "needs compile=true"),
+        ("compile=true compile_presets=[fast]", "compile.presets"),
+        ("compile_presets=[coordinate_descent]", "needs compile.enabled=true"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(override, named):

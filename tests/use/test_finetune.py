@@ -190,3 +190,25 @@ def test_recipe_data_resolves_from_any_directory(tmp_path: Path, monkeypatch: py
     assert resolve_data_path("mine.csv") == "mine.csv"  # existing paths are kept as given
     assert resolve_data_path("../shared/data/absent.parquet") == "../shared/data/absent.parquet"  # error names it
     assert resolve_data_path("missing.csv") == "missing.csv"
+
+
+def test_finetune_config_shares_the_trainer_sections_and_keeps_the_flat_names(tmp_path: Path) -> None:
+    from bioscale.train.config import OptimizerConfig, SchedulerConfig
+
+    base = ["model=m", "data=d.parquet"]
+    new = load_finetune_config("token_classification", [*base, "optimizer.lr=2e-3", "scheduler.warmup_steps=7",
+                                                        "num_train_steps=9", "max_grad_norm=0.5"])  # fmt: skip
+    old = load_finetune_config("token_classification", [*base, "lr=2e-3", "warmup_steps=7", "max_steps=9",
+                                                        "grad_clip=0.5"])  # fmt: skip
+    assert isinstance(new.optimizer, OptimizerConfig) and isinstance(new.scheduler, SchedulerConfig)
+    assert (new.optimizer.lr, new.scheduler.warmup_steps, new.num_train_steps, new.max_grad_norm) == (2e-3, 7, 9, 0.5)
+    assert (old.optimizer, old.scheduler, old.num_train_steps, old.max_grad_norm) == (
+        new.optimizer, new.scheduler, new.num_train_steps, new.max_grad_norm)  # fmt: skip
+    recipe = tmp_path / "old_style.yaml"  # a recipe file written for the flat schema
+    recipe.write_text("task: token_classification\nmodel: m\ndata: d.parquet\nlr: 3.0e-3\nmax_steps: 4\n")
+    loaded = load_finetune_config(recipe)
+    assert (loaded.optimizer.lr, loaded.num_train_steps) == (3e-3, 4)
+    with pytest.raises(ValueError, match="same setting"):
+        load_finetune_config("token_classification", [*base, "lr=1e-3", "optimizer.lr=2e-3"])
+    with pytest.raises(ValueError, match="scheduler.kind must be one of"):
+        load_finetune_config("token_classification", [*base, "scheduler.kind=step"])

@@ -166,5 +166,5 @@ def _check_megatron_fsdp(device_type: str, *, fp8: bool) -> None:
     if fp8:
         raise ValueError(
             "parallelism.strategy=mfsdp does not support torchao FP8 (Megatron-FSDP quantises only "
-            "TransformerEngine parameters); use parallelism.strategy=fsdp2 with fp8_config.enabled=true"
+            "TransformerEngine parameters); use parallelism.strategy=fsdp2 with fp8.enabled=true"
         )

@@ -54,7 +54,7 @@ def check_fp8_hardware(device: torch.device | int | None = None) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(
             "FP8 training needs an NVIDIA GPU with compute capability >= 8.9 (sm_89+: Ada, Hopper, Blackwell), but "
-            "no CUDA device is available. Set fp8_config.enabled=false to train in bf16 (apply_fp8(..., "
+            "no CUDA device is available. Set fp8.enabled=false to train in bf16 (apply_fp8(..., "
             "emulate=True) runs the FP8 casts with high-precision GEMMs, for numerics tests only)."
         )
     capability = torch.cuda.get_device_capability(device)
@@ -62,7 +62,7 @@ def check_fp8_hardware(device: torch.device | int | None = None) -> None:
         name = torch.cuda.get_device_name(device)
         raise RuntimeError(
             f"FP8 training needs an sm_89+ GPU (compute capability >= 8.9: Ada, Hopper, Blackwell); {name} has "
-            f"compute capability {capability[0]}.{capability[1]}. Set fp8_config.enabled=false to train in bf16."
+            f"compute capability {capability[0]}.{capability[1]}. Set fp8.enabled=false to train in bf16."
         )
 
 
@@ -79,7 +79,7 @@ def _select_blocks(layers: Sequence[int] | None, num_blocks: int) -> list[int]:
     if len(layers) == 0:
         raise ValueError(
             "fp8_layers is empty: list the 1-indexed blocks to run in FP8, use null for all blocks, or set "
-            "fp8_config.enabled=false"
+            "fp8.enabled=false"
         )
     bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)]
     if bad:
@@ -140,7 +140,7 @@ def apply_fp8(
         RuntimeError: no GPU with FP8 support (compute capability >= 8.9), unless ``emulate``.
     """
     if recipe not in FP8_RECIPES:
-        raise ValueError(f"fp8_config.recipe must be one of {', '.join(FP8_RECIPES)}; got {recipe!r}")
+        raise ValueError(f"fp8.recipe must be one of {', '.join(FP8_RECIPES)}; got {recipe!r}")
     if fsdp_float8_all_gather and recipe != "tensorwise":
         raise ValueError(
             f"FP8 all-gather under FSDP2 needs one scale per weight tensor: use recipe='tensorwise', not {recipe!r}"

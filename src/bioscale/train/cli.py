@@ -47,9 +47,9 @@ def _help_text(config_dir: str | None) -> str:
     lines += [f"  {name.ljust(width)}  {description}" for name, description in recipes.items()]
     lines += [
         "",
-        "common switches: num_train_steps=N use_sequence_packing=true grad_acc_steps=N parallelism.strategy=ddp|fsdp2",
+        "common switches: num_train_steps=N data.use_sequence_packing=true grad_acc_steps=N parallelism.strategy=ddp|fsdp2",
         "  checkpoint.ckpt_dir=DIR checkpoint.save_every_n_steps=N checkpoint.resume_from_checkpoint=true",
-        "  fp8_config.enabled=true fp8_layers=[1,2] profiler.enabled=true compile=true dtype=bf16|fp32 device=cpu",
+        "  fp8.enabled=true fp8.layers=[1,2] profiler.enabled=true compile.enabled=true dtype=bf16|fp32 device=cpu",
         "multi-GPU: torchrun --nproc_per_node=8 -m bioscale.cli train --config-name L1_esm2_650M",
     ]
     return "\n".join(lines)

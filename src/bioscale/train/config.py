@@ -13,26 +13,79 @@ sub-config (``cfg.optimizer``, ``cfg.checkpoint``, ...).
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from bioscale.data.config import DataConfig
-from bioscale.distributed.parallelize import COMPILE_PRESETS
+from bioscale.distributed.parallelize import AC_MODES, COMPILE_PRESETS, RESHARD_POLICIES
+from bioscale.models.attention import ATTENTION_BACKENDS
 from bioscale.models.flash_impl import FLASH_IMPLS
+from bioscale.precision.fp8 import FP8_RECIPES
 
 SCHEMA_NAME = "bioscale_train"
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp2", "mfsdp")
-RESHARD_POLICIES = ("default", "always", "never")
 REDUCE_DTYPES = ("fp32", "bf16")
-AC_MODES = ("none", "full", "selective")
 PROFILER_MODES = ("nsys", "torch")
 SCHEDULER_KINDS = ("linear_warmup_linear_decay", "warmup_cosine")
+
+
+def choice(default: Any, choices: tuple[str, ...]) -> Any:
+    """A field whose value must be one of ``choices``: declared beside the field, checked for every field of every
+    section by :func:`validate_config` (one place)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+# The override names of the seed recipes (and of bioscale before its config had one section per component), still
+# accepted on the command line: old key -> new key. ``compile=true`` and ``activation_checkpointing=full`` name a whole
+# section in the new schema, so they map to its switch.
+ALIASES: dict[str, str] = {
+    "fp8_config": "fp8",
+    "fp8_layers": "fp8.layers",
+    "quant_stats_config": "quant_stats",
+    "cp_size": "parallelism.cp_size",
+    "use_sequence_packing": "data.use_sequence_packing",
+    "compile_presets": "compile.presets",
+    "compile": "compile.enabled",
+    "activation_checkpointing": "activation_checkpointing.mode",
+}
+# Aliases of whole sections: ``fp8_config.enabled`` -> ``fp8.enabled``. The others rename one key exactly (so that
+# ``compile.enabled`` is not read as the alias ``compile`` plus ``.enabled``).
+_SECTION_ALIASES = ("fp8_config", "quant_stats_config")
+
+
+def resolve_aliases(
+    overrides: list[str],
+    aliases: dict[str, str] | None = None,
+    section_aliases: tuple[str, ...] | None = None,
+) -> list[str]:
+    """``key=value`` overrides with the old key names rewritten to the sectioned schema's (default: the trainer's
+    :data:`ALIASES`; fine-tuning passes its own). ``ValueError`` when two spellings of one setting are both given."""
+    if aliases is None:
+        aliases, section_aliases = ALIASES, _SECTION_ALIASES
+    section_aliases = section_aliases or ()
+    resolved = []
+    spelled: dict[str, list[str]] = defaultdict(list)
+    for override in overrides:
+        prefix = override[: len(override) - len(override.lstrip("+~"))]
+        body = override[len(prefix) :]
+        key, sep, value = body.partition("=")
+        new_key = aliases.get(key) if key not in section_aliases else None
+        for section in section_aliases:
+            if key == section or key.startswith(section + "."):
+                new_key = aliases[section] + key[len(section) :]
+        resolved.append(f"{prefix}{new_key}{sep}{value}" if new_key is not None else override)
+        spelled[new_key or key].append(key)
+    for key, spellings in spelled.items():
+        if len(set(spellings)) > 1:
+            raise ValueError(f"{' and '.join(sorted(set(spellings)))} are the same setting ({key}); give it once")
+    return resolved
 
 
 # Optional[...] rather than `X | None`: OmegaConf's structured-config type checker reads these annotations and
@@ -45,11 +98,12 @@ class ModelConfig:
     size: str = "debug"
     # Passed to ``bioscale.models.build_config(name, size, **overrides)``; e.g. ``+model.overrides.num_hidden_layers=2``.
     overrides: dict[str, Any] = field(default_factory=dict)
-    # Attention backend key (``sdpa``, ``varlen``, ``flex``, ``te``); None keeps the model config's default.
-    attn_backend: Optional[str] = None
+    # Attention backend key (bioscale.models.ATTENTION_BACKENDS: ``sdpa``, ``varlen``, ``flex``); None keeps the model
+    # config's default.
+    attn_backend: Optional[str] = field(default=None, metadata={"choices": tuple(ATTENTION_BACKENDS)})
     # Which flash kernels torch's varlen / SDPA-flash ops run: FA2 (built in), FA3 or FA4 when installed (CUDA
     # only; bioscale.models.flash_impl). None leaves torch's choice (FA2). A process setting, not stored with the model.
-    flash_impl: Optional[str] = None
+    flash_impl: Optional[str] = field(default=None, metadata={"choices": tuple(FLASH_IMPLS)})
     # Start from these weights (a ``save_pretrained`` directory, e.g. an earlier run's ``final_model``) instead of a
     # random init. The architecture still comes from name/size/overrides and must match the stored weights.
     init_from: Optional[str] = None
@@ -71,7 +125,7 @@ class OptimizerConfig:
 class SchedulerConfig:
     """Learning-rate schedule: ESM-2's linear warmup then linear decay, or Llama's warmup then cosine."""
 
-    kind: str = "linear_warmup_linear_decay"
+    kind: str = choice("linear_warmup_linear_decay", SCHEDULER_KINDS)
     warmup_steps: int = 2000
     # The learning rate at the last step, as a fraction of ``optimizer.lr`` (ESM-2 decays to 10 %).
     min_lr_ratio: float = 0.1
@@ -101,7 +155,7 @@ class ProfilerConfig:
     enabled: bool = False
     start_step: int = 10
     end_step: int = 12
-    mode: str = "nsys"
+    mode: str = choice("nsys", PROFILER_MODES)
 
 
 @dataclass
@@ -114,14 +168,14 @@ class ParallelismConfig:
     single GPU (over one rank): bf16 weights for compute over fp32 master weights instead of autocast.
     """
 
-    strategy: str = "fsdp2"
+    strategy: str = choice("fsdp2", STRATEGIES)
     # FSDP2: free each block's gathered weights after its forward (default: every block but the last; always; never
     # = ZeRO-2, no second all-gather in backward, more memory).
-    reshard_after_forward: str = "default"
+    reshard_after_forward: str = choice("default", RESHARD_POLICIES)
     # FSDP2: explicit all-gather prefetch depth in forward and backward (0 = FSDP2's implicit one-ahead schedule).
     prefetch: int = 1
     # Gradient reduction dtype (FSDP2 reduce-scatter, Megatron-FSDP main gradients): fp32 or bf16 (half the traffic).
-    reduce_dtype: str = "fp32"
+    reduce_dtype: str = choice("fp32", REDUCE_DTYPES)
     # With dtype=bf16: keep fp32 master weights (FSDP2 shards / Megatron-FSDP main weights) that the optimizer
     # updates; false stores bf16 weights and AdamW state (half the memory; updates below half a bf16 ulp are lost).
     fp32_master_weights: bool = True
@@ -132,6 +186,8 @@ class ParallelismConfig:
     # the plain model under autocast. Off by default: on an H100 it measured -16% at 16k-token micro-batches and +2%
     # at 32k for ESM-2 650M (benchmarks/results/2026-11-22-h100-esm2-650M.md).
     single_gpu_fsdp: bool = False
+    # Context-parallel degree: each group of cp_size consecutive ranks splits every sequence (docs/context_parallel.md).
+    cp_size: int = 1
 
 
 @dataclass
@@ -150,7 +206,9 @@ class FP8Config:
     """FP8 training of the ``nn.Linear`` layers in the selected blocks (torchao float8; needs an H100 or newer)."""
 
     enabled: bool = False
-    recipe: str = "tensorwise"
+    recipe: str = choice("tensorwise", FP8_RECIPES)
+    # 1-indexed transformer blocks to run in FP8; None means every block.
+    layers: Optional[list[int]] = None
     # Linears of each FP8 block to convert, by name inside the block or a dotted prefix ("mlp"); None: all.
     modules: Optional[list[str]] = None
 
@@ -164,8 +222,27 @@ class QuantStatsConfig:
 
 
 @dataclass
+class CompileConfig:
+    """``torch.compile`` of each transformer block, and Inductor settings by name."""
+
+    enabled: bool = False
+    # bioscale.distributed.parallelize.COMPILE_PRESETS, applied with enabled=true. They lengthen the first step's
+    # compile by minutes; see docs/performance.md for when they pay.
+    presets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    """Recompute activations in backward instead of keeping them: ``selective`` keeps matmul / attention outputs
+    and recomputes the pointwise ops, ``full`` recomputes whole blocks."""
+
+    mode: str = choice("none", AC_MODES)
+
+
+@dataclass
 class TrainConfig:
-    """A whole training run. Top-level names are public (scripts outside the repository set them)."""
+    """A whole training run: one section per component. Top-level names are public (scripts outside the repository
+    set them); :data:`ALIASES` keeps the older override names working."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,32 +252,21 @@ class TrainConfig:
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    fp8_config: FP8Config = field(default_factory=FP8Config)
-    # 1-indexed transformer blocks to run in FP8; None means every block.
-    fp8_layers: Optional[list[int]] = None
-    quant_stats_config: QuantStatsConfig = field(default_factory=QuantStatsConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    quant_stats: QuantStatsConfig = field(default_factory=QuantStatsConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
 
     num_train_steps: int = 100
-    # Mirrored into ``data.use_sequence_packing`` (the schema node interpolates it); set this one, not the data key.
-    use_sequence_packing: bool = False
     # Micro-batches per optimizer step; the global batch is micro-batch x grad_acc_steps x data-parallel ranks.
     grad_acc_steps: int = 1
-    # Context-parallel degree: each group of cp_size consecutive ranks splits every sequence (docs/context_parallel.md).
-    cp_size: int = 1
     # None: ``checkpoint.ckpt_dir`` when that is set, else ``outputs/<config name>`` relative to the working directory.
     run_dir: Optional[str] = None
     seed: int = 42
-    device: str = "auto"
+    device: str = choice("auto", DEVICES)
     # bf16: bf16 compute over fp32 master weights through FSDP2 / Megatron-FSDP on GPUs (also on one GPU, see
     # parallelism.single_gpu_fsdp), autocast otherwise (DDP, CPU); fp32: no casting.
-    dtype: str = "bf16"
-    # torch.compile each transformer block.
-    compile: bool = False
-    # Inductor settings by name (bioscale.distributed.parallelize.COMPILE_PRESETS), with compile=true. The fastest
-    # ESM-2 650M runs on the H100 use [coordinate_descent, persistent_rows_2048] (docs/performance.md); both
-    # lengthen the first step's compile.
-    compile_presets: list[str] = field(default_factory=list)
-    activation_checkpointing: str = "none"
+    dtype: str = choice("bf16", DTYPES)
     max_grad_norm: float = 1.0
     # Stop with an error after this many consecutive steps with a non-finite loss or gradient (each one is skipped).
     nan_tolerance: int = 5
@@ -208,8 +274,6 @@ class TrainConfig:
 
 def _schema_node() -> DictConfig:
     node = OmegaConf.structured(TrainConfig)
-    # The top-level switch is the public one; the data loader reads its own copy.
-    node.data.use_sequence_packing = "${use_sequence_packing}"
     # Every recipe names its data. A recipe's `???` must stay missing, and merging `???` over a default keeps the
     # default (OmegaConf's merge rule), so the schema itself has no default source.
     node.data.source = "???"
@@ -265,7 +329,7 @@ def load_config(
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(folder), version_base=None, job_name="bioscale_train"):
-            composed = compose(config_name=config_name, overrides=list(overrides or []))
+            composed = compose(config_name=config_name, overrides=resolve_aliases(list(overrides or [])))
     except (HydraException, OmegaConfBaseException) as err:
         # Hydra's message names the offending key (e.g. "Could not override 'foo'", "Key 'bar' not in 'TrainConfig'").
         raise ValueError(f"invalid configuration for recipe {config_name!r}: {_describe(err)}") from err
@@ -311,36 +375,38 @@ def _describe(err: BaseException) -> str:
     return " | ".join(parts)
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+def check_choices(section: Any, prefix: str = "") -> None:
+    """Every field declared with :func:`choice` (or ``metadata={"choices": ...}``), in every nested section, holds
+    one of its choices; ``ValueError`` naming the dotted key otherwise."""
+    for item in fields(section):
+        value = getattr(section, item.name)
+        key = f"{prefix}{item.name}"
+        choices = item.metadata.get("choices")
+        if choices is not None and value is not None and value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        if is_dataclass(value) and not isinstance(value, DataConfig):  # DataConfig validates itself
+            check_choices(value, f"{key}.")
 
 
 def validate_config(cfg: TrainConfig) -> None:
     """Check values that the schema's types cannot express; raise ``ValueError`` naming the key."""
-    _choice("device", cfg.device, DEVICES)
-    _choice("dtype", cfg.dtype, DTYPES)
-    _choice("parallelism.strategy", cfg.parallelism.strategy, STRATEGIES)
-    if cfg.model.flash_impl is not None:
-        _choice("model.flash_impl", cfg.model.flash_impl, FLASH_IMPLS)
-    _choice("parallelism.reshard_after_forward", cfg.parallelism.reshard_after_forward, RESHARD_POLICIES)
-    _choice("parallelism.reduce_dtype", cfg.parallelism.reduce_dtype, REDUCE_DTYPES)
-    _choice("activation_checkpointing", cfg.activation_checkpointing, AC_MODES)
-    for preset in cfg.compile_presets:
-        _choice("compile_presets", preset, tuple(COMPILE_PRESETS))
-    if cfg.compile_presets and not cfg.compile:
-        raise ValueError(f"compile_presets={list(cfg.compile_presets)} needs compile=true")
-    _choice("profiler.mode", cfg.profiler.mode, PROFILER_MODES)
-    _choice("scheduler.kind", cfg.scheduler.kind, SCHEDULER_KINDS)
+    check_choices(cfg)
+    for preset in cfg.compile.presets:
+        if preset not in COMPILE_PRESETS:
+            raise ValueError(f"compile.presets must name {', '.join(COMPILE_PRESETS)}; got {preset!r}")
+    if cfg.compile.presets and not cfg.compile.enabled:
+        raise ValueError(f"compile.presets={list(cfg.compile.presets)} needs compile.enabled=true (compile=true)")
+    if cfg.fp8.recipe not in FP8_RECIPES:
+        raise ValueError(f"fp8.recipe must be one of {', '.join(FP8_RECIPES)}; got {cfg.fp8.recipe!r}")
     positive = {
         "num_train_steps": cfg.num_train_steps,
         "grad_acc_steps": cfg.grad_acc_steps,
-        "cp_size": cfg.cp_size,
+        "parallelism.cp_size": cfg.parallelism.cp_size,
         "parallelism.dp_replicate": cfg.parallelism.dp_replicate,
         "nan_tolerance": cfg.nan_tolerance,
         "logging.log_every_n_steps": cfg.logging.log_every_n_steps,
         "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
-        "quant_stats_config.freq": cfg.quant_stats_config.freq,
+        "quant_stats.freq": cfg.quant_stats.freq,
     }
     for key, value in positive.items():
         if value < 1:
@@ -366,24 +432,56 @@ def validate_config(cfg: TrainConfig) -> None:
             "profiler.start_step and profiler.end_step must satisfy 1 <= start_step <= end_step; "
             f"got {cfg.profiler.start_step}..{cfg.profiler.end_step}"
         )
-    if cfg.fp8_layers is not None and (not cfg.fp8_layers or any(layer < 1 for layer in cfg.fp8_layers)):
-        raise ValueError(f"fp8_layers lists 1-indexed transformer blocks (>= 1); got {cfg.fp8_layers}")
+    if cfg.fp8.layers is not None and (not cfg.fp8.layers or any(layer < 1 for layer in cfg.fp8.layers)):
+        raise ValueError(f"fp8.layers lists 1-indexed transformer blocks (>= 1); got {cfg.fp8.layers}")
     if cfg.parallelism.strategy != "fsdp2" and cfg.parallelism.dp_replicate != 1:
         raise ValueError(
             f"parallelism.dp_replicate={cfg.parallelism.dp_replicate} (HSDP) needs parallelism.strategy=fsdp2; "
             f"got {cfg.parallelism.strategy!r}"
         )
-    if cfg.parallelism.strategy == "mfsdp" and cfg.cp_size > 1:
+    if cfg.parallelism.strategy == "mfsdp" and cfg.parallelism.cp_size > 1:
         # Not run on GPUs yet (docs/context_parallel.md): refuse rather than risk a silently wrong gradient reduction.
         raise ValueError(
-            f"cp_size={cfg.cp_size} with parallelism.strategy=mfsdp is not supported yet; use "
-            "parallelism.strategy=fsdp2 for context parallelism"
+            f"parallelism.cp_size={cfg.parallelism.cp_size} with parallelism.strategy=mfsdp is not supported yet; "
+            "use parallelism.strategy=fsdp2 for context parallelism"
         )
-    if cfg.use_sequence_packing != cfg.data.use_sequence_packing:
-        raise ValueError(
-            f"use_sequence_packing={cfg.use_sequence_packing} conflicts with "
-            f"data.use_sequence_packing={cfg.data.use_sequence_packing}; set only the top-level use_sequence_packing"
-        )
+
+
+def ignored_settings(cfg: TrainConfig, *, world_size: int, device_type: str) -> list[str]:
+    """Settings this run will not use, each with why: the trainer logs them as warnings (never silence).
+
+    A pure function of the config and the run's shape, so it is tested without a GPU or a process group.
+    """
+    notes = []
+    sharded = cfg.parallelism.strategy in ("fsdp2", "mfsdp") and (
+        world_size > 1 or (cfg.parallelism.single_gpu_fsdp and cfg.dtype == "bf16" and device_type == "cuda")
+    )
+    defaults = ParallelismConfig()
+    if not sharded:
+        for key in ("reshard_after_forward", "prefetch", "reduce_dtype", "fp32_master_weights"):
+            if getattr(cfg.parallelism, key) != getattr(defaults, key):
+                notes.append(f"parallelism.{key}={getattr(cfg.parallelism, key)!r} is ignored: this run is not "
+                             f"sharded (strategy={cfg.parallelism.strategy}, {world_size} rank(s) on {device_type})")  # fmt: skip
+    if cfg.parallelism.strategy == "mfsdp":
+        for key in ("reshard_after_forward", "prefetch"):
+            if getattr(cfg.parallelism, key) != getattr(defaults, key):
+                notes.append(f"parallelism.{key} is an FSDP2 setting; Megatron-FSDP ignores it")
+    if cfg.parallelism.single_gpu_fsdp and (world_size > 1 or device_type != "cuda" or cfg.dtype != "bf16"):
+        notes.append("parallelism.single_gpu_fsdp=true only applies to one GPU with dtype=bf16; ignored here")
+    if cfg.quant_stats.enabled and not cfg.fp8.enabled:
+        notes.append("quant_stats.enabled=true records FP8 layers, and fp8.enabled=false: nothing is recorded")
+    if not cfg.fp8.enabled and (cfg.fp8.layers is not None or cfg.fp8.modules is not None):
+        notes.append("fp8.layers / fp8.modules are set but fp8.enabled=false: ignored")
+    if not cfg.data.use_sequence_packing:
+        packed_defaults = DataConfig(source=cfg.data.source)
+        for key in ("max_tokens_per_batch", "split_overflow", "packing_buffer_size"):
+            if getattr(cfg.data, key) != getattr(packed_defaults, key):
+                notes.append(f"data.{key} is a packing setting and data.use_sequence_packing=false: ignored")
+    elif cfg.data.micro_batch_size != DataConfig(source=cfg.data.source).micro_batch_size:
+        notes.append("data.micro_batch_size sizes padded batches; packed ones use data.max_tokens_per_batch: ignored")
+    if cfg.optimizer.fused and device_type != "cuda":
+        notes.append("optimizer.fused=true needs CUDA; the foreach AdamW runs instead")
+    return notes
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -62,7 +62,7 @@ from bioscale.train.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
-from bioscale.train.config import TrainConfig, config_to_yaml, resolve_paths, validate_config
+from bioscale.train.config import TrainConfig, config_to_yaml, ignored_settings, resolve_paths, validate_config
 from bioscale.train.export import export_final_model
 from bioscale.train.metrics import (
     MetricsLogger,
@@ -122,12 +122,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # The ranks as (dp_replicate, dp_shard, cp): each group of cp_size consecutive ranks splits the sequences of
         # one data stream; data parallelism runs across the groups, and FSDP2 shards over dp_shard x cp.
         cp = ContextParallel(
-            cfg.cp_size, device.type, rank=rank, world_size=world_size, dp_replicate=cfg.parallelism.dp_replicate
+            cfg.parallelism.cp_size, device.type, rank=rank, world_size=world_size, dp_replicate=cfg.parallelism.dp_replicate
         )
         # The same seed on every rank: DDP starts from rank 0's weights anyway, and FSDP2's sharded init draws from
         # one stream. Per-rank streams (dropout) are seeded after init.
         _seed_everything(cfg.seed)
         plan = _plan(cfg, device, world_size=world_size, is_distributed=dist_info.is_distributed)
+        if dist_info.is_main:
+            for note in ignored_settings(cfg, world_size=world_size, device_type=device.type):
+                logger.warning("%s", note)  # a value the run will not use is said, never dropped silently
 
         # ---- 2. Model on meta: no memory, no init cost, whatever the size ------------------------------------------
         spec = get_model_spec(cfg.model.name)
@@ -142,9 +145,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     type(model).__name__, num_params / 1e6, world_size, device)  # fmt: skip
 
         # ---- 3. Converters (before parallelize: FSDP2 must shard the converted modules) ----------------------------
-        if cfg.fp8_config.enabled:
+        if cfg.fp8.enabled:
             _check_fp8_device(device)
-            apply_fp8(model, recipe=cfg.fp8_config.recipe, layers=cfg.fp8_layers, modules=cfg.fp8_config.modules,
+            apply_fp8(model, recipe=cfg.fp8.recipe, layers=cfg.fp8.layers, modules=cfg.fp8.modules,
                       fsdp_float8_all_gather=plan.fp8_all_gather)  # fmt: skip
 
         # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
@@ -154,10 +157,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             model,
             plan,
             cp=cp,
-            activation_checkpointing=cfg.activation_checkpointing,
-            compile_blocks=cfg.compile,
-            compile_dynamic=None if cfg.use_sequence_packing else True,
-            compile_presets=list(cfg.compile_presets),
+            activation_checkpointing=cfg.activation_checkpointing.mode,
+            compile_blocks=cfg.compile.enabled,
+            compile_dynamic=None if cfg.data.use_sequence_packing else True,
+            compile_presets=list(cfg.compile.presets),
             reshard_after_forward=cfg.parallelism.reshard_after_forward,
             prefetch=cfg.parallelism.prefetch,
         )
@@ -172,8 +175,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         _seed_everything(cfg.seed + rank)
         quant_stats = None
-        if cfg.quant_stats_config.enabled:  # hooks on the materialised FP8 layers, before the first (compiled) forward
-            quant_stats = attach_quant_stats(model, run_dir=run_dir, freq=cfg.quant_stats_config.freq, rank=rank)
+        if cfg.quant_stats.enabled:  # hooks on the materialised FP8 layers, before the first (compiled) forward
+            quant_stats = attach_quant_stats(model, run_dir=run_dir, freq=cfg.quant_stats.freq, rank=rank)
 
         # ---- 6. Optimizer and learning-rate schedule ----------------------------------------------------------------
         opt = cfg.optimizer
@@ -250,7 +253,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             # Token counts are of this rank's data stream; a CP group shares one stream, so each of its ranks counts
             # 1/cp_size of it (summed over ranks at log time, every token counts once).
-            window.add(result, data, cp_share=1.0 / cfg.cp_size, step_time=step_time)
+            window.add(result, data, cp_share=1.0 / cfg.parallelism.cp_size, step_time=step_time)
             if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
                 last_record = _log_record(window, result, state, world_size=world_size, device=device,
                                           flops_per_token=flops_per_token, peak_flops=peak_flops)  # fmt: skip
@@ -297,9 +300,9 @@ def _plan(cfg: TrainConfig, device: torch.device, *, world_size: int, is_distrib
         single_gpu_fsdp=cfg.parallelism.single_gpu_fsdp,
         reduce_dtype=cfg.parallelism.reduce_dtype,
         fp32_master_weights=cfg.parallelism.fp32_master_weights,
-        fp8=cfg.fp8_config.enabled,
-        fp8_recipe=cfg.fp8_config.recipe,
-        cp_size=cfg.cp_size,
+        fp8=cfg.fp8.enabled,
+        fp8_recipe=cfg.fp8.recipe,
+        cp_size=cfg.parallelism.cp_size,
         dp_replicate=cfg.parallelism.dp_replicate,
     )
 
@@ -327,7 +330,7 @@ def _next_micro_batches(
     micro_batches, cp_layouts = cp.shard(micro_batches, causal=task == "causal_lm", pad_token_id=pad_token_id)
     local_labels = sum(num_label_tokens(batch) for batch in micro_batches)
     micro_batches = [
-        _to_device(b, device, compiled=cfg.compile, max_seq_length=cfg.data.max_seq_length) for b in micro_batches
+        _to_device(b, device, compiled=cfg.compile.enabled, max_seq_length=cfg.data.max_seq_length) for b in micro_batches
     ]
     return _StepData(
         micro_batches,
@@ -446,7 +449,7 @@ def _summary(
         "world_size": plan.world_size,
         "device": str(device),
         "strategy": plan.name,
-        "cp_size": cfg.cp_size,
+        "cp_size": cfg.parallelism.cp_size,
         "num_train_steps": cfg.num_train_steps,
         "final_step": state.step,
         "resumed_from_step": resumed_from,
@@ -602,13 +605,13 @@ def _check_fp8_device(device: torch.device) -> None:
     """A configuration error (``ValueError``, one line from the CLI) when this device cannot train in FP8."""
     if device.type != "cuda":
         raise ValueError(
-            f"fp8_config.enabled=true needs an NVIDIA GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); "
-            f"this run is on {device.type}. Set fp8_config.enabled=false (on a GPU, dtype=bf16 trains in bf16)."
+            f"fp8.enabled=true needs an NVIDIA GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); "
+            f"this run is on {device.type}. Set fp8.enabled=false (on a GPU, dtype=bf16 trains in bf16)."
         )
     try:
         check_fp8_hardware(device)
     except RuntimeError as err:
-        raise ValueError(f"fp8_config.enabled=true: {err}") from err
+        raise ValueError(f"fp8.enabled=true: {err}") from err
 
 
 def _check_vocabulary(tokenizer: Any, model_config: Any) -> None:

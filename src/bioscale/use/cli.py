@@ -117,7 +117,7 @@ def finetune_main(argv: list[str]) -> int:
         prog="bioscale finetune",
         description="Fine-tune an ESM-2 head (full or LoRA) on labelled sequences; metrics on a held-out split.",
         epilog="recipes:\n" + "\n".join(f"  {name}: {text}" for name, text in recipes.items())
-        + "\n\nany config key can be overridden as key=value, e.g. max_steps=200 lora.r=16 label_set=dssp3",
+        + "\n\nany config key can be overridden as key=value, e.g. num_train_steps=200 optimizer.lr=1e-3 lora.r=16 label_set=dssp3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--task", choices=TASKS, default=None, help="picks the recipe of the same name")
@@ -144,7 +144,7 @@ def finetune_main(argv: list[str]) -> int:
             )
         overrides = list(args.overrides)
         for key, value in (("task", args.task), ("model", args.model), ("data", args.data),
-                           ("output_dir", args.output_dir), ("max_steps", args.max_steps), ("device", args.device)):  # fmt: skip
+                           ("output_dir", args.output_dir), ("num_train_steps", args.max_steps), ("device", args.device)):  # fmt: skip
             if value is not None:
                 overrides.append(f"{key}={value}")
         if args.lora:

@@ -44,6 +44,7 @@ from bioscale.data.dssp import (
     dssp8_to_dssp3,
 )
 from bioscale.models import spec_for_model
+from bioscale.train.config import OptimizerConfig, SchedulerConfig, check_choices, resolve_aliases
 from bioscale.models.loss import IGNORE_INDEX
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.embed import default_device, resolve_batching, special_affixes, tokenize_residues
@@ -73,6 +74,17 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["qkv_proj", "out_proj", "up_proj", "down_proj"])
 
 
+# Flat names of earlier releases -> the sections fine-tuning shares with the trainer.
+FINETUNE_ALIASES: dict[str, str] = {
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "warmup_steps": "scheduler.warmup_steps",
+    "min_lr_ratio": "scheduler.min_lr_ratio",
+    "grad_clip": "max_grad_norm",
+    "max_steps": "num_train_steps",
+}
+
+
 @dataclass
 class FinetuneConfig:
     """Everything a fine-tuning run reads (recipes in ``bioscale/configs/finetune/*.yaml`` fill it in).
@@ -90,8 +102,10 @@ class FinetuneConfig:
         max_length: tokens per example, special tokens included (ESM-2 was trained on 1,024).
         max_tokens_per_batch: token budget per optimizer step (padded batches count their padding).
         batching: ``auto`` (packed on GPU where the varlen kernel runs, padded otherwise), ``packed`` or ``padded``.
-        max_steps: optimizer steps (the training split is cycled through in reshuffled epochs as needed).
-        lr, weight_decay, warmup_steps, min_lr_ratio, grad_clip: AdamW with warmup + cosine decay.
+        num_train_steps: optimizer steps (the training split is cycled through in reshuffled epochs as needed).
+        optimizer, scheduler, max_grad_norm: the trainer's own sections (``bioscale.train.config``): AdamW, and
+            warmup then cosine decay by default. The flat names of earlier releases (``lr``, ``weight_decay``,
+            ``warmup_steps``, ``min_lr_ratio``, ``grad_clip``, ``max_steps``) are aliases (:data:`FINETUNE_ALIASES`).
         eval_every, log_every: in steps; evaluation also runs at the end.
         max_train_sequences, max_val_sequences: optional caps (quick runs), applied after the split.
         device: ``cuda``/``cpu``/``None`` (CUDA when available); bf16 autocast on CUDA, float32 on CPU.
@@ -110,12 +124,12 @@ class FinetuneConfig:
     max_length: int = 1024
     max_tokens_per_batch: int = 8192
     batching: str = "auto"
-    max_steps: int = 500
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    num_train_steps: int = 500
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=0.01))
+    scheduler: SchedulerConfig = field(
+        default_factory=lambda: SchedulerConfig(kind="warmup_cosine", warmup_steps=20, min_lr_ratio=0.1)
+    )
+    max_grad_norm: float = 1.0
     eval_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -142,15 +156,17 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batching not in ("auto", "packed", "padded"):
             raise ValueError(f"batching must be 'auto', 'packed' or 'padded', got {self.batching!r}")
-        for key in ("max_length", "max_tokens_per_batch", "max_steps", "eval_every", "log_every"):
+        check_choices(self.optimizer, "optimizer.")
+        check_choices(self.scheduler, "scheduler.")
+        for key in ("max_length", "max_tokens_per_batch", "num_train_steps", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.max_tokens_per_batch < self.max_length:
             raise ValueError(
                 f"max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_length ({self.max_length})"
             )
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
         if self.lora.enabled and (self.lora.r < 1 or not self.lora.target_modules):
             raise ValueError("lora.r must be >= 1 and lora.target_modules non-empty when lora.enabled")
 
@@ -188,11 +204,16 @@ def load_finetune_config(recipe: str | Path | None = None, overrides: Sequence[s
             if not path.is_file():
                 known = ", ".join(list_finetune_recipes()) or "none"
                 raise ValueError(f"no fine-tuning recipe {str(recipe)!r} (shipped recipes: {known})")
-            layers.append(OmegaConf.load(path))
+            recipe_values = OmegaConf.to_container(OmegaConf.load(path))
+            flat = [f"{k}={v}" for k, v in recipe_values.items() if k in FINETUNE_ALIASES]  # older recipe files
+            recipe_values = {k: v for k, v in recipe_values.items() if k not in FINETUNE_ALIASES}
+            layers.append(OmegaConf.create(recipe_values))
+            if flat:
+                layers.append(OmegaConf.from_dotlist(resolve_aliases(flat, FINETUNE_ALIASES)))
         bad = [item for item in overrides if "=" not in item]
         if bad:
             raise ValueError(f"overrides must be key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(OmegaConf.from_dotlist(resolve_aliases(list(overrides), FINETUNE_ALIASES)))
         merged = OmegaConf.merge(*layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -607,14 +628,20 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
 
 
     optimizer = build_optimizer(
-        model, lr=config.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=config.weight_decay, fused=None, device=device
+        model,
+        lr=config.optimizer.lr,
+        betas=config.optimizer.betas,
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+        fused=config.optimizer.fused,
+        device=device,
     )
     scheduler = build_lr_scheduler(
         optimizer,
-        kind="warmup_cosine",
-        warmup_steps=min(config.warmup_steps, config.max_steps),
-        total_steps=config.max_steps,
-        min_lr_ratio=config.min_lr_ratio,
+        kind=config.scheduler.kind,
+        warmup_steps=min(config.scheduler.warmup_steps, config.num_train_steps),
+        total_steps=config.num_train_steps,
+        min_lr_ratio=config.scheduler.min_lr_ratio,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eval_kwargs = {
@@ -635,7 +662,7 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
     epoch_batches: list[list[int]] = []
     state = TrainState()
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    for step in range(1, config.max_steps + 1):
+    for step in range(1, config.num_train_steps + 1):
         if not epoch_batches:
             order = rng.permutation(len(train_examples)).tolist()
             epoch_batches = plan_batches(lengths, config.max_tokens_per_batch, padded=batching == "padded", order=order)
@@ -655,18 +682,18 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
             loss_fn=lambda inputs: model(**inputs).loss,
             num_label_tokens=1,
             device=device,
-            max_grad_norm=config.grad_clip,
+            max_grad_norm=config.max_grad_norm,
             forward_context=lambda _: _autocast(device, autocast_dtype),
         )
         if result.skipped:
             raise FloatingPointError(
                 f"non-finite loss {result.loss} or gradient norm {result.grad_norm} at step {step}; "
-                f"lower lr (now {config.lr})"
+                f"lower optimizer.lr (now {config.optimizer.lr})"
             )
         window_loss += result.loss
         window_steps += 1
         window_tokens += int(batch.token_example.numel())
-        if step % config.log_every == 0 or step == config.max_steps:
+        if step % config.log_every == 0 or step == config.num_train_steps:
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": float(step),
@@ -684,12 +711,12 @@ def finetune(config: FinetuneConfig, *, loaded: LoadedModel | None = None, progr
                     record["tokens_per_s"],
                 )
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        if step % config.eval_every == 0 and step != config.max_steps:
+        if step % config.eval_every == 0 and step != config.num_train_steps:
             metrics = evaluate(model, val_examples, **eval_kwargs)  # type: ignore[arg-type]
             history.append({"step": float(step), **{f"val_{k}": v for k, v in metrics.items()}})
             logger.info("step %d  validation %s", step, _format_metrics(metrics))
     metrics = evaluate(model, val_examples, **eval_kwargs)  # type: ignore[arg-type]
-    history.append({"step": float(config.max_steps), **{f"val_{k}": v for k, v in metrics.items()}})
+    history.append({"step": float(config.num_train_steps), **{f"val_{k}": v for k, v in metrics.items()}})
     logger.info("final validation %s", _format_metrics(metrics))
 
     output_dir = save_finetuned(model, tokenizer, config, metrics, history, head=_head_entry(overrides))
