@@ -75,7 +75,7 @@ def loader_report(config: str, overrides: Sequence[str], *, rank: int, world_siz
         raise ValueError(f"overrides {bad}: expected data.<key>=<value>")
     recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(overrides)))  # values parsed as YAML, as Hydra does
     data = OmegaConf.to_container(recipe.get("data", {}), resolve=False)
-    data["use_sequence_packing"] = bool(recipe.get("use_sequence_packing", False))
+    data.setdefault("use_sequence_packing", False)  # the recipe's data section holds the switch
     data["pin_memory"] = False  # CPU only
     cfg = DataConfig.from_dict(data)
     tokenizer = get_tokenizer(cfg.tokenizer)  # as the trainer builds it

@@ -235,7 +235,7 @@ def test_train_accepts_a_config_built_in_python(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("fp8_config.enabled=true", "fp8_config.enabled"), ("cp_size=2", "torchrun")],
+    [("fp8_config.enabled=true", "fp8.enabled"), ("cp_size=2", "torchrun")],
 )
 def test_switches_this_machine_cannot_run_fail_clearly(tmp_path, override, named):
     # A plain CPU process: FP8 needs an sm_89+ GPU, context parallelism several ranks. ValueError -> CLI exit 2.
