@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from bioscale.data.tokenizers import TOKENIZERS
+
 
 @dataclass
 class DataConfig:
@@ -26,7 +28,7 @@ class DataConfig:
     hf_streaming: bool = False
 
     # --- tokens and objective --------------------------------------------------------------------------------------
-    tokenizer: str = "protein"  # "protein" (ESM-2 alphabet) | "nucleotide"
+    tokenizer: str = "protein"  # "protein" (ESM-2 alphabet) | "nucleotide" | "amplify" (AMPLIFY's 27 tokens)
     objective: str = "mlm"  # "mlm" (masked LM, ESM-2) | "clm" (causal LM, Llama on DNA)
     mlm_probability: float = 0.15
 
@@ -58,10 +60,10 @@ class DataConfig:
 
     @property
     def resolved_crop(self) -> str:
-        """``crop`` with ``"auto"`` resolved: random crops for proteins, windows for nucleotides."""
+        """``crop`` with ``"auto"`` resolved by the tokenizer: random crops for proteins, windows for nucleotides."""
         if self.crop != "auto":
             return self.crop
-        return "window" if self.tokenizer == "nucleotide" else "random"
+        return TOKENIZERS[self.tokenizer].crop
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first key with an invalid value."""
@@ -80,7 +82,7 @@ class DataConfig:
 
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"data.source={self.source!r}: expected a path, 'demo:<kind>' or 'hf:<dataset>'")
-        choice("tokenizer", ("protein", "nucleotide"))
+        choice("tokenizer", tuple(TOKENIZERS))
         choice("objective", ("mlm", "clm"))
         choice("crop", ("auto", "random", "window"))
         choice("unknown_residues", ("map", "reject", "error"))

@@ -41,7 +41,7 @@ from bioscale.data.config import DataConfig
 from bioscale.data.packing import check_pack_budget, collate_packed, pack_groups, pad_sequences
 from bioscale.data.policy import InputPolicy, PolicyStats
 from bioscale.data.sources import SequenceSource, open_source
-from bioscale.data.tokenizers import CharTokenEncoder, canonical_token_ids
+from bioscale.data.tokenizers import CharTokenEncoder, canonical_token_ids, get_tokenizer, tokenizer_spec
 
 _STATE_VERSION = 1
 _DATASET_MARKER = "bioscale.SequenceDataset"
@@ -327,6 +327,20 @@ def get_policy_stats(loader: StatefulDataLoader | Mapping[str, Any]) -> dict[str
     return total.as_dict()
 
 
+def _check_tokenizer_kind(tokenizer: PreTrainedTokenizerBase, kind: str) -> None:
+    """``ValueError`` unless ``tokenizer`` looks like the bioscale tokenizer named ``kind``: it has the token that one
+    puts before a sequence (``<cls>`` for ESM-2's, ``<bos>`` for the others) and a token for every character the input
+    policy keeps, read from the named tokenizer itself."""
+    vocab = tokenizer.get_vocab()
+    reference = get_tokenizer(kind)
+    start = reference.convert_ids_to_tokens(int(CharTokenEncoder(reference).prefix[0]))
+    if start not in vocab:
+        raise ValueError(f"data.tokenizer={kind!r} but the tokenizer given has no {start} token")
+    missing = [c for c in tokenizer_spec(kind).policy_alphabet if c not in vocab]
+    if missing:
+        raise ValueError(f"data.tokenizer={kind!r} but the tokenizer given has no token for {missing}")
+
+
 def build_dataloader(
     cfg: DataConfig | Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -336,9 +350,9 @@ def build_dataloader(
 ) -> BioscaleDataLoader:
     """The infinite, resumable loader of micro-batches for ``rank`` of ``world_size`` (see the module docstring).
 
-    ``tokenizer`` must be character-level (``protein_tokenizer()`` / ``nucleotide_tokenizer()`` or one saved from
-    them); its kind must match ``cfg.tokenizer``. Source problems (missing file or column, unknown type) raise here,
-    not in a worker.
+    ``tokenizer`` must be character-level (``protein_tokenizer()`` / ``nucleotide_tokenizer()`` /
+    ``amplify_tokenizer()`` or one saved from them); its kind must match ``cfg.tokenizer``. Source problems (missing
+    file or column, unknown type) raise here, not in a worker.
     """
     if not isinstance(cfg, DataConfig):
         cfg = DataConfig.from_dict(cfg)
@@ -348,9 +362,7 @@ def build_dataloader(
     if cfg.use_sequence_packing:
         check_pack_budget(cfg.max_tokens_per_batch, cfg.pad_to_multiple_of, key="data.max_tokens_per_batch")
     encoder = CharTokenEncoder(tokenizer)
-    expected = "<cls>" if cfg.tokenizer == "protein" else "<bos>"
-    if expected not in tokenizer.get_vocab():
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} but the tokenizer given has no {expected} token")
+    _check_tokenizer_kind(tokenizer, cfg.tokenizer)
     if cfg.objective == "mlm":
         collator: MLMCollator | CLMCollator = MLMCollator(
             tokenizer, cfg.mlm_probability, random_token_ids=canonical_token_ids(tokenizer, cfg.tokenizer)

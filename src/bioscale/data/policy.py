@@ -3,10 +3,12 @@
 Biological data is messy, so every rule is explicit and counted rather than silent (docs/data.md states them):
 surrounding whitespace and trailing ``*`` stop codons are stripped; lower case is upper-cased; empty records are
 skipped; characters outside the alphabet are mapped to the alphabet's unknown residue (``X`` for proteins, ``N`` for
-DNA), or the record is rejected (skipped), or the run fails, per ``unknown_residues``; records longer than the maximum
-are randomly cropped (proteins, as ESM-2 was trained) or cut into windows with a stride (genomes). One record can
-therefore give zero, one or many training sequences. :class:`PolicyStats` holds the counts; the loader carries them
-through its state so they survive workers and restarts.
+DNA; for AMPLIFY ``X``, which its tokenizer encodes as ``<unk>``: AMPLIFY keeps ``B`` and the chain separator ``|``
+and has no token for X, Z, U, O or J), or the record is rejected (skipped), or the run fails, per
+``unknown_residues``; records longer than the maximum are randomly cropped (proteins, as ESM-2 and AMPLIFY were
+trained) or cut into windows with a stride (genomes). Each alphabet is the tokenizer's (``tokenizers.TOKENIZERS``).
+One record can therefore give zero, one or many training sequences. :class:`PolicyStats` holds the counts; the loader
+carries them through its state so they survive workers and restarts.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Literal
 
 import numpy as np
 
-from bioscale.data.tokenizers import NUCLEOTIDE_RESIDUES, PROTEIN_RESIDUES, UNKNOWN_RESIDUE
+from bioscale.data.tokenizers import TOKENIZERS
 
 UnknownResidues = Literal["map", "reject", "error"]
 Crop = Literal["random", "window"]
 
-ALPHABETS: dict[str, str] = {"protein": PROTEIN_RESIDUES, "nucleotide": NUCLEOTIDE_RESIDUES}
+# Tokenizer name -> the characters the policy keeps (the tokenizer's one-character tokens).
+ALPHABETS: dict[str, str] = {name: spec.policy_alphabet for name, spec in TOKENIZERS.items()}
 
 
 @dataclass
@@ -65,7 +68,8 @@ class InputPolicy:
     """Cleans one raw record into zero or more training sequences, counting everything it does in ``self.stats``.
 
     Args:
-        kind: ``"protein"`` or ``"nucleotide"``: the alphabet (the tokenizer's residues) and the unknown residue.
+        kind: a tokenizer name (``"protein"``, ``"nucleotide"``, ``"amplify"``): the alphabet (the tokenizer's
+            residues) and the unknown residue.
         max_length: longest sequence to emit, in residues (the model length minus the tokenizer's special tokens);
             ``None`` for no limit.
         crop: for records longer than ``max_length``: ``"random"`` keeps one uniformly placed window (ESM-2),
@@ -102,7 +106,7 @@ class InputPolicy:
         self.window_stride = stride
         self.unknown_residues = unknown_residues
         self.alphabet = ALPHABETS[kind]
-        self.unknown_char = UNKNOWN_RESIDUE[kind]
+        self.unknown_char = TOKENIZERS[kind].unknown_residue
         self.stats = PolicyStats()
         valid = self.alphabet.encode("ascii")
         # bytes.translate tables: ``_invalid`` deletes every valid byte (what is left is invalid), ``_to_unknown``

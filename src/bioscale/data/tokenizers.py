@@ -1,24 +1,29 @@
 """Character-level tokenizers for proteins and DNA, and the fast lookup-table encoder the data loader uses.
 
-Both tokenizers are ``transformers`` fast tokenizers built with the ``tokenizers`` library, so they round-trip through
-``save_pretrained`` / ``AutoTokenizer.from_pretrained`` and travel with an exported model. The protein tokenizer
+Every tokenizer is a ``transformers`` fast tokenizer built with the ``tokenizers`` library, so it round-trips through
+``save_pretrained`` / ``AutoTokenizer.from_pretrained`` and travels with an exported model. The protein tokenizer
 reproduces ESM-2's alphabet id for id (the ``facebook/esm2_*`` checkpoints were trained with it); the nucleotide
-tokenizer mirrors its special-token layout (``<pad>`` is 1 in both). Because every regular token is one character,
-the training loader does not call the tokenizer per record: :class:`CharTokenEncoder` builds a 256-entry numpy lookup
-table from the tokenizer's own vocabulary, which is ~50x faster and gives identical ids (tested).
+tokenizer mirrors its special-token layout (``<pad>`` is 1 in both); the AMPLIFY tokenizer reproduces the 27-token
+alphabet of the ``chandar-lab/AMPLIFY_*`` checkpoints (``<pad>`` is 0 there). Each one is named in
+:data:`TOKENIZERS` together with what the rest of the data pipeline needs to know about it (the characters the input
+policy keeps, the unknown residue, the residues MLM replacements draw from, the default crop), so no other module
+compares tokenizer names. Because every regular token is one character, the training loader does not call the
+tokenizer per record: :class:`CharTokenEncoder` builds a 256-entry numpy lookup table from the tokenizer's own
+vocabulary, which is ~50x faster and gives identical ids (tested).
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-TokenizerKind = Literal["protein", "nucleotide"]
+TokenizerKind = Literal["protein", "nucleotide", "amplify"]
 
 # ESM-2's alphabet (fair-esm ``Alphabet.from_architecture("ESM-1b")`` == HF ``facebook/esm2_t6_8M_UR50D`` vocab.txt).
 # The residue order is by frequency in UniRef, which is why ids are not alphabetical; ``.`` and ``-`` are the
@@ -37,8 +42,21 @@ NUCLEOTIDE_RESIDUES = "ACGTNRYSWKMBDHV"
 NUCLEOTIDE_VOCAB: tuple[str, ...] = (*NUCLEOTIDE_SPECIAL_TOKENS, *NUCLEOTIDE_RESIDUES)
 NUCLEOTIDE_CANONICAL = "ACGT"
 
-# What the input policy maps an out-of-alphabet character to, per kind ("unknown residue" in each alphabet).
-UNKNOWN_RESIDUE: dict[str, str] = {"protein": "X", "nucleotide": "N"}
+# AMPLIFY's alphabet (Fournier et al. 2024), 27 tokens, as the released chandar-lab/AMPLIFY_120M and _350M
+# checkpoints (vocab_size 27) were trained with: specials, the chain separator "|", the 20 amino acids in ESM's
+# frequency order, then "B" at id 26. Source for id 26: chandar-lab/AMPLIFY, framework-integrations/sagemaker/inference/
+# code/sm-trained/conf/tokenizer/amplify_vocab.txt (commit fb63336), the 27-line vocabulary its amplify_tokenizer.yaml
+# pairs with vocab_size 27 (the training repository's 32-token conf/tokenizer/amplify_vocab.txt puts X B O U Z J at
+# 6-11 instead; the released checkpoints are not that layout). X, Z, U, O and J are not tokens: they encode as <unk>.
+AMPLIFY_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<mask>", "<bos>", "<eos>")
+AMPLIFY_CHAIN_SEPARATOR = "|"  # joins the chains of a complex (heavy|light antibody pairs); special: never masked
+AMPLIFY_RESIDUES = "LAGVSERTIDPKQNFYMHWCB"
+AMPLIFY_VOCAB: tuple[str, ...] = (*AMPLIFY_SPECIAL_TOKENS, AMPLIFY_CHAIN_SEPARATOR, *AMPLIFY_RESIDUES)
+AMPLIFY_MODEL_MAX_LENGTH = 2048  # AMPLIFY's max_length: positions 0..2047, <bos> and <eos> included
+
+# What the input policy maps an out-of-alphabet character to, per kind ("unknown residue" in each alphabet). AMPLIFY
+# has no X token: the mapped X then encodes as <unk>, which is what its tokenizer gives any unknown character.
+UNKNOWN_RESIDUE: dict[str, str] = {"protein": "X", "nucleotide": "N", "amplify": "X"}
 
 
 class _PortableTokenizerFast(PreTrainedTokenizerFast):
@@ -56,7 +74,12 @@ _PortableTokenizerFast.__name__ = "PreTrainedTokenizerFast"
 
 
 def _char_level_tokenizer(
-    vocab: Sequence[str], special_tokens: Sequence[str], bos: str, eos: str, model_max_length: int, **special_kwargs: str
+    vocab: Sequence[str],
+    special_tokens: Sequence[str],
+    bos: str,
+    eos: str,
+    model_max_length: int,
+    **special_kwargs: str | list[str],
 ) -> PreTrainedTokenizerFast:
     """One token per character; whitespace dropped and lower case upper-cased by the normalizer; ``bos … eos``."""
     ids = {token: i for i, token in enumerate(vocab)}
@@ -121,28 +144,82 @@ def nucleotide_tokenizer(model_max_length: int = 8192) -> PreTrainedTokenizerFas
     )
 
 
+def amplify_tokenizer() -> PreTrainedTokenizerFast:
+    """AMPLIFY's protein tokenizer: 27 tokens with the ids of the ``chandar-lab/AMPLIFY_*`` checkpoints.
+
+    ``<pad>``=0, ``<unk>``=1, ``<mask>``=2, ``<bos>``=3, ``<eos>``=4, ``|``=5 (chain separator), then
+    ``L A G V S E R T I D P K Q N F Y M H W C`` = 6…25 and ``B`` = 26; each sequence is ``<bos> residues <eos>``;
+    ``model_max_length`` 2048. Lower case is upper-cased and whitespace ignored; X, Z, U, O, J and any other character
+    become ``<unk>``. ``|`` is a special token (matched anywhere, never masked, dropped by
+    ``decode(skip_special_tokens=True)``).
+    """
+    return _char_level_tokenizer(
+        AMPLIFY_VOCAB,
+        special_tokens=(*AMPLIFY_SPECIAL_TOKENS, AMPLIFY_CHAIN_SEPARATOR),
+        bos="<bos>",
+        eos="<eos>",
+        model_max_length=AMPLIFY_MODEL_MAX_LENGTH,
+        bos_token="<bos>",
+        additional_special_tokens=[AMPLIFY_CHAIN_SEPARATOR],
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What the data pipeline needs to know about one named bioscale tokenizer (an entry of :data:`TOKENIZERS`).
+
+    Attributes:
+        build: returns the tokenizer.
+        vocab: its tokens in id order (recognises a tokenizer saved from it).
+        policy_alphabet: the characters the input policy keeps as they are (after upper-casing).
+        unknown_residue: what the policy maps any other character to (``unknown_residues="map"``).
+        canonical: the residues the masked-LM random replacements draw from.
+        crop: records longer than the context: one ``"random"`` crop (proteins) or strided ``"window"`` pieces (genomes).
+    """
+
+    build: Callable[[], PreTrainedTokenizerFast]
+    vocab: tuple[str, ...]
+    policy_alphabet: str
+    unknown_residue: str
+    canonical: str
+    crop: str
+
+
+TOKENIZERS: dict[str, TokenizerSpec] = {
+    "protein": TokenizerSpec(protein_tokenizer, PROTEIN_VOCAB, PROTEIN_RESIDUES, UNKNOWN_RESIDUE["protein"],
+                             PROTEIN_CANONICAL, "random"),
+    "nucleotide": TokenizerSpec(nucleotide_tokenizer, NUCLEOTIDE_VOCAB, NUCLEOTIDE_RESIDUES,
+                                UNKNOWN_RESIDUE["nucleotide"], NUCLEOTIDE_CANONICAL, "window"),
+    # AMPLIFY was trained on randomly truncated sequences; "|" passes the policy (multi-chain records).
+    "amplify": TokenizerSpec(amplify_tokenizer, AMPLIFY_VOCAB, AMPLIFY_RESIDUES + AMPLIFY_CHAIN_SEPARATOR,
+                             UNKNOWN_RESIDUE["amplify"], PROTEIN_CANONICAL, "random"),
+}  # fmt: skip
+
+
+def tokenizer_spec(kind: str) -> TokenizerSpec:
+    """The :class:`TokenizerSpec` named ``kind``; ``ValueError`` listing the names."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {kind!r}: expected one of {', '.join(map(repr, TOKENIZERS))}")
+    return TOKENIZERS[kind]
+
+
 def get_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """The bioscale tokenizer named ``kind`` (``"protein"`` or ``"nucleotide"``)."""
-    if kind == "protein":
-        return protein_tokenizer()
-    if kind == "nucleotide":
-        return nucleotide_tokenizer()
-    raise ValueError(f"unknown tokenizer {kind!r}: expected 'protein' or 'nucleotide'")
+    """The bioscale tokenizer named ``kind`` (``"protein"``, ``"nucleotide"`` or ``"amplify"``)."""
+    return tokenizer_spec(kind).build()
 
 
 def canonical_token_ids(tokenizer: PreTrainedTokenizerBase, kind: str | None = None) -> list[int]:
     """Ids the masked-LM collator draws its 10% random replacements from.
 
     For the bioscale tokenizers these are the canonical residues (20 amino acids, or ACGT), so a random replacement
-    never injects rare symbols (``O``, ``-``, IUPAC codes) the model would otherwise learn to predict from noise.
-    ``kind`` (``"protein"``/``"nucleotide"``) is recognised from the vocabulary when not given. For any other
+    never injects rare symbols (``O``, ``-``, IUPAC codes, AMPLIFY's ``B``) the model would otherwise learn to predict
+    from noise. ``kind`` (a :data:`TOKENIZERS` name) is recognised from the vocabulary when not given. For any other
     tokenizer: every token that is neither special nor ``<…>``-shaped (ESM's ``<null_1>``).
     """
     vocab = tokenizer.get_vocab()
     if kind is None:
-        known = {"protein": PROTEIN_VOCAB, "nucleotide": NUCLEOTIDE_VOCAB}
-        kind = next((k for k, v in known.items() if vocab == {t: i for i, t in enumerate(v)}), None)
-    alphabet = {"protein": PROTEIN_CANONICAL, "nucleotide": NUCLEOTIDE_CANONICAL}.get(kind or "", "")
+        kind = next((k for k, spec in TOKENIZERS.items() if vocab == {t: i for i, t in enumerate(spec.vocab)}), None)
+    alphabet = TOKENIZERS[kind].canonical if kind in TOKENIZERS else ""
     if alphabet and all(c in vocab for c in alphabet):
         return sorted(vocab[c] for c in alphabet)
     special = set(tokenizer.all_special_ids)
@@ -163,6 +240,9 @@ class CharTokenEncoder:
             raise ValueError(f"CharTokenEncoder needs a vocabulary of at most 256 tokens, got {len(vocab)}")
         special = set(tokenizer.all_special_tokens)
         regular = {tok: i for tok, i in vocab.items() if tok not in special and not tok.startswith("<")}
+        # One-character special tokens (AMPLIFY's chain separator "|") are matched anywhere in a string by the
+        # tokenizer, so the table maps their character too; they are not probed below.
+        single_special = {tok: i for tok, i in vocab.items() if tok in special and len(tok) == 1}
         long_tokens = [tok for tok in regular if len(tok) != 1]
         if long_tokens:
             raise ValueError(
@@ -176,6 +256,9 @@ class CharTokenEncoder:
             if ord(tok) < 128:
                 lut[ord(tok)] = i
                 lut[ord(tok.lower())] = i  # the tokenizer's normalizer upper-cases
+        for tok, i in single_special.items():
+            if ord(tok) < 128:
+                lut[ord(tok)] = i  # special tokens are matched before normalisation: no lower-case twin
         self.lut = lut
         # Special tokens the tokenizer wraps a sequence in, found by encoding one residue with and without them.
         probe = next(iter(regular))

@@ -23,6 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 # name -> module that defines MODEL_SPEC
 _FAMILIES: dict[str, str] = {
+    "amplify": "bioscale.models.amplify.spec",
     "esm2": "bioscale.models.esm2.spec",
     "llama3": "bioscale.models.llama3.spec",
 }
@@ -70,6 +71,11 @@ class ModelSpec:
         cp_tasks: tasks whose models can run under context parallelism (token-local heads only: a pooled head would
             pool one rank's tokens).
         position_offset: positions the model reserves beyond its tokens (ESM-2's 1026 positions hold 1024 tokens).
+        foreign_checkpoint: for a checkpoint format stock ``transformers`` has no class for (Hub remote code, e.g.
+            chandar-lab's AMPLIFY) whose ``config.json`` ``model_type`` is one of ``hf_model_types``:
+            ``(read_config, build_model)`` with ``read_config(config_json: dict, **overrides) -> config`` and
+            ``build_model(state_dict, config, task) -> model``. ``bioscale.use.loading`` reads the files
+            (safetensors only, never the checkpoint's code); ``None``: no such format.
         extra: anything a family's own code wants to keep beside its spec (read by nothing else).
     """
 
@@ -89,6 +95,7 @@ class ModelSpec:
     packing_tasks: frozenset[str] = frozenset()
     cp_tasks: frozenset[str] = frozenset()
     position_offset: int = 0
+    foreign_checkpoint: tuple[Callable[..., PretrainedConfig], Callable[..., PreTrainedModel]] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

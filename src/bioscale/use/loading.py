@@ -1,5 +1,5 @@
 """Loading a model for use: a bioscale checkpoint, a plain ``transformers`` checkpoint of a type a bioscale family
-converts (ESM, Llama, ...), or a Hub id.
+converts (ESM, Llama, ...), a checkpoint in a format a family reads itself (chandar-lab's AMPLIFY), or a Hub id.
 
 Every ``bioscale embed|finetune|generate|export`` command takes a MODEL argument and goes through
 :func:`load_model`, so they accept the same things and fail the same way: a local directory written by
@@ -8,6 +8,14 @@ such as ``final_model_hf``), or a Hub id (``facebook/esm2_t33_650M_UR50D``). Pla
 converted exactly with :func:`bioscale.models.from_hf`; a head the checkpoint does not hold (a new classifier for
 fine-tuning) is initialised fresh on top of the loaded encoder. The tokenizer saved with the model is used when there
 is one, else the family's bioscale tokenizer (ESM-2's alphabet, or the nucleotide one), whose ids the model must fit.
+
+Foreign checkpoints. Some published checkpoints are Hugging Face *remote code* (``chandar-lab/AMPLIFY_*``:
+``config.json`` with ``model_type: "AMPLIFY"`` and an ``auto_map`` to ``amplify.py``), which ``AutoConfig`` cannot read
+without ``trust_remote_code``. When a ``config.json``'s ``model_type`` is not one stock ``transformers`` (or bioscale)
+knows and a family lists it in ``hf_model_types`` with a ``ModelSpec.foreign_checkpoint``, that family reads the config
+dict and the tensors; this module reads the files: ``config.json`` and ``model.safetensors`` (or its sharded index),
+locally or with ``huggingface_hub.hf_hub_download`` for a Hub id. Code in the checkpoint is never run and pickled
+weights (``pytorch_model.bin``) are refused.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from bioscale.data.tokenizers import get_tokenizer
-from bioscale.models import from_hf, get_model_spec, is_bioscale_config, spec_for_any_config
+from bioscale.models import ModelSpec, from_hf, get_model_spec, is_bioscale_config, list_models, spec_for_any_config
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +110,87 @@ def _resolve_source(source: str | Path) -> str:
     return text  # a Hub id: from_pretrained downloads (or reads the local cache)
 
 
+@dataclass
+class ForeignCheckpoint:
+    """A checkpoint in a format stock ``transformers`` has no class for: the family (``spec``) that reads it, and its
+    ``config.json``."""
+
+    spec: ModelSpec
+    config_json: dict[str, Any]
+
+
+def _fetch(resolved: str, filename: str) -> Path | None:
+    """``filename`` of a checkpoint directory, or of a Hub repo (downloaded to the cache); ``None`` if absent."""
+    path = Path(resolved)
+    if path.is_dir():
+        return path / filename if (path / filename).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(resolved, filename))
+    except EntryNotFoundError:
+        return None
+
+
+def foreign_checkpoint(resolved: str) -> ForeignCheckpoint | None:
+    """The foreign format of ``resolved`` (see the module docstring), or ``None`` for a checkpoint ``AutoConfig``
+    reads (bioscale, stock ``transformers``) or whose ``config.json`` cannot be fetched (``AutoConfig`` then reports
+    why)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config_path = _fetch(resolved, "config.json")
+        raw = json.loads(config_path.read_text()) if config_path is not None else None
+    except (OSError, ValueError):  # offline, no such repo, not JSON: AutoConfig gives the real error
+        return None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return None
+    for name in list_models():
+        spec = get_model_spec(name)
+        if spec.foreign_checkpoint is not None and model_type in spec.hf_model_types:
+            return ForeignCheckpoint(spec=spec, config_json=raw)
+    return None
+
+
+def _read_foreign_tensors(resolved: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a foreign checkpoint, from ``model.safetensors`` or the shards its index lists."""
+    from safetensors.torch import load_file
+
+    single = _fetch(resolved, "model.safetensors")
+    if single is not None:
+        return load_file(str(single))
+    index = _fetch(resolved, "model.safetensors.index.json")
+    if index is not None:
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            shard_path = _fetch(resolved, shard)
+            if shard_path is None:
+                raise ValueError(f"{resolved!r}: model.safetensors.index.json names {shard}, which is missing")
+            state.update(load_file(str(shard_path)))
+        return state
+    pickled = " (it has pytorch_model.bin: pickled weights can run code and are not read)"
+    has_pickle = Path(resolved).is_dir() and (Path(resolved) / "pytorch_model.bin").is_file()
+    raise ValueError(f"{resolved!r} has no model.safetensors{pickled if has_pickle else ''}")
+
+
 def load_config(source: str | Path) -> PretrainedConfig:
     """The model config of ``source`` (``ValueError`` naming it when it cannot be read)."""
-    resolved = _resolve_source(source)
+    return _read_config(_resolve_source(source), source)[0]
+
+
+def _read_config(resolved: str, source: str | Path) -> tuple[PretrainedConfig, ForeignCheckpoint | None]:
+    """The config of ``resolved`` and, for a foreign checkpoint (tried only where ``AutoConfig`` fails), its format."""
     try:
-        return AutoConfig.from_pretrained(resolved)
+        # trust_remote_code=False: never run (nor offer to run, as transformers does at a terminal) a checkpoint's code.
+        return AutoConfig.from_pretrained(resolved, trust_remote_code=False), None
     except (OSError, ValueError) as err:
+        foreign = foreign_checkpoint(resolved)
+        if foreign is not None:
+            assert foreign.spec.foreign_checkpoint is not None
+            read_config = foreign.spec.foreign_checkpoint[0]
+            return read_config(foreign.config_json), foreign
         where = (
             "" if Path(resolved).is_dir() else " (not a local directory, and not loadable from the Hugging Face Hub)"
         )
@@ -136,14 +219,14 @@ def load_model(
         ValueError: an unknown path, a directory without a model, an unsupported model type, or a task the family
             has no head for.
     """
-    config = load_config(source)
+    resolved = _resolve_source(source)
+    config, foreign = _read_config(resolved, source)
     family = family_of(config)
     tasks = family_tasks(family)
     if task not in tasks:
         raise ValueError(f"task {task!r} is not available for {family} models; choose one of {tasks}")
-    resolved = _resolve_source(source)
     overrides = dict(config_overrides or {})
-    is_bioscale = is_bioscale_config(config)
+    is_bioscale = is_bioscale_config(config) and foreign is None
     load_task = task
     if task == "base" and not overrides:
         # Load the class the checkpoint was saved as and keep its base model: loading a head checkpoint into the
@@ -151,13 +234,19 @@ def load_model(
         stored = saved_task(config)
         if stored in tasks:
             load_task = stored
-    load = _load_bioscale if is_bioscale else _load_converted
-    model = load(resolved, family, load_task, overrides)
+    if foreign is not None:
+        model = _load_foreign(resolved, foreign, load_task, overrides)
+    else:
+        load = _load_bioscale if is_bioscale else _load_converted
+        model = load(resolved, family, load_task, overrides)
     if load_task != task:
         model = getattr(model, model.base_model_prefix)
     model.to(device=device, dtype=dtype)
     model.eval()
-    tokenizer = load_tokenizer(resolved, family, model.config)
+    if foreign is not None:
+        tokenizer = _foreign_tokenizer(resolved, family, model.config)
+    else:
+        tokenizer = load_tokenizer(resolved, family, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=str(source))
 
 
@@ -215,8 +304,34 @@ def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, 
     return model
 
 
-def load_tokenizer(source: str, family: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with ``source``, else the family's bioscale tokenizer; checked against the vocabulary."""
+def _load_foreign(resolved: str, foreign: ForeignCheckpoint, task: str, overrides: dict[str, Any]) -> PreTrainedModel:
+    """A foreign checkpoint: the family converts its config dict and its safetensors tensors (see the module docs)."""
+    assert foreign.spec.foreign_checkpoint is not None
+    read_config, build_model = foreign.spec.foreign_checkpoint
+    config = read_config(foreign.config_json, **overrides)
+    return build_model(_read_foreign_tensors(resolved), config, task)
+
+
+def _foreign_tokenizer(source: str, family: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """:func:`load_tokenizer`, falling back to the family's tokenizer when the saved one needs the checkpoint's code
+    (its ``tokenizer_config.json`` may name no class, so ``AutoTokenizer`` would ask for the remote config)."""
+    try:
+        # A plain config: the tokenizer class then comes from tokenizer_config.json alone.
+        return load_tokenizer(source, family, config, auto_config=PretrainedConfig())
+    except ValueError as err:
+        logger.warning("%s; using the bioscale %s tokenizer instead", err, family)
+        tokenizer = default_tokenizer(family)
+        check_tokenizer_fits(tokenizer, config, source)
+        return tokenizer
+
+
+def load_tokenizer(
+    source: str, family: str, config: PretrainedConfig, *, auto_config: PretrainedConfig | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with ``source``, else the family's bioscale tokenizer; checked against the vocabulary.
+
+    ``auto_config`` is handed to ``AutoTokenizer`` instead of the checkpoint's ``config.json`` (which it cannot read
+    for a foreign checkpoint)."""
     tokenizer: PreTrainedTokenizerBase | None = None
     path = Path(source)
     has_files = path.is_dir() and any(
@@ -224,7 +339,8 @@ def load_tokenizer(source: str, family: str, config: PretrainedConfig) -> PreTra
     )
     if has_files or not path.exists():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            extra = {"config": auto_config} if auto_config is not None else {}
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
         except (OSError, ValueError) as err:
             if has_files:
                 raise ValueError(f"cannot load the tokenizer saved in {source!r}: {err}") from err
