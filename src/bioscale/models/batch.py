@@ -333,3 +333,18 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def mean_pool(hidden_states: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean of each sequence's non-padding hidden states: ``[num_sequences, D]``."""
+    if batch.is_packed:
+        assert batch.sequence_ids is not None and batch.cu_seqlens is not None
+        sums = hidden_states.new_zeros(batch.num_sequences, hidden_states.shape[-1], dtype=torch.float32)
+        sums.index_add_(0, batch.sequence_ids, hidden_states[0].float())
+        lengths = batch.cu_seqlens.diff().clamp(min=1).to(torch.float32)
+        return (sums / lengths[:, None]).to(hidden_states.dtype)
+    if batch.attention_mask is None:
+        return hidden_states.float().mean(dim=1).to(hidden_states.dtype)
+    weights = batch.attention_mask.to(torch.float32).unsqueeze(-1)
+    sums = (hidden_states.float() * weights).sum(dim=1)
+    return (sums / weights.sum(dim=1).clamp(min=1)).to(hidden_states.dtype)

@@ -91,3 +91,37 @@ def shift_labels(
     is_last = torch.ones(num_tokens, dtype=torch.bool, device=labels.device)
     is_last[:-1] = sequence_ids[1:] != sequence_ids[:-1]
     return shifted.masked_fill(is_last.view(shifted.shape), ignore_index)
+
+
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None, num_labels: int, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of a per-sequence head, as ``transformers``' sequence-classification heads compute it.
+
+    ``problem_type`` ``"regression"`` (MSE; the default when ``num_labels == 1``), ``"single_label_classification"``
+    (cross-entropy; default for integer labels) or ``"multi_label_classification"`` (BCE with logits; default for
+    float labels). Returns ``(loss, number of sequences)``; ``reduction="sum"`` sums over sequences.
+    """
+    num_sequences = logits.shape[0]
+    if labels.shape[0] != num_sequences:
+        raise ValueError(f"labels has {labels.shape[0]} rows but the batch has {num_sequences} sequences")
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    count = torch.tensor(num_sequences, device=logits.device)
+    if problem_type == "single_label_classification":
+        return token_cross_entropy(logits, labels.view(-1), reduction=reduction)
+    logits = logits.float()
+    if problem_type == "regression":
+        target = labels.float().view_as(logits)
+        loss = F.mse_loss(logits, target, reduction="sum") / num_labels
+    elif problem_type == "multi_label_classification":
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float().view_as(logits), reduction="sum")
+        loss = loss / num_labels
+    else:
+        raise ValueError(f"unknown config.problem_type {problem_type!r}")
+    return (loss if reduction == "sum" else loss / num_sequences), count

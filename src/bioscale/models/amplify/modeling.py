@@ -33,13 +33,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from bioscale.models.amplify.config import AmplifyConfig
 from bioscale.models.attention import AttentionInputs, attention_forward
-from bioscale.models.batch import Batch, labels_like, prepare_batch, unbatch
+from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, unbatch
 from bioscale.models.common import (
     BioscalePreTrainedModel,
     attention_inputs_for_batch,
@@ -47,7 +46,12 @@ from bioscale.models.common import (
     reject_unknown_kwargs,
 )
 from bioscale.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary
-from bioscale.models.loss import check_loss_reduction, select_label_positions, token_cross_entropy
+from bioscale.models.loss import (
+    check_loss_reduction,
+    select_label_positions,
+    sequence_classification_loss,
+    token_cross_entropy,
+)
 from bioscale.models.outputs import (
     MaskedLMOutputWithCount,
     SequenceClassifierOutputWithCount,
@@ -400,41 +404,6 @@ class AmplifyForSequenceClassification(_AmplifyWithBase):
         return SequenceClassifierOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        num_sequences = logits.shape[0]
-        if labels.shape[0] != num_sequences:
-            raise ValueError(f"labels has {labels.shape[0]} rows but the batch has {num_sequences} sequences")
-        problem_type = self.config.problem_type
-        if problem_type is None:
-            if self.num_labels == 1:
-                problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem_type = "single_label_classification"
-            else:
-                problem_type = "multi_label_classification"
-        count = torch.tensor(num_sequences, device=logits.device)
-        if problem_type == "single_label_classification":
-            return token_cross_entropy(logits, labels.view(-1), reduction=reduction)
-        logits = logits.float()
-        if problem_type == "regression":
-            loss = F.mse_loss(logits, labels.float().view_as(logits), reduction="sum") / self.num_labels
-        elif problem_type == "multi_label_classification":
-            loss = F.binary_cross_entropy_with_logits(logits, labels.float().view_as(logits), reduction="sum")
-            loss = loss / self.num_labels
-        else:
-            raise ValueError(f"unknown config.problem_type {problem_type!r}")
-        return (loss if reduction == "sum" else loss / num_sequences), count
-
-
-def mean_pool(hidden_states: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean of each sequence's non-padding hidden states: ``[num_sequences, D]`` (float32 sums)."""
-    if batch.is_packed:
-        assert batch.sequence_ids is not None and batch.cu_seqlens is not None
-        sums = hidden_states.new_zeros(batch.num_sequences, hidden_states.shape[-1], dtype=torch.float32)
-        sums.index_add_(0, batch.sequence_ids, hidden_states[0].float())
-        lengths = batch.cu_seqlens.diff().clamp(min=1).to(torch.float32)
-        return (sums / lengths[:, None]).to(hidden_states.dtype)
-    if batch.attention_mask is None:
-        return hidden_states.float().mean(dim=1).to(hidden_states.dtype)
-    weights = batch.attention_mask.to(torch.float32).unsqueeze(-1)
-    sums = (hidden_states.float() * weights).sum(dim=1)
-    return (sums / weights.sum(dim=1).clamp(min=1)).to(hidden_states.dtype)
+        return sequence_classification_loss(
+            logits, labels, problem_type=self.config.problem_type, num_labels=self.num_labels, reduction=reduction
+        )
