@@ -25,6 +25,9 @@ same weights (the ``transformers`` model is converted from the bioscale init wit
 losses can be compared across the row.
 
 - ``hf_padded``: ``transformers`` ``EsmForMaskedLM`` / ``LlamaForCausalLM`` with SDPA, eager, bf16 autocast.
+- ``ref_padded``: the family's published reference implementation (:data:`REFERENCE_BASELINES`: AMPLIFY's
+  chandar-lab ``AMPLIFY`` from ``--reference-dir``) with the bioscale init's weights, padded, eager, bf16 autocast,
+  the same stock loop as ``hf_padded``. For families without a stock ``transformers`` class this is the baseline.
 - ``padded``: bioscale, SDPA, padded batches, blocks compiled with dynamic shapes, bf16 autocast.
 - ``packed``: bioscale, ``varlen`` attention on packed batches padded to the fixed budget (static shapes, one compile),
   masked-only LM head, per-block ``torch.compile``, bf16 autocast.
@@ -73,6 +76,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -95,14 +99,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from bioscale.data import (
-    PAD_TOKEN_ID,
     CLMCollator,
     InputPolicy,
     MLMCollator,
     canonical_token_ids,
     collate_packed,
+    get_tokenizer,
     nucleotide_tokenizer,
-    protein_tokenizer,
     read_fasta,
     read_parquet,
 )
@@ -117,9 +120,12 @@ from bioscale.train.step import clip_grad_norm as trainer_clip_grad_norm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = Path(os.environ.get("BIOSCALE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The published implementations the ref_padded rows run (../shared/reference/README.md); never imported by bioscale.
+DEFAULT_REFERENCE_DIR = Path(os.environ.get("BIOSCALE_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16 datasheet peak
 MEASURED_GEMM_FLOPS = 789e12  # large bf16 GEMMs measured on the lent H100
-VARIANTS = ("hf_padded", "padded", "packed", "packed_fp8")
+VARIANTS = ("hf_padded", "ref_padded", "padded", "packed", "packed_fp8")
+STOCK_VARIANTS = ("hf_padded", "ref_padded")  # stepped by the stock loop, not bioscale's train_step
 IGNORE_INDEX = -100
 
 
@@ -154,6 +160,15 @@ class ModelCase:
     grad_acc: int = 1
     ac: str = "none"
     packing: str = "greedy"
+
+    @property
+    def tokenizer(self) -> str:
+        """The bioscale tokenizer of the family (``protein`` for ESM-2, ``amplify``, ``nucleotide``)."""
+        return get_model_spec(self.family).tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        return _tokenizer(self.tokenizer).pad_token_id
 
     @property
     def label(self) -> str:
@@ -193,6 +208,10 @@ MODEL_CASES: dict[str, ModelCase] = {
         # window and one tail per micro-batch (50% padding, measured 2026-11-22); split packing fills every one.
         ModelCase("llama3_debug", "llama3", "debug", "dna", 1024, 2, 2048, packing="split"),
         ModelCase("llama3_1B", "llama3", "1B", "dna", 8192, 2, 16384, packing="split"),
+        # AMPLIFY trains stage 1 on 512-token crops (<bos> and <eos> included); 32 sequences per padded micro-batch.
+        ModelCase("amplify_debug", "amplify", "debug", "uniref", 512, 4, 2048),
+        ModelCase("amplify_120M", "amplify", "120M", "uniref", 512, 32, 16384),
+        ModelCase("amplify_350M", "amplify", "350M", "uniref", 512, 32, 16384),
     )
 }
 DEFAULT_MODELS = ("esm2_8M", "esm2_150M", "esm2_650M", "esm2_3B", "llama3_1B")
@@ -361,7 +380,7 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
     name, options = _parse_options(text, "--variants entry")
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    valid = {"params"} | ({"compile", "inductor"} if name != "hf_padded" else set())
+    valid = {"params"} | ({"compile", "inductor"} if name not in STOCK_VARIANTS else set())
     if "packed" in name:
         valid |= {"attn", "cu_pad"}
     if name == "packed_fp8":
@@ -376,9 +395,9 @@ def parse_variant(text: str, defaults: argparse.Namespace) -> VariantSpec:
     params = options.get("params", defaults.param_dtype)
     if params not in PARAM_DTYPES:
         raise ValueError(f"--variants {text!r}: params must be one of {', '.join(PARAM_DTYPES)}")
-    if params == "fsdp" and name == "hf_padded":
+    if params == "fsdp" and name in STOCK_VARIANTS:
         raise ValueError(f"--variants {text!r}: params=fsdp needs a bioscale model (FSDP2 shards model.layers)")
-    compile_mode = options.get("compile", defaults.compile_mode if name != "hf_padded" else None)
+    compile_mode = options.get("compile", defaults.compile_mode if name not in STOCK_VARIANTS else None)
     compile_presets = tuple(options["inductor"].split("+")) if "inductor" in options else ()
     unknown_presets = sorted(set(compile_presets) - set(COMPILE_PRESETS))
     if unknown_presets:
@@ -417,13 +436,22 @@ class Example:
         return len(self.input_ids)
 
 
-def load_examples(kind: str, max_length: int, data_dir: Path, *, seed: int, limit: int | None) -> list[Example]:
-    """Tokenised, cropped and labelled sequences, in file order (the same for every variant and model)."""
+@functools.lru_cache(maxsize=None)
+def _tokenizer(kind: str) -> Any:
+    return get_tokenizer(kind)
+
+
+def load_examples(
+    kind: str, max_length: int, data_dir: Path, *, seed: int, limit: int | None, tokenizer_kind: str = "protein"
+) -> list[Example]:
+    """Tokenised, cropped and labelled sequences, in file order (the same for every variant and model).
+
+    ``tokenizer_kind``: the family's tokenizer for ``uniref`` (``protein`` for ESM-2, ``amplify``)."""
     if kind == "uniref":
         path = data_dir / "uniref90_sample.parquet"
         records: Iterator[tuple[str, str | None]] = read_parquet(path) if path.exists() else iter(())
-        tokenizer = protein_tokenizer()
-        policy = InputPolicy("protein", max_length=max_length - 2, crop="random")
+        tokenizer = _tokenizer(tokenizer_kind)
+        policy = InputPolicy(tokenizer_kind, max_length=max_length - 2, crop="random")
     elif kind == "dna":
         path = data_dir / "opengenome2_metagenomics_sample.fasta"
         records = read_fasta(path) if path.exists() else iter(())
@@ -442,7 +470,7 @@ def load_examples(kind: str, max_length: int, data_dir: Path, *, seed: int, limi
     encoded = tokenizer(sequences, add_special_tokens=True)["input_ids"]
     examples = []
     if kind == "uniref":
-        mlm = MLMCollator(tokenizer, random_token_ids=canonical_token_ids(tokenizer, "protein"))
+        mlm = MLMCollator(tokenizer, random_token_ids=canonical_token_ids(tokenizer, tokenizer_kind))
         for index, ids in enumerate(encoded):
             batch = mlm.apply({"input_ids": torch.tensor(ids)[None]}, rng=np.random.default_rng([seed, index]))
             examples.append(Example(batch["input_ids"][0].numpy(), batch["labels"][0].numpy()))
@@ -522,7 +550,10 @@ def packed_batch(pack: Sequence[Example], case: ModelCase, segments_multiple_of:
     """A THD micro-batch of exactly ``case.tokens`` tokens: the sequences, then one ``<pad>`` segment (label -100);
     ``segments_multiple_of``: see :func:`bioscale.data.collate_packed` (variant option ``cu_pad``)."""
     batch = collate_packed(
-        [e.input_ids for e in pack], pad_to_multiple_of=case.tokens, segments_multiple_of=segments_multiple_of
+        [e.input_ids for e in pack],
+        pad_to_multiple_of=case.tokens,
+        pad_token_id=case.pad_token_id,
+        segments_multiple_of=segments_multiple_of,
     )
     labels = np.concatenate([e.labels for e in pack])
     padded_labels = np.full(batch["input_ids"].shape[1], IGNORE_INDEX, dtype=np.int64)
@@ -533,7 +564,7 @@ def packed_batch(pack: Sequence[Example], case: ModelCase, segments_multiple_of:
     # max_length either; split pieces are never longer than the sequence they came from.
     max_length = max(case.max_length, int(batch["max_length_q"]))
     batch["max_length_q"] = batch["max_length_k"] = max_length
-    assert int(batch["input_ids"][0, len(labels) :].ne(PAD_TOKEN_ID).sum()) == 0
+    assert int(batch["input_ids"][0, len(labels) :].ne(case.pad_token_id).sum()) == 0
     return batch
 
 
@@ -550,7 +581,7 @@ def padded_batches(sequences: Sequence[Example], case: ModelCase) -> list[dict[s
         chunk = [sequences[int(i)] for i in chunk_indices]
         width = max(len(e) for e in chunk)
         width += (-width) % 16
-        input_ids = np.full((len(chunk), width), PAD_TOKEN_ID, dtype=np.int64)
+        input_ids = np.full((len(chunk), width), case.pad_token_id, dtype=np.int64)
         labels = np.full((len(chunk), width), IGNORE_INDEX, dtype=np.int64)
         attention_mask = np.zeros((len(chunk), width), dtype=np.int64)
         for row, example in enumerate(chunk):
@@ -748,6 +779,45 @@ def lr_scheduler(optimizer: Any, args: argparse.Namespace) -> Any:
     )
 
 
+def _import_reference(reference_dir: Path, *subfolders: str) -> None:
+    """Put ``reference_dir`` (and its ``subfolders``, e.g. the xformers shim) first on ``sys.path``."""
+    if not reference_dir.is_dir():
+        raise ValueError(f"reference implementations not found at {reference_dir}; pass --reference-dir")
+    for folder in reversed([reference_dir, *(reference_dir / sub for sub in subfolders)]):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+
+
+def amplify_reference(model: torch.nn.Module, reference_dir: Path) -> torch.nn.Module:
+    """chandar-lab's ``AMPLIFY`` (its Hugging Face remote code; xformers replaced by the folder's pure-PyTorch shim,
+    whose attention is SDPA) with exactly ``model``'s weights, converted through the published tensor names."""
+    _import_reference(reference_dir, "shims")
+    from amplify_reference.amplify_hf import AMPLIFY, AMPLIFYConfig
+
+    from bioscale.models.amplify.convert import reference_config_dict, to_reference_state_dict
+
+    config = {k: v for k, v in reference_config_dict(model.config).items() if k not in ("auto_map", "architectures")}
+    reference = AMPLIFY(AMPLIFYConfig(**config))
+    reference.load_state_dict(to_reference_state_dict(model), strict=True)
+    return reference
+
+
+# family -> (bioscale model with the init weights, --reference-dir) -> the published implementation with them, whose
+# forward(input_ids=, attention_mask=, labels=) returns an output with the mean masked-LM ``loss`` (ref_padded rows).
+REFERENCE_BASELINES: dict[str, Callable[[torch.nn.Module, Path], torch.nn.Module]] = {
+    "amplify": amplify_reference,
+}
+
+
+def missing_baseline(case: ModelCase, variant: VariantSpec) -> str | None:
+    """Why ``variant`` cannot run for ``case``'s family (a stock row without its stock model), else ``None``."""
+    if variant.name == "hf_padded" and not get_model_spec(case.family).hf_classes:
+        return f"{case.family} has no stock transformers class (its baseline is ref_padded)"
+    if variant.name == "ref_padded" and case.family not in REFERENCE_BASELINES:
+        return f"no reference implementation for {case.family} (its baseline is hf_padded)"
+    return None
+
+
 def build_variant_model(
     case: ModelCase, variant: VariantSpec, device: torch.device, args: argparse.Namespace
 ) -> tuple[torch.nn.Module, list[str], list[torch.Tensor] | None]:
@@ -777,7 +847,7 @@ def build_variant_model(
             fsdp_float8_all_gather=plan.fp8_all_gather,
         )
         notes.append(f"{len(fp8_layer_names(model))} FP8 linears" + (" (emulated GEMMs on CPU)" if emulate else ""))
-    if variant.name != "hf_padded":
+    if variant.name not in STOCK_VARIANTS:
         # Padded batches change shape every step: compile once with dynamic shapes instead of recompiling.
         parallelize(
             model,
@@ -811,6 +881,13 @@ def build_variant_model(
             hf_model.config._attn_implementation = "sdpa"
         notes.append(f"transformers {type(hf_model).__name__}, attn={hf_model.config._attn_implementation}")
         model = hf_model
+    elif variant.name == "ref_padded":
+        if case.family not in REFERENCE_BASELINES:
+            raise ValueError(f"no reference implementation for {case.family}; known: {sorted(REFERENCE_BASELINES)}")
+        reference = REFERENCE_BASELINES[case.family](model, args.reference_dir).to(device)
+        del model
+        notes.append(f"reference {type(reference).__module__}.{type(reference).__name__}, padded, eager")
+        model = reference
     masters = None
     if variant.params in ("bf16", "bf16-master"):
         if variant.params == "bf16-master":
@@ -893,9 +970,11 @@ class StockSteps:
     """The ``hf_padded`` rows' steps: :func:`stock_step` at :func:`lr_at`'s learning rate, set by hand each step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, *, plan: ParallelPlan, device: torch.device,
-                 args: argparse.Namespace) -> None:  # fmt: skip
+                 args: argparse.Namespace, bf16_only: bool = False) -> None:  # fmt: skip
         self.model, self.optimizer = model, optimizer
         self.autocast = plan.autocast(device.type)  # bf16 autocast over fp32 weights on GPU, as the trainer's
+        if bf16_only:  # a reference published for bf16 only (AMPLIFY's bf16 attention mask): bf16 on CPU too
+            self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         self.clip = (lambda: clip_grad_norm(model, args.max_grad_norm)) if args.max_grad_norm else None
         self.schedule = [lr_at(i, args) for i in range(args.warmup + args.steps)]
         self.index = 0
@@ -1019,8 +1098,10 @@ def run_variant(
             quant_stats = QuantStats(model, freq=variant.quant_stats_freq, output_dir=stats_dir)
             notes.append(f"quant stats every {variant.quant_stats_freq} steps -> {stats_dir.name}/")
             result.notes = "; ".join(notes)
-        if variant.name == "hf_padded":
-            run_step: Any = StockSteps(model, optimizer, plan=plan, device=device, args=args)
+        if variant.name in STOCK_VARIANTS:
+            run_step: Any = StockSteps(
+                model, optimizer, plan=plan, device=device, args=args, bf16_only=variant.name == "ref_padded"
+            )
         else:
             run_step = TrainerSteps(model, optimizer, plan=plan, task=task, device=device, args=args)
         result.losses, result.grad_norms, elapsed = time_steps(
@@ -1178,10 +1259,13 @@ def _pct(value: float | None) -> str:
 
 
 def render_table(results: Sequence[Result]) -> str:
-    baseline = {r.model: r.tokens_per_s for r in results if r.variant == "hf_padded" and r.status == "ok"}
+    baseline: dict[str, float | None] = {}  # the model's first stock row (hf_padded or ref_padded) is "1x"
+    for r in results:
+        if r.variant in STOCK_VARIANTS and r.status == "ok":
+            baseline.setdefault(r.model, r.tokens_per_s)
     lines = [
         (
-            "| model | variant | tokens/s (unpadded) | vs HF | step ms | MFU (989) | MFU (789 GEMM) | peak GB | pad % "
+            "| model | variant | tokens/s (unpadded) | vs stock | step ms | MFU (989) | MFU (789 GEMM) | peak GB | pad % "
             "| final loss | notes |"
         ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -1499,6 +1583,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile 3 extra steps per variant (top CUDA kernels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument(
+        "--reference-dir",
+        type=Path,
+        default=DEFAULT_REFERENCE_DIR,
+        help="folder of the published reference implementations for the ref_padded rows (default: "
+        "$BIOSCALE_REFERENCE_DIR or ../shared/reference)",
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--merge", default=None, help="a results .json of an earlier call whose rows to keep")
     parser.add_argument(
@@ -1555,17 +1646,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     results: list[Result] = []
-    examples_cache: dict[tuple[str, int], list[Example]] = {}
+    examples_cache: dict[tuple[str, int, str], list[Example]] = {}
     started = time.perf_counter()
     for case in cases:
-        key = (case.data, case.max_length)
+        key = (case.data, case.max_length, case.tokenizer)
         if key not in examples_cache:
             limit = 400 if args.quick else None
-            examples_cache[key] = load_examples(case.data, case.max_length, args.data_dir, seed=args.seed, limit=limit)
+            examples_cache[key] = load_examples(
+                case.data, case.max_length, args.data_dir, seed=args.seed, limit=limit, tokenizer_kind=case.tokenizer
+            )
         examples = examples_cache[key]
         plans = plan_steps(examples, case, args.warmup + args.steps)
         longest = 0.0  # the slowest variant of this model so far: the estimate for the next one
         for variant in variants:
+            missing = missing_baseline(case, variant)
+            if missing:  # e.g. the default variant list on AMPLIFY, which has no stock transformers class
+                print(f"[{time.strftime('%H:%M:%S')}] {case.label} / {variant.label}: not run, {missing}", flush=True)
+                continue
             elapsed = time.perf_counter() - started
             if args.time_budget_s is not None and elapsed + max(longest, 60.0) > args.time_budget_s:
                 results.append(Result(case.label, variant.label, status="skipped (time budget)"))

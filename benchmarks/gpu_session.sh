@@ -25,6 +25,9 @@
 #                                               # torch / transformers, then every GPU test
 #   bash benchmarks/gpu_session.sh ab DIR ARGS  # bench_train.py ARGS with the code in DIR (an older tree: DIR/src,
 #                                               # DIR/benchmarks), then with this tree, in one call (A/B rows)
+#   bash benchmarks/gpu_session.sh gputests FILES  # the GPU tests of FILES (e.g. tests/models/test_amplify_gpu.py)
+#   bash benchmarks/gpu_session.sh train NAME ARGS # one `bioscale train ARGS` run in /tmp/runs/NAME, then its
+#                                               # steady-state throughput (benchmarks/train_throughput.py) into $OUT
 #
 # benchmarks/NOTES.md says what each job is expected to show.
 # Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
@@ -39,6 +42,8 @@ if [ "$job" = fa4libs ]; then  # nothing else travels with this call: the librar
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
+# The reference implementations (test oracles and the ref_padded rows): a carried copy (.ref) or ../shared/reference.
+if [ -d "$PWD/.ref" ]; then export BIOSCALE_REFERENCE_DIR=${BIOSCALE_REFERENCE_DIR:-$PWD/.ref}; fi
 
 # No package index there: every dependency is in the folder. --target: the system site is not writable for all.
 if [ ! -d /tmp/site/torchao ]; then
@@ -97,6 +102,16 @@ case "$job" in
   suite)
     python -m pytest -q -p no:cacheprovider -m "not gpu and not multi_gpu" -n 8 tests 2>&1 | tail -8
     python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
+  gputests)
+    python -m pytest -q -p no:cacheprovider -m gpu "${@:2}" 2>&1 | tail -25 ;;
+  train)
+    name=${2:?usage: gpu_session.sh train NAME ARGS}
+    mkdir -p "$out" && rm -rf "/tmp/runs/$name"
+    # The progress bar's carriage-return updates would fill the output: keep the log lines.
+    python -m bioscale.cli train "${@:3}" run_dir="/tmp/runs/$name" checkpoint.save_final_model=false 2>&1 \
+      | tr '\r' '\n' | grep -v 'step/s' | tail -4
+    python benchmarks/train_throughput.py "/tmp/runs/$name" --skip-steps "${SKIP_STEPS:-20}" --json "$out/$name.json"
+    cp "/tmp/runs/$name/metrics.jsonl" "$out/$name.metrics.jsonl" ;;
   ab)
     old=${2:?usage: gpu_session.sh ab DIR ARGS}
     (cd "$old" && PYTHONPATH="$PWD/src:/tmp/site" python benchmarks/bench_train.py --out-dir "$out/before" "${@:3}")

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -215,6 +216,30 @@ def test_quick_cpu_run_agrees_across_variants(bench, shared_data: Path, tmp_path
     assert first["padded"] == pytest.approx(first["hf_padded"], rel=1e-4)
     assert first["packed"] == pytest.approx(first["hf_padded"], rel=1e-4)
     assert first["packed_fp8[tensorwise]"] == pytest.approx(first["hf_padded"], rel=2e-2)
+
+
+REFERENCE_DIR = Path(os.environ.get("BIOSCALE_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+
+
+def test_quick_amplify_run_matches_the_published_reference(bench, shared_data: Path, tmp_path: Path) -> None:
+    """The ref_padded row is chandar-lab's AMPLIFY with the bioscale init's weights on the same masked batches: its
+    first loss equals bioscale's (bf16 autocast, as the reference only runs in bf16), and the packed and padded rows
+    agree with each other in fp32."""
+    if not (REFERENCE_DIR / "amplify_reference").is_dir():
+        pytest.skip("../shared/reference/amplify_reference not present")
+    code = bench.main(
+        ["--quick", "--device", "cpu", "--models", "amplify_debug", "--variants", "ref_padded,padded,packed",
+         "--steps", "2", "--warmup", "1", "--data-dir", str(shared_data), "--reference-dir", str(REFERENCE_DIR),
+         "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    (report,) = tmp_path.glob("*.md")
+    rows = json.loads(report.with_suffix(".json").read_text())["rows"]
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    first = {row["variant"]: row["first_loss"] for row in rows}
+    assert first["packed"] == pytest.approx(first["padded"], rel=1e-4)
+    assert first["ref_padded"] == pytest.approx(first["padded"], rel=2e-2)  # bf16 vs fp32
+    assert "| amplify_debug | ref_padded |" in report.read_text()
 
 
 def _load_script(name: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +37,10 @@ from bioscale.models.amplify import (
     to_reference_state_dict,
 )
 
-REFERENCE_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+# ../shared/reference, or $BIOSCALE_REFERENCE_DIR where the folder travels elsewhere (a GPU machine's copy).
+REFERENCE_ROOT = Path(
+    os.environ.get("BIOSCALE_REFERENCE_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "reference")
+)
 PAD, UNK, MASK, BOS, EOS, SEP = 0, 1, 2, 3, 4, 5
 LENGTHS = [13, 7, 10]
 # Small random shapes: 64-wide with 4 heads (SwiGLU 192 -> 128), and 48-wide with 2 heads of 24 (100 -> 72, rounded up).
