@@ -1,4 +1,4 @@
-"""CheckpointManager: exact round trip of model/optimizer/extra state, crash safety, pruning, async save."""
+"""CheckpointManager: exact round trip of model/optimizer/extra (JSON) state, crash safety, pruning, async save."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from bioscale.train.checkpoint import (
     COMPLETE_MARKER,
     CheckpointManager,
+    JsonState,
     ModelOptimizerState,
-    PickledState,
     get_rng_state,
     list_checkpoints,
     set_rng_state,
@@ -35,7 +35,7 @@ def _train_step(model, optimizer, seed: int) -> None:
 def _state(model, optimizer, box):
     return {
         "model_optim": ModelOptimizerState(model, optimizer),
-        "trainer": PickledState("trainer", get=lambda: dict(box), set=lambda s: box.update(s)),
+        "trainer": JsonState("trainer", get=lambda: dict(box), set=lambda s: box.update(s)),
     }
 
 
@@ -74,14 +74,16 @@ def test_incomplete_and_temporary_checkpoints_are_never_picked(tmp_path):
     # A save truncated mid-write: marker present (copied) but DCP's metadata missing.
     shutil.copytree(tmp_path / "step_2", tmp_path / "step_4")
     (tmp_path / "step_4" / ".metadata").unlink()
-    # A save still in its temporary folder.
-    shutil.copytree(tmp_path / "step_2", tmp_path / ".tmp_step_5")
+    # A save still in its temporary folder (named for the run that writes it), and another run's.
+    shutil.copytree(tmp_path / "step_2", tmp_path / f".tmp_step_5.{manager.run_id}")
+    shutil.copytree(tmp_path / "step_2", tmp_path / ".tmp_step_5.otherrun")
     assert manager.latest()[0] == 2
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         manager.load(tmp_path / "step_3", _state(model, optimizer, {}))
-    # A new manager (a restarted run) clears the stale temporary folder.
-    CheckpointManager(tmp_path, rank=0)
-    assert not (tmp_path / ".tmp_step_5").exists()
+    # The same run restarted clears its own stale temporary folder, and only its own.
+    CheckpointManager(tmp_path, rank=0, run_id=manager.run_id).remove_stale_tmp()
+    assert not (tmp_path / f".tmp_step_5.{manager.run_id}").exists()
+    assert (tmp_path / ".tmp_step_5.otherrun").is_dir()
 
 
 def test_keep_last_n_prunes_oldest(tmp_path):

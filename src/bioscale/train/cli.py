@@ -2,7 +2,10 @@
 
 The same command runs as one process or under ``torchrun --nproc_per_node=N`` (every rank parses the same
 arguments). Configuration errors (unknown recipe or key, bad value, required value left ``???``) print one clear
-line and exit with status 2 before any model is built; a run stopped by ``nan_tolerance`` exits with status 1. A
+line and exit with status 2 before any model is built. File-system errors (a missing ``data.source``, a full disk,
+a folder that cannot be written), a run directory in use by another run or holding another run's checkpoints, and a
+refused resume also print one line (naming the path) and exit with status 2. A run stopped by ``nan_tolerance``, or
+whose final weights are not finite, exits with status 1. A
 finished run prints its summary (``run_dir``, ``metrics``, ``final_model``, losses, ...) as one JSON line on stdout.
 """
 
@@ -13,6 +16,8 @@ import json
 import logging
 import os
 import sys
+
+from bioscale_cli import describe_os_error
 
 USAGE = "bioscale train --config-name <recipe> [--config-dir DIR] [--print-config] [key=value ...]"
 
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
     except ValueError as err:
         print(f"bioscale train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a missing data path, a full disk, a folder without write permission: what and where
+        print(f"bioscale train: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"bioscale train: stopped: {err}", file=sys.stderr)

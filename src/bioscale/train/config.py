@@ -139,8 +139,12 @@ class CheckpointConfig:
     ckpt_dir: Optional[str] = None
     # Write a checkpoint every N steps (and at the last step); 0 writes none.
     save_every_n_steps: int = 0
-    # Continue from the latest complete checkpoint in ``ckpt_dir`` (a fresh start if there is none).
+    # Continue from the newest intact checkpoint in ``ckpt_dir`` (a fresh start if there is none). The model and data
+    # config must match the checkpoint's; the learning rate, schedule and other settings follow this config.
     resume_from_checkpoint: bool = False
+    # A run that does not resume refuses a ``ckpt_dir`` holding checkpoints (another run's: it would overwrite them);
+    # true moves them, with that run's exports and run files, into ``<ckpt_dir>/previous_runs/<when>-<run id>/``.
+    move_aside_other_runs: bool = False
     # Export ``<ckpt_dir>/final_model`` (bioscale, Auto-loadable) and ``<ckpt_dir>/final_model_hf`` (plain transformers).
     save_final_model: bool = True
     keep_last_n: int = 2
@@ -482,6 +486,80 @@ def ignored_settings(cfg: TrainConfig, *, world_size: int, device_type: str) -> 
     if cfg.optimizer.fused and device_type != "cuda":
         notes.append("optimizer.fused=true needs CUDA; the foreach AdamW runs instead")
     return notes
+
+
+# On resume, the checkpoint's value wins over a changed config value for these keys; why (said when they differ).
+CHECKPOINT_WINS: dict[str, str] = {
+    "seed": "the checkpoint's RNG streams continue",
+    "model.init_from": "the weights come from the checkpoint",
+}
+# Not compared on resume: where the run lives, and the switches that decide how it starts.
+_NOT_COMPARED = frozenset(
+    {"run_dir", "checkpoint.ckpt_dir", "checkpoint.resume_from_checkpoint", "checkpoint.move_aside_other_runs"}
+)
+# Data keys that do not change the batches (as the loader's own resume check).
+_FREE_DATA_KEYS = frozenset({"data.pin_memory"})
+_SCHEDULE_KEYS = ("optimizer.", "scheduler.", "num_train_steps")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))  # an empty dict (no overrides) adds no key
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shapes_weights_or_data(key: str) -> bool:
+    """Keys that decide the weights' shapes or the data stream: a resume must not change them."""
+    if key.startswith("data."):
+        return key not in _FREE_DATA_KEYS
+    return key in ("model.name", "model.size") or key.startswith("model.overrides.")
+
+
+def resume_refusals(saved: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """The model and data settings that differ between a checkpoint's config and this run's, as
+    ``"key: saved -> new"`` (empty: resumable). A data key missing from ``saved`` was added to the schema later and
+    is not compared; a ``model.overrides`` entry present on one side only is a difference."""
+    if not saved:
+        return []
+    old, now = _flatten(saved), _flatten(new)
+    differences = []
+    for key in sorted(k for k in set(old) | set(now) if _shapes_weights_or_data(k)):
+        if key in old and key in now:
+            if old[key] != now[key]:
+                differences.append(f"{key}: {old[key]!r} -> {now[key]!r}")
+        elif key.startswith("model.overrides."):
+            differences.append(f"{key}: {old.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}")
+    return differences
+
+
+def resume_report(saved: dict[str, Any] | None, new: dict[str, Any], *, checkpoint: str) -> list[str]:
+    """Lines for the log when a run resumes with changed settings: which values the new config sets (the learning
+    rate and schedule among them) and which the checkpoint overrides (:data:`CHECKPOINT_WINS`)."""
+    if not saved:
+        return []
+    old, now = _flatten(saved), _flatten(new)
+    changed = sorted(
+        k for k in set(old) & set(now)
+        if old[k] != now[k] and k not in _NOT_COMPARED and not _shapes_weights_or_data(k)
+    )  # fmt: skip
+    config_sets = [k for k in changed if k not in CHECKPOINT_WINS]
+    checkpoint_wins = [k for k in changed if k in CHECKPOINT_WINS]
+    lines = []
+    if config_sets:
+        values = ", ".join(f"{k}={now[k]!r} (checkpoint: {old[k]!r})" for k in config_sets)
+        line = f"resuming {checkpoint} with changed settings; the new config sets {values}"
+        if any(k.startswith(_SCHEDULE_KEYS) for k in config_sets):
+            line += " (the learning rate follows the new config's schedule at the restored step)"
+        lines.append(line)
+    if checkpoint_wins:
+        values = ", ".join(f"{k} (the new config says {now[k]!r}, the checkpoint {old[k]!r}: {CHECKPOINT_WINS[k]})"
+                           for k in checkpoint_wins)  # fmt: skip
+        lines.append(f"resuming {checkpoint}: the checkpoint overrides {values}")
+    return lines
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -1,10 +1,11 @@
 """The training loop, in one function that reads top to bottom: ``train(cfg) -> summary``.
 
-setup (process group from torchrun's environment, run directory, seeds, the parallel plan) → model on ``meta`` → FP8
-conversion → parallelize (context parallelism → activation checkpointing → per-block compile → FSDP2) → materialise
-(``to_empty`` + ``init_weights``, or weights from ``model.init_from``) → DDP / Megatron-FSDP → AdamW + schedule → data
-→ resume from the latest complete checkpoint → loop (:func:`bioscale.train.step.train_step`: gradient accumulation with
-communication only on the last micro-batch, loss normalised by the global number of label tokens, clipping,
+setup (process group from torchrun's environment, the run directory locked and owned, seeds, the parallel plan) →
+model on ``meta`` → FP8 conversion → parallelize (context parallelism → activation checkpointing → per-block compile
+→ FSDP2) → materialise (``to_empty`` + ``init_weights``, or weights from ``model.init_from``) → DDP / Megatron-FSDP →
+AdamW + schedule → data → resume from the newest intact (verified) checkpoint → loop
+(:func:`bioscale.train.step.train_step`: gradient accumulation with communication only on the last micro-batch, loss
+normalised by the global number of label tokens, clipping,
 skip-and-count of non-finite steps; then metrics, checkpoints, profiling) → final export → summary.
 
 Everything reusable lives in the library: the strategy decision and the ``apply_*`` functions in
@@ -55,14 +56,24 @@ from bioscale.models import build_config, build_model, get_model_spec, input_val
 from bioscale.models.flash_impl import flash_impl
 from bioscale.precision import apply_fp8, attach_quant_stats, check_fp8_hardware
 from bioscale.train.checkpoint import (
-    COMPLETE_MARKER,
+    CheckpointInfo,
     CheckpointManager,
+    JsonState,
     ModelOptimizerState,
-    PickledState,
+    RunLock,
     get_rng_state,
+    on_rank0,
     set_rng_state,
 )
-from bioscale.train.config import TrainConfig, config_to_yaml, ignored_settings, resolve_paths, validate_config
+from bioscale.train.config import (
+    TrainConfig,
+    config_to_yaml,
+    ignored_settings,
+    resolve_paths,
+    resume_refusals,
+    resume_report,
+    validate_config,
+)
 from bioscale.train.export import export_final_model
 from bioscale.train.metrics import (
     MetricsLogger,
@@ -81,6 +92,9 @@ logger = logging.getLogger(__name__)
 
 # Training objective (data) -> model head (models registry).
 TASK_FOR_OBJECTIVE = {"mlm": "masked_lm", "clm": "causal_lm"}
+# What a run writes into its run directory besides checkpoints: moved aside with another run's checkpoints
+# (checkpoint.move_aside_other_runs=true), so a fresh run never overwrites them either.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "quant_stats.jsonl", "profile")
 
 __all__ = ["TASK_FOR_OBJECTIVE", "NonFiniteLossError", "TrainState", "model_loss", "train"]
 
@@ -95,8 +109,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Launch under ``torchrun --nproc_per_node=N`` for data parallelism; a plain process trains on one device.
 
     Raises:
-        ValueError: an invalid configuration or input (message names the key or file).
-        NonFiniteLossError: ``nan_tolerance`` consecutive non-finite steps (the last good checkpoint is kept).
+        ValueError: an invalid configuration or input (message names the key or file), a run directory in use by
+            another process or holding another run's checkpoints, a checkpoint to resume that differs in its model
+            or data configuration, or no intact checkpoint to resume.
+        OSError: a file or folder that is missing or cannot be written (a checkpoint that cannot be written raises
+            ``CheckpointWriteError``, naming the folder; earlier checkpoints stay intact).
+        NonFiniteLossError: ``nan_tolerance`` consecutive non-finite steps, or final weights that are not finite
+            (the last good checkpoint is kept; no ``final_model`` is written from non-finite weights).
     """
     validate_config(cfg)
     resolve_paths(cfg)  # for configs built in Python rather than by load_config
@@ -116,9 +135,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 )
             # Before any model code runs: compiled graphs keep the kernel they traced.
             resources.enter_context(flash_impl(cfg.model.flash_impl))
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        # The run directory is this run's: one process at a time (a lock with its PID and host), and a fresh run
+        # refuses, or moves aside, another run's checkpoints instead of overwriting them. Rank 0 decides for all.
+        run_lock = RunLock(run_dir, ckpt_dir)
+        on_rank0(rank, partial(_claim_run_directory, run_dir, run_lock))
+        resources.callback(run_lock.release)
+        checkpointer = CheckpointManager(
+            ckpt_dir, rank=rank, keep_last_n=cfg.checkpoint.keep_last_n, async_save=cfg.checkpoint.async_save
+        )
+        if not cfg.checkpoint.resume_from_checkpoint:
+            on_rank0(rank, partial(checkpointer.start_fresh, move_aside=cfg.checkpoint.move_aside_other_runs,
+                                   run_files=[run_dir / name for name in RUN_FILES]))  # fmt: skip
+        run_config = OmegaConf.to_container(OmegaConf.structured(cfg))
         # The ranks as (dp_replicate, dp_shard, cp): each group of cp_size consecutive ranks splits the sequences of
         # one data stream; data parallelism runs across the groups, and FSDP2 shards over dp_shard x cp.
         cp = ContextParallel(
@@ -193,14 +221,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _check_vocabulary(tokenizer, model_config)
         loader = build_dataloader(cfg.data, tokenizer, rank=cp.dp_rank, world_size=cp.dp_size)
 
-        # ---- 8. Resume from the latest complete checkpoint -----------------------------------------------------------
+        # ---- 8. Resume from the newest intact checkpoint (verified against its manifest; older ones if damaged) ---
         state = TrainState()
-        checkpointer = CheckpointManager(
-            ckpt_dir, rank=rank, keep_last_n=cfg.checkpoint.keep_last_n, async_save=cfg.checkpoint.async_save
-        )
         stateful = _checkpoint_contents(model, optimizer, scheduler, state, loader, rank=rank, plan=plan)
-        resumed_from = _resume(checkpointer, stateful, state, enabled=cfg.checkpoint.resume_from_checkpoint,
-                               world_size=world_size, is_main=dist_info.is_main)  # fmt: skip
+        config_hparams = _optimizer_hyperparameters(optimizer)
+        resumed: CheckpointInfo | None = None
+        if cfg.checkpoint.resume_from_checkpoint:
+            resumed = checkpointer.resume(
+                stateful, accept=partial(_check_resumable, run_config=run_config, world_size=world_size)
+            )
+        if resumed is not None:
+            assert state.step == resumed.step, (state.step, resumed.step)
+            # The checkpoint restored the moments, the step count and the data position; lr, betas, weight decay
+            # and the schedule follow this run's config (docs/training.md, "Resume with changed settings").
+            _follow_config_hyperparameters(optimizer, scheduler, config_hparams)
+            logger.info("resumed from %s (step %d, run %s)", resumed.path, resumed.step, resumed.run_id)
+            if dist_info.is_main:
+                for line in resume_report(resumed.config, run_config, checkpoint=resumed.path.name):
+                    logger.warning("%s", line)
+        resumed_from = resumed.step if resumed is not None else None
+        checkpointer.remove_stale_tmp()
+        if dist_info.is_main:  # after the resume decision: a refused resume leaves the run's config.yaml as it was
+            (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        skipped_at_checkpoint = state.num_skipped_steps  # non-finite steps since the last checkpoint mark the next
         data_iter = iter(loader)
         metrics = _metrics_logger(cfg, run_dir, enabled=dist_info.is_main, start_step=state.step)
         resources.callback(metrics.close, plot=False)  # a no-op after the close of a finished run
@@ -263,7 +306,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.checkpoint.save_every_n_steps and (
                 step % cfg.checkpoint.save_every_n_steps == 0 or step == cfg.num_train_steps
             ):
-                checkpointer.save(step, stateful)
+                if _save_checkpoint(checkpointer, stateful, model, step=step, device=device, config=run_config,
+                                    non_finite_steps=state.num_skipped_steps - skipped_at_checkpoint):  # fmt: skip
+                    skipped_at_checkpoint = state.num_skipped_steps
 
         # ---- 10. Final export and summary ---------------------------------------------------------------------------
         checkpointer.close()
@@ -271,13 +316,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             quant_stats.close()
         wall_time = time.perf_counter() - start_time
         if cfg.checkpoint.save_final_model:
+            if not _weights_are_finite(model, device):
+                latest = checkpointer.latest()
+                raise NonFiniteLossError(
+                    f"the final weights hold non-finite values, so {ckpt_dir / 'final_model'} was not written; "
+                    f"last good checkpoint: {latest[1] if latest else 'none'}"
+                )
             export_final_model(model, model_config=model_config, task=task, tokenizer=tokenizer,
                                out_dir=ckpt_dir / "final_model", hf_out_dir=ckpt_dir / "final_model_hf",
                                is_main=dist_info.is_main)  # fmt: skip
         plot_path = metrics.close()
         summary = _summary(cfg, plan, state, num_params=num_params, device=device, resumed_from=resumed_from,
                            last_record=last_record, wall_time=wall_time, loader=loader,
-                           plot_path=plot_path)  # fmt: skip
+                           plot_path=plot_path, run_id=checkpointer.run_id)  # fmt: skip
+        wrong_modality = (summary["data_policy"] or {}).get("wrong_modality", 0)
+        if wrong_modality and dist_info.is_main:
+            logger.warning("%d record(s) looked like another modality than the %r tokenizer's (counted as "
+                           "data_policy.wrong_modality in summary.json; data.unknown_residues=error refuses them)",
+                           wrong_modality, cfg.data.tokenizer)  # fmt: skip
         if dist_info.is_main:
             (run_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
             logger.info("done: %d steps, final loss %s, summary in %s", state.step, summary["final_loss"],
@@ -439,6 +495,7 @@ def _summary(
     wall_time: float,
     loader: Any,
     plot_path: Path | None,
+    run_id: str,
 ) -> dict[str, Any]:
     """The run summary (``summary.json``): what ran, how the loss went, the last logged throughput, where things are."""
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.checkpoint.ckpt_dir)
@@ -453,6 +510,7 @@ def _summary(
         "num_train_steps": cfg.num_train_steps,
         "final_step": state.step,
         "resumed_from_step": resumed_from,
+        "run_id": run_id,
         "first_loss": state.first_loss,
         "final_loss": last_record.get("loss"),
         "min_loss": state.min_loss,
@@ -485,12 +543,11 @@ def _checkpoint_contents(
     and the schedule (where the run is), and per rank its RNG streams and its position in its shard of the data."""
     model_optim = MegatronFSDPState(model, optimizer) if plan.use_mfsdp else ModelOptimizerState(model, optimizer)
     return {
-        "model_optim": model_optim,
-        "train_state": state,
-        "scheduler": PickledState("scheduler", get=scheduler.state_dict, set=scheduler.load_state_dict),
-        "rank": PickledState(
-            f"rank_{rank}", get=partial(_get_rank_state, loader), set=partial(_set_rank_state, loader)
-        ),
+        "model_optim": model_optim,  # tensors, through DCP
+        "train_state": JsonState("train_state", get=state.state_dict, set=state.load_state_dict),  # JSON files
+        "scheduler": JsonState("scheduler", get=scheduler.state_dict, set=scheduler.load_state_dict),
+        "rank": JsonState("rank", get=partial(_get_rank_state, loader), set=partial(_set_rank_state, loader),
+                          per_rank=True),  # fmt: skip
     }
 
 
@@ -503,33 +560,73 @@ def _set_rank_state(loader: Any, saved: dict[str, Any]) -> None:
     loader.load_state_dict(saved["dataloader"])
 
 
-def _resume(
-    checkpointer: CheckpointManager,
-    stateful: dict[str, Stateful],
-    state: TrainState,
-    *,
-    enabled: bool,
-    world_size: int,
-    is_main: bool,
-) -> int | None:
-    """Load the latest complete checkpoint when ``enabled`` (returns its step); warn about one that will be
-    overwritten otherwise."""
-    latest = checkpointer.latest()
-    if enabled and latest is not None:
-        resumed_from, path = latest
-        _check_same_world_size(path, world_size)
-        checkpointer.load(path, stateful)
-        assert state.step == resumed_from, (state.step, resumed_from)
-        logger.info("resumed from %s (step %d)", path, resumed_from)
-        return resumed_from
-    if latest is not None and is_main:
-        logger.warning(
-            "%s holds checkpoints of an earlier run (latest %s) that this run will overwrite as it "
-            "reaches their steps; pass checkpoint.resume_from_checkpoint=true to continue it instead",
-            checkpointer.ckpt_dir,
-            latest[1].name,
+def _claim_run_directory(run_dir: Path, run_lock: RunLock) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_lock.acquire()
+
+
+def _check_resumable(info: CheckpointInfo, *, run_config: dict[str, Any], world_size: int) -> None:
+    """Refuse (``ValueError``) a checkpoint this run cannot continue: another number of ranks (the data-loader
+    positions are per rank), or another model or data configuration (listing every differing key)."""
+    if info.world_size is not None and info.world_size != world_size:
+        raise ValueError(
+            f"checkpoint {info.path} was written by {info.world_size} rank(s) but this run has {world_size}: the "
+            "data-loader positions are per rank, so resume with the same number of ranks"
         )
-    return None
+    refused = resume_refusals(info.config, run_config)
+    if refused:
+        raise ValueError(
+            f"checkpoint {info.path} was written with another model or data configuration ({'; '.join(refused)}): "
+            "resuming it would load weights of another shape or continue another data stream. Resume with the "
+            "checkpoint's values, or start a fresh run in another checkpoint.ckpt_dir"
+        )
+
+
+def _optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyper-parameters (lr, betas, eps, weight decay, ...) as this run's config set them."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def _follow_config_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: Any, hyperparameters: list[dict[str, Any]]
+) -> None:
+    """After a resume: put back this run's optimizer hyper-parameters (the checkpoint's param groups replaced them),
+    make the config's lr the schedule's peak, and set the lr the schedule gives at the restored step.
+
+    With an unchanged config this reproduces the saved values exactly (the same ``base * multiplier(step)`` that
+    ``LambdaLR`` computed), so an exact resume stays bit-identical.
+    """
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _weights_are_finite(model: nn.Module, device: torch.device) -> bool:
+    """Every rank's shard of every parameter is finite (one all-reduce)."""
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for param in model.parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor's shard
+            count += (~torch.isfinite(local)).sum().to(device)
+    return int(all_reduce_sum(count)) == 0
+
+
+def _save_checkpoint(
+    checkpointer: CheckpointManager, stateful: dict[str, Stateful], model: nn.Module, *, step: int,
+    device: torch.device, non_finite_steps: int, config: dict[str, Any],
+) -> bool:  # fmt: skip
+    """Write the checkpoint of ``step``, except from non-finite weights (then the newer checkpoint would only
+    replace a good one); returns whether it was written. Non-finite steps since the last one are recorded in it."""
+    if not _weights_are_finite(model, device):
+        latest = checkpointer.latest()
+        logger.error("step %d: the weights hold non-finite values: no checkpoint written (the last good one, %s, is "
+                     "kept)", step, latest[1] if latest else "none")  # fmt: skip
+        return False
+    checkpointer.save(step, stateful, non_finite_steps=non_finite_steps, config=config)
+    return True
 
 
 def _stop_after_bad_steps(checkpointer: CheckpointManager, state: TrainState, *, nan_tolerance: int) -> None:
@@ -619,15 +716,6 @@ def _check_vocabulary(tokenizer: Any, model_config: Any) -> None:
         raise ValueError(
             f"the {len(tokenizer)}-token tokenizer does not fit the model's vocab_size={model_config.vocab_size}; "
             f"set model.overrides.vocab_size={len(tokenizer)} (e.g. +model.overrides.vocab_size={len(tokenizer)})"
-        )
-
-
-def _check_same_world_size(path: Path, world_size: int) -> None:
-    saved = json.loads((path / COMPLETE_MARKER).read_text()).get("world_size")
-    if saved is not None and saved != world_size:
-        raise ValueError(
-            f"checkpoint {path} was written by {saved} rank(s) but this run has {world_size}: the data-loader "
-            "positions are per rank, so resume with the same number of ranks"
         )
 
 
