@@ -15,18 +15,24 @@ and the exact command to ``<out-dir>/<YYYY-MM-DD>-<gpu>.md`` (plus a ``.json`` o
 
 What is compared. Sequences come from ``../shared/data``: the UniRef90 sample for ESM-2 (lengths as they come,
 cropped to 1,022 residues + <cls>/<eos>, masked once per sequence with ESM's 15% / 80-10-10 recipe) and the
-OpenGenome2 metagenomic contigs for Llama 3 (8,192-token windows, causal LM). Steps are planned packed-first: the
-stream is packed in order into micro-batches of ``tokens`` tokens, ``grad_acc`` of them per optimizer step (see
-:func:`plan_steps`: ESM-2 starts a new micro-batch when a protein does not fit; Llama cuts the DNA window that
-overflows and continues it in the next micro-batch, so every micro-batch is full); the padded variants train exactly
-the sequences of each step in micro-batches of at most ``mb`` sequences, padded to the longest (a multiple of 16), as
-``transformers`` users do. Every variant therefore sees the same tokens, masks and labels per step, starts from the
-same weights (the ``transformers`` model is converted from the bioscale init with ``bioscale.models.to_hf``), and its
-losses can be compared across the row.
+OpenGenome2 metagenomic contigs for Llama 3 (8,192-token windows, causal LM); CodonFM EnCodon reads the offline demo
+CDS corpus (the genes pyrodigal predicts on the genome its wheel ships, ``bioscale.data.cds.demo_cds_corpus``) through
+the CDS policy, cropped to 2,046 codons + <CLS>/<SEP>, masked 15% / 80-10-10 with random codons; Geneformer reads the
+shared Genecorpus cells (``genecorpus_500_samples.parquet``, rank-value encoded, :func:`load_cell_examples`), each
+truncated to its top genes (V2 cases: ``<cls>`` genes ``<eos>``), masked 15% / 80-10-10 with random genes. Steps are
+planned packed-first: the stream is packed in order into micro-batches of ``tokens`` tokens, ``grad_acc`` of them per
+optimizer step (see :func:`plan_steps`: ESM-2 starts a new micro-batch when a protein does not fit; Llama cuts the DNA
+window that overflows and continues it in the next micro-batch, so every micro-batch is full); the padded variants
+train exactly the sequences of each step in micro-batches of at most ``mb`` sequences, padded to the longest (a
+multiple of 16), as ``transformers`` users do. Every variant therefore sees the same tokens, masks and labels per
+step, starts from the same weights (the ``transformers`` model is converted from the bioscale init with
+``bioscale.models.to_hf``), and its losses can be compared across the row (EnCodon's rows: up to its hidden dropout).
 
-- ``hf_padded``: ``transformers`` ``EsmForMaskedLM`` / ``LlamaForCausalLM`` with SDPA, eager, bf16 autocast.
+- ``hf_padded``: ``transformers`` ``EsmForMaskedLM`` / ``LlamaForCausalLM`` / ``BertForMaskedLM`` (Geneformer) with
+  SDPA, eager, bf16 autocast.
 - ``ref_padded``: the family's published reference implementation (:data:`REFERENCE_BASELINES`: AMPLIFY's
-  chandar-lab ``AMPLIFY`` from ``--reference-dir``) with the bioscale init's weights, padded, eager, bf16 autocast,
+  chandar-lab ``AMPLIFY``, CodonFM's ``EnCodon``, from ``--reference-dir``) with the bioscale init's weights, padded,
+  eager, bf16 autocast,
   the same stock loop as ``hf_padded``. For families without a stock ``transformers`` class this is the baseline.
 - ``padded``: bioscale, SDPA, padded batches, blocks compiled with dynamic shapes, bf16 autocast.
 - ``packed``: bioscale, ``varlen`` attention on packed batches padded to the fixed budget (static shapes, one compile),
@@ -100,6 +106,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from bioscale.data import (
     CLMCollator,
+    demo_corpus,
     InputPolicy,
     MLMCollator,
     canonical_token_ids,
@@ -108,6 +115,15 @@ from bioscale.data import (
     nucleotide_tokenizer,
     read_fasta,
     read_parquet,
+    record_affixes,
+)
+from bioscale.data.cds import CdsPolicy
+from bioscale.data.singlecell import (
+    CellPolicy,
+    GeneTokenEncoder,
+    gene_token_ids,
+    read_tokenized_cells,
+    vocabulary_of_tokenizer,
 )
 from bioscale.distributed import ParallelPlan, apply_data_parallel, parallelize, plan_parallelism
 from bioscale.distributed.parallelize import COMPILE_PRESETS
@@ -139,7 +155,8 @@ class ModelCase:
     Attributes:
         key: name on the command line and in the table.
         family / size: ``bioscale.models.build_config(family, size)``.
-        data: ``"uniref"`` (masked LM on proteins) or ``"dna"`` (causal LM on DNA windows).
+        data: ``"uniref"`` (masked LM on proteins), ``"dna"`` (causal LM on DNA windows) or ``"cds"`` (masked LM on
+            codons of coding sequences).
         max_length: longest sequence in tokens, special tokens included (also the fixed ``max_length`` given to the
             varlen kernel, so its value never changes between steps and never triggers a recompile).
         mb: sequences per padded micro-batch.
@@ -163,7 +180,10 @@ class ModelCase:
 
     @property
     def tokenizer(self) -> str:
-        """The bioscale tokenizer of the family (``protein`` for ESM-2, ``amplify``, ``nucleotide``)."""
+        """The bioscale tokenizer of the family (``protein`` for ESM-2, ``amplify``, ``nucleotide``); Geneformer V2
+        cases (data ``genecorpus_v2``) read the V2 convention of the gene vocabulary."""
+        if self.data == "genecorpus_v2":
+            return "geneformer_v2"
         return get_model_spec(self.family).tokenizer
 
     @property
@@ -212,6 +232,19 @@ MODEL_CASES: dict[str, ModelCase] = {
         ModelCase("amplify_debug", "amplify", "debug", "uniref", 512, 4, 2048),
         ModelCase("amplify_120M", "amplify", "120M", "uniref", 512, 32, 16384),
         ModelCase("amplify_350M", "amplify", "350M", "uniref", 512, 32, 16384),
+        # CodonFM EnCodon: CDSs cropped to 2,048 tokens (CodonFM's context); the reference measured padded batches of
+        # 100-1,000-codon sequences. Attention-probability dropout is 0 in every row (the packed kernel has none).
+        ModelCase("encodon_debug", "codonfm", "debug", "cds", 512, 4, 2048),
+        ModelCase("encodon_80M", "codonfm", "80M", "cds", 2048, 16, 16384),
+        ModelCase("encodon_600M", "codonfm", "600M", "cds", 2048, 16, 16384),
+        ModelCase("encodon_1B", "codonfm", "1B", "cds", 2048, 16, 16384),
+        # Geneformer: the shared Genecorpus cells (~2,048 ranked genes each), truncated to their top genes; 16 cells
+        # x 2,048 tokens per micro-batch, the shape of the issue's BertForMaskedLM baseline. V2 cases wrap each cell
+        # as <cls> genes <eos> over the corpus's V1 vocabulary (+2 tokens). Attention dropout is 0 in every row.
+        ModelCase("geneformer_debug", "geneformer", "debug", "genecorpus", 256, 4, 2048),
+        ModelCase("geneformer_10M", "geneformer", "V1_10M", "genecorpus", 2048, 16, 32768),
+        ModelCase("geneformer_104M", "geneformer", "V2_104M", "genecorpus_v2", 2048, 16, 32768),
+        ModelCase("geneformer_316M", "geneformer", "V2_316M", "genecorpus_v2", 2048, 16, 32768),
     )
 }
 DEFAULT_MODELS = ("esm2_8M", "esm2_150M", "esm2_650M", "esm2_3B", "llama3_1B")
@@ -447,7 +480,15 @@ def load_examples(
     """Tokenised, cropped and labelled sequences, in file order (the same for every variant and model).
 
     ``tokenizer_kind``: the family's tokenizer for ``uniref`` (``protein`` for ESM-2, ``amplify``)."""
-    if kind == "uniref":
+    if kind in ("genecorpus", "genecorpus_v2"):
+        return load_cell_examples(max_length, data_dir, seed=seed, limit=limit, tokenizer_kind=tokenizer_kind)
+    policy: Any
+    if kind == "cds":  # no file in the shared folder: the demo CDS corpus, generated from a pyrodigal wheel file
+        path = demo_corpus("cds")
+        records = read_fasta(path)
+        tokenizer = _tokenizer("codon")
+        policy = CdsPolicy(max_length=max_length - 2, crop="random")
+    elif kind == "uniref":
         path = data_dir / "uniref90_sample.parquet"
         records: Iterator[tuple[str, str | None]] = read_parquet(path) if path.exists() else iter(())
         tokenizer = _tokenizer(tokenizer_kind)
@@ -467,10 +508,17 @@ def load_examples(
         sequences.extend(policy(record_id, sequence, rng))
         if limit is not None and len(sequences) >= limit:
             break
-    encoded = tokenizer(sequences, add_special_tokens=True)["input_ids"]
+    if kind == "dna":
+        # The special tokens the training pipeline puts around each record (record_affixes): they include the <eos>
+        # that the DNA tokenizers no longer append themselves (so that a prompt never ends in one).
+        prefix, suffix = record_affixes(tokenizer)
+        encoded = [prefix + ids + suffix for ids in tokenizer(sequences, add_special_tokens=False)["input_ids"]]
+    else:
+        encoded = tokenizer(sequences, add_special_tokens=True)["input_ids"]
     examples = []
-    if kind == "uniref":
-        mlm = MLMCollator(tokenizer, random_token_ids=canonical_token_ids(tokenizer, tokenizer_kind))
+    if kind in ("uniref", "cds"):
+        mlm = MLMCollator(tokenizer, random_token_ids=canonical_token_ids(tokenizer, "codon" if kind == "cds" else
+                                                                          tokenizer_kind))  # fmt: skip
         for index, ids in enumerate(encoded):
             batch = mlm.apply({"input_ids": torch.tensor(ids)[None]}, rng=np.random.default_rng([seed, index]))
             examples.append(Example(batch["input_ids"][0].numpy(), batch["labels"][0].numpy()))
@@ -479,6 +527,31 @@ def load_examples(
         for ids in encoded:
             batch = clm.apply({"input_ids": torch.tensor(ids)[None], "attention_mask": torch.ones(1, len(ids))})
             examples.append(Example(batch["input_ids"][0].numpy(), batch["labels"][0].numpy()))
+    return examples
+
+
+def load_cell_examples(
+    max_length: int, data_dir: Path, *, seed: int, limit: int | None, tokenizer_kind: str = "geneformer"
+) -> list[Example]:
+    """The shared Genecorpus cells (``genecorpus_500_samples.parquet``, rank-value-encoded) as the training loader
+    feeds them: each cell's top genes (:class:`bioscale.data.singlecell.CellPolicy`), the convention's special tokens
+    (V2: ``<cls> … <eos>``), masked once per cell 15% / 80-10-10 with random genes only."""
+    path = data_dir / "genecorpus_500_samples.parquet"
+    if not path.exists():
+        raise ValueError(f"benchmark data {path} not found; pass --data-dir (the shared data folder)")
+    tokenizer = _tokenizer(tokenizer_kind)
+    vocabulary = vocabulary_of_tokenizer(tokenizer)
+    encoder = GeneTokenEncoder(vocabulary)
+    policy = CellPolicy(vocabulary, max_genes=max_length - encoder.num_special)
+    mlm = MLMCollator(tokenizer, random_token_ids=gene_token_ids(tokenizer))
+    examples = []
+    for index, (cell_id, genes) in enumerate(read_tokenized_cells(path, vocab_size=len(vocabulary))):
+        for piece in policy(cell_id, genes):
+            ids = torch.from_numpy(encoder.encode(piece))[None]
+            batch = mlm.apply({"input_ids": ids}, rng=np.random.default_rng([seed, index]))
+            examples.append(Example(batch["input_ids"][0].numpy(), batch["labels"][0].numpy()))
+        if limit is not None and len(examples) >= limit:
+            break
     return examples
 
 
@@ -628,6 +701,23 @@ class Result:
 
 def _model_config(case: ModelCase, attn_backend: str) -> Any:
     overrides: dict[str, Any] = {"attn_backend": attn_backend}
+    if case.data == "cds":
+        # EnCodon trains with attention-probability dropout 0.1, which the packed varlen kernel does not have: 0 in
+        # every row, the reference's included, so all rows compute the same function. The decoder is padded to 128.
+        overrides.update(attention_probs_dropout_prob=0.0, padded_vocab_size=128)
+    if case.data in ("genecorpus", "genecorpus_v2"):
+        # Geneformer's attention dropout (0.02) does not exist in the packed varlen kernel: 0 in every row, as in the
+        # L1 recipes; hidden dropout stays 0.02. The vocabulary is the corpus's (V1, or V1 + <cls>/<eos> for V2: the
+        # published V2 vocabulary of 20,275 genes would not hold the corpus's token ids).
+        vocabulary = vocabulary_of_tokenizer(_tokenizer(case.tokenizer))
+        overrides.update(
+            attention_probs_dropout_prob=0.0,
+            vocab_size=len(vocabulary),
+            pad_token_id=vocabulary.pad_id,
+            mask_token_id=vocabulary.mask_id,
+            cls_token_id=vocabulary.cls_id,
+            eos_token_id=vocabulary.eos_id,
+        )
     if case.data == "dna":
         tokenizer = nucleotide_tokenizer()
         overrides.update(
@@ -802,10 +892,44 @@ def amplify_reference(model: torch.nn.Module, reference_dir: Path) -> torch.nn.M
     return reference
 
 
+class _EnCodonReferenceLoss(torch.nn.Module):
+    """CodonFM's ``EnCodon`` (which returns logits only) with the loss its Lightning module computes: cross-entropy
+    over the labels != -100 (``EncodonPL.model_step``)."""
+
+    def __init__(self, encodon: torch.nn.Module) -> None:
+        super().__init__()
+        self.encodon = encodon
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+        logits = self.encodon(input_ids=input_ids, attention_mask=attention_mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return argparse.Namespace(loss=loss, logits=logits)
+
+
+def encodon_reference(model: torch.nn.Module, reference_dir: Path) -> torch.nn.Module:
+    """CodonFM's ``EnCodon`` (the architecture of the released checkpoints, ``codonfm_reference``; its attention is
+    SDPA with an additive mask and asserts padded lengths that are multiples of 8, which padded_batches gives) with
+    exactly ``model``'s weights, converted through the released tensor names (RoPE buffers included)."""
+    _import_reference(reference_dir)
+    import inspect
+
+    from codonfm_reference.encodon import EnCodon
+    from codonfm_reference.encodon_config import EnCodonConfig
+
+    from bioscale.models.codonfm.convert import reference_config_dict, to_reference_state_dict
+
+    fields = inspect.signature(EnCodonConfig.__init__).parameters
+    config = {k: v for k, v in reference_config_dict(model.config).items() if k in fields}
+    reference = EnCodon(EnCodonConfig(**config))
+    reference.load_state_dict(to_reference_state_dict(model), strict=True)
+    return _EnCodonReferenceLoss(reference)
+
+
 # family -> (bioscale model with the init weights, --reference-dir) -> the published implementation with them, whose
 # forward(input_ids=, attention_mask=, labels=) returns an output with the mean masked-LM ``loss`` (ref_padded rows).
 REFERENCE_BASELINES: dict[str, Callable[[torch.nn.Module, Path], torch.nn.Module]] = {
     "amplify": amplify_reference,
+    "codonfm": encodon_reference,
 }
 
 
@@ -1073,7 +1197,7 @@ def run_variant(
     result = Result(case.label, variant.label)
     start = time.perf_counter()
     packed = variant.name.startswith("packed")
-    task = "masked_lm" if case.data == "uniref" else "causal_lm"
+    task = "causal_lm" if case.data == "dna" else "masked_lm"
     _free_memory(device)
     model = optimizer = None
     attention_impl = contextlib.ExitStack()

@@ -23,7 +23,18 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("bioscale.use.cli", "finetune_main", "fine-tune a classification head (full or LoRA)"),
     "generate": ("bioscale.use.cli", "generate_main", "generate DNA with a causal model"),
     "export": ("bioscale.use.cli", "export_main", "export a bioscale model to the plain transformers format"),
+    "tokenize-cells": ("bioscale.use.cli", "tokenize_cells_main", "rank-value encode single cells (.h5ad) for Geneformer"),
+    "score": ("bioscale.use.variants", "score_main", "zero-shot variant scores (masked log-likelihood ratio)"),
 }
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system error: what went wrong and the path (``No such file or directory: /x/y``)."""
+    text = err.strerror or str(err)
+    for name in (err.filename, err.filename2):
+        if name is not None and str(name) not in text:
+            text += f": {name}" if name == err.filename else f" -> {name}"
+    return text
 
 
 def _usage() -> str:
@@ -52,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name, _ = SUBCOMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except OSError as err:  # a missing, unreadable or full path, from any subcommand: one line naming it
+        print(f"bioscale {name}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

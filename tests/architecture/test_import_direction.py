@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "distributed": 2,
     "precision": 2,
     "train": 3,
+    "integrations": 3,  # other frameworks' loops (Trainer + Accelerate, PEFT, Lightning) beside bioscale's own
     "use": 4,
     "eval": 5,
     "pipeline": 6,

@@ -66,7 +66,8 @@ def test_round_trip_decode_and_save_load(tmp_path):
         assert loaded.model_max_length == tok.model_max_length
         assert pickle.loads(pickle.dumps(tok))(text)["input_ids"] == ids
         padded = loaded(["A", text], padding=True)["input_ids"]
-        assert padded[0][3:] == [loaded.pad_token_id] * (len(text) - 1)
+        short = len(loaded("A")["input_ids"])  # <cls> A <eos> (protein); <bos> A (DNA: no <eos> after a prompt)
+        assert padded[0][short:] == [loaded.pad_token_id] * (len(text) - 1)
 
 
 def test_nucleotide_vocabulary():
@@ -75,8 +76,10 @@ def test_nucleotide_vocabulary():
     assert tok.get_vocab() == {t: i for i, t in enumerate(expected)}
     assert len(tok) == 20
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
-    assert tok("acgtn")["input_ids"] == [0, 5, 6, 7, 8, 9, 2]
-    assert tok("ACXU")["input_ids"] == [0, 5, 6, 3, 3, 2]
+    # <bos> + bases, no <eos>: a prompt encoded by the stock tokenizer stays open (the data pipeline adds <eos>).
+    assert tok("acgtn")["input_ids"] == [0, 5, 6, 7, 8, 9]
+    assert tok("ACXU")["input_ids"] == [0, 5, 6, 3, 3]
+    assert CharTokenEncoder(tok).encode("acgtn").tolist() == [0, 5, 6, 7, 8, 9, 2]
 
 
 @pytest.mark.parametrize("make", [protein_tokenizer, nucleotide_tokenizer])
@@ -85,9 +88,11 @@ def test_lut_encoder_matches_tokenizer(make):
     encoder = CharTokenEncoder(tok)
     rng = np.random.default_rng(0)
     chars = np.array(list("LAGVSERTIDPKQNFYMHWCXBUZO.-ACGTNRYSWKMBDHVacgtmkvlxjJ*#9éß"))
+    # The DNA tokenizer adds no <eos> after a prompt; the training encoder ends every record with one.
+    record_eos = [tok.eos_token_id] if make is nucleotide_tokenizer else []
     for _ in range(200):
         text = "".join(rng.choice(chars, size=int(rng.integers(1, 50))))
-        expected = tok(text)["input_ids"]
+        expected = tok(text)["input_ids"] + record_eos
         got = encoder.encode(text)
         assert got.dtype == np.uint8
         assert got.tolist() == expected, text

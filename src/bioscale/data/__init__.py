@@ -34,8 +34,11 @@ from bioscale.data.tokenizers import (
     CharTokenEncoder,
     canonical_token_ids,
     get_tokenizer,
+    nucleotide_ascii_tokenizer,
     nucleotide_tokenizer,
     protein_tokenizer,
+    record_affixes,
+    tokenizer_kind,
 )
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "buffered_pack",
     "greedy_pack",
     "iter_sequences",
+    "nucleotide_ascii_tokenizer",
     "nucleotide_tokenizer",
     "open_source",
     "pack_sequences",
@@ -70,4 +74,6 @@ __all__ = [
     "protein_tokenizer",
     "read_fasta",
     "read_parquet",
+    "record_affixes",
+    "tokenizer_kind",
 ]

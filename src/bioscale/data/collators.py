@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from bioscale.data.packing import IGNORE_INDEX, TokenIds, pad_sequences
-from bioscale.data.tokenizers import canonical_token_ids
+from bioscale.data.tokenizers import NUCLEOTIDE_AMBIGUOUS, canonical_token_ids
 
 Batch = dict[str, "torch.Tensor | int"]
 
@@ -87,6 +87,25 @@ class MLMCollator:
         return batch
 
 
+def case_label_map(tokenizer: PreTrainedTokenizerBase) -> dict[int, int]:
+    """``{lower-case letter id: its upper-case id}`` for the letters that are tokens in both cases (the byte-level
+    ``nucleotide_ascii`` vocabulary: ``a`` 97 -> ``A`` 65); empty for an upper-casing tokenizer."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_tokens)
+    return {
+        i: vocab[t.upper()]
+        for t, i in vocab.items()
+        if len(t) == 1 and t.islower() and t.upper() in vocab and t not in special and vocab[t.upper()] != i
+    }
+
+
+def ambiguous_base_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of ``N`` and the IUPAC ambiguity codes (``R Y S W K M B D H V``), in either case where the vocabulary has
+    both."""
+    vocab = tokenizer.get_vocab()
+    return sorted({vocab[c] for code in NUCLEOTIDE_AMBIGUOUS for c in (code, code.lower()) if c in vocab})
+
+
 class CLMCollator:
     """Causal-LM labels: the input ids, unshifted (the ``transformers`` convention: the model shifts), with -100 on
     padding and on the first token of every sequence.
@@ -96,6 +115,19 @@ class CLMCollator:
     trained to predict the first of the next, even in a model that shifts labels without looking at
     ``cu_seq_lens``, and (2) ``labels != -100`` then counts exactly the loss terms, which is the normaliser the
     trainer needs.
+
+    Genomic label options (the reference's genomic collator; both off by default, inputs are never changed):
+
+    - ``uppercase_labels``: a lower-case (soft-masked repeat) base is predicted as its upper-case id, so the model
+      learns the sequence, not where a repeat masker ran. Only meaningful with inputs that keep case (the byte-level
+      ``nucleotide_ascii`` tokenizer and ``data.keep_case``, where ``a`` is input 97 and target 65).
+    - ``ignore_ambiguous_labels``: ``N`` and IUPAC ambiguity codes (``R Y S W K M B D H V``, either case) are -100
+      as targets: an assembly gap or an ambiguous call is no base to learn. They stay in the inputs. Unlike the
+      reference, which ignores every non-ACGT target, ``<eos>`` is still a target, so the model learns to stop.
+
+    After each :meth:`apply`, ``last_label_counts`` holds that batch's ``labels_uppercased`` and
+    ``labels_ambiguous_ignored``; the loader adds them to its input-policy counts (``summary.json``'s
+    ``data_policy``).
     """
 
     def __init__(
@@ -104,13 +136,42 @@ class CLMCollator:
         *,
         pad_token_id: int | None = None,
         pad_to_multiple_of: int | None = None,
+        uppercase_labels: bool = False,
+        ignore_ambiguous_labels: bool = False,
+        case_map: dict[int, int] | None = None,
+        ambiguous_token_ids: Sequence[int] | None = None,
     ) -> None:
         if pad_token_id is None:
             pad_token_id = tokenizer.pad_token_id if tokenizer is not None else None
         if pad_token_id is None:
             raise ValueError("CLMCollator needs a tokenizer with a pad token, or pad_token_id")
+        if uppercase_labels and case_map is None:
+            if tokenizer is None:
+                raise ValueError("CLMCollator(uppercase_labels=True) needs a tokenizer or case_map")
+            case_map = case_label_map(tokenizer)
+        if ignore_ambiguous_labels and ambiguous_token_ids is None:
+            if tokenizer is None:
+                raise ValueError("CLMCollator(ignore_ambiguous_labels=True) needs a tokenizer or ambiguous_token_ids")
+            ambiguous_token_ids = ambiguous_base_ids(tokenizer)
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.uppercase_labels = bool(uppercase_labels)
+        self.ignore_ambiguous_labels = bool(ignore_ambiguous_labels)
+        # Lookup tables indexed by token id (ids here are < 256 for every bioscale vocabulary, but any size works).
+        self._upper: torch.Tensor | None = None
+        self._ambiguous: torch.Tensor | None = None
+        if self.uppercase_labels:
+            assert case_map is not None
+            size = max([self.pad_token_id, *case_map, *case_map.values()]) + 1
+            self._upper = torch.arange(size)
+            for lower, upper in case_map.items():
+                self._upper[lower] = upper
+        if self.ignore_ambiguous_labels:
+            assert ambiguous_token_ids is not None
+            ids = [int(i) for i in ambiguous_token_ids]
+            self._ambiguous = torch.zeros(max([self.pad_token_id, *ids]) + 1, dtype=torch.bool)
+            self._ambiguous[ids] = True
+        self.last_label_counts: dict[str, int] = {"labels_uppercased": 0, "labels_ambiguous_ignored": 0}
 
     def __call__(self, examples: Sequence[TokenIds], rng: np.random.Generator | None = None) -> Batch:
         batch = pad_sequences(examples, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
@@ -133,5 +194,26 @@ class CLMCollator:
             flat[input_ids.view(-1) == self.pad_token_id] = IGNORE_INDEX  # the padding segment, if any
         else:
             raise ValueError("CLMCollator.apply needs a padded batch (attention_mask) or a packed one (cu_seq_lens_q)")
+        counts = {"labels_uppercased": 0, "labels_ambiguous_ignored": 0}
+        if self._upper is not None or self._ambiguous is not None:
+            labels = self._genomic_labels(labels, counts)
+        self.last_label_counts = counts
         batch["labels"] = labels
         return batch
+
+    def _genomic_labels(self, labels: torch.Tensor, counts: dict[str, int]) -> torch.Tensor:
+        """``labels`` with the upper-casing and ambiguity options applied (see the class docstring), counted: an
+        ambiguous target is only counted as ignored, even when it was lower case."""
+        scored = labels != IGNORE_INDEX
+        ambiguous = torch.zeros_like(scored)
+        if self._ambiguous is not None:
+            inside = scored & (labels < self._ambiguous.numel())
+            ambiguous[inside] = self._ambiguous[labels[inside]]
+            counts["labels_ambiguous_ignored"] = int(ambiguous.sum())
+        if self._upper is not None:
+            inside = scored & (labels < self._upper.numel())
+            mapped = labels.clone()
+            mapped[inside] = self._upper[labels[inside]]
+            counts["labels_uppercased"] = int(((mapped != labels) & ~ambiguous).sum())
+            labels = mapped
+        return labels.masked_fill(ambiguous, IGNORE_INDEX) if self._ambiguous is not None else labels

@@ -1,6 +1,7 @@
 """``DataConfig``: every knob of the data pipeline, as a plain dataclass the trainer nests under ``data:``.
 
-Only plain types (str, int, float, bool, Optional, list), so Hydra/OmegaConf can build its schema from this class;
+Only plain types (str, int, float, bool, Optional, list, and the nested ``image`` section of the same kind), so
+Hydra/OmegaConf can build its schema from this class;
 unknown keys are rejected there, and :meth:`DataConfig.validate` rejects bad values with a ``ValueError`` naming the
 key. The loader (loader.py) is the only consumer.
 """
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from bioscale.data.image_config import ImageDataConfig
 from bioscale.data.tokenizers import TOKENIZERS
 
 
@@ -29,14 +31,30 @@ class DataConfig:
 
     # --- tokens and objective --------------------------------------------------------------------------------------
     tokenizer: str = "protein"  # "protein" (ESM-2 alphabet) | "nucleotide" | "amplify" (AMPLIFY's 27 tokens)
+    # | "codon" (CodonFM's 69 tokens, one per codon: the records are coding sequences, see data/cds.py)
+    # | "nucleotide_ascii" (the reference's byte-level DNA vocabulary: ASCII codes, case kept; 256 tokens)
     objective: str = "mlm"  # "mlm" (masked LM, ESM-2) | "clm" (causal LM, Llama on DNA)
     mlm_probability: float = 0.15
+    # codon tokenizer only: a JSON file of codon counts ({"AAA": 123, ...}, or a list of 69 counts by token id) for
+    # CodonFM's codon-weighted masking (per-codon probability mlm_probability x weight, weights = mean count / count
+    # normalised to mean 1 per sequence, clipped to [0.05, 0.4]); None = uniform masking
+    codon_weights: Optional[str] = None
 
     # --- input policy (policy.py) ----------------------------------------------------------------------------------
     max_seq_length: int = 1024  # tokens per sequence, special tokens included (ESM-2: 1022 residues + 2)
     crop: str = "auto"  # longer records: "random" crop (ESM-2) | "window" (genomes) | "auto" = by tokenizer
     window_stride: Optional[int] = None  # residues between window starts; None = window length (no overlap)
     unknown_residues: str = "map"  # out-of-alphabet characters: "map" to X/N | "reject" the record | "error"
+    # codon tokenizer only: a length not a multiple of 3, an internal stop, a missing start codon: "keep" (counted;
+    # the trailing partial codon is dropped) | "reject" the record (counted) | "error" (ValueError naming it)
+    cds_checks: str = "keep"
+    # Genomic options (docs/data.md). keep_case: lower-case (soft-masked repeat) bases stay lower case in the inputs
+    # instead of being upper-cased; needs a case-sensitive tokenizer (nucleotide_ascii, where "a" is its own id 97).
+    keep_case: bool = False
+    # clm only: train lower-case targets as their upper-case base (inputs keep their case).
+    uppercase_labels: bool = False
+    # clm only: N and IUPAC ambiguity codes are not targets (labels -100; they stay in the inputs).
+    ignore_ambiguous_labels: bool = False
 
     # --- batching --------------------------------------------------------------------------------------------------
     use_sequence_packing: bool = False  # False: padded [B, S] batches; True: packed THD [1, T] micro-batches
@@ -55,7 +73,12 @@ class DataConfig:
     num_workers: int = 0  # data-loader worker processes per rank (0: load in the training process)
     pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies (set True on GPU)
 
+    # --- images (objective "image_classification": bioscale.data.images; data.image.*) ------------------------------
+    image: ImageDataConfig = dataclasses.field(default_factory=ImageDataConfig)
+
     def __post_init__(self) -> None:
+        if isinstance(self.image, Mapping):  # from_dict / a plain mapping: the nested section as a dataclass
+            self.image = ImageDataConfig(**self.image)
         self.validate()
 
     @property
@@ -83,9 +106,27 @@ class DataConfig:
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"data.source={self.source!r}: expected a path, 'demo:<kind>' or 'hf:<dataset>'")
         choice("tokenizer", tuple(TOKENIZERS))
-        choice("objective", ("mlm", "clm"))
+        choice("objective", ("mlm", "clm", "image_classification"))
+        self.image.validate()
         choice("crop", ("auto", "random", "window"))
         choice("unknown_residues", ("map", "reject", "error"))
+        choice("cds_checks", ("keep", "reject", "error"))
+        if self.codon_weights is not None and TOKENIZERS[self.tokenizer].unit != "codon":
+            raise ValueError(
+                f"data.codon_weights is set but data.tokenizer={self.tokenizer!r} is not a codon tokenizer "
+                "(codon-weighted masking needs data.tokenizer=codon)"
+            )
+        for key in ("keep_case", "uppercase_labels", "ignore_ambiguous_labels"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: expected true or false")
+        if self.keep_case and not TOKENIZERS[self.tokenizer].case_sensitive:
+            raise ValueError(
+                f"data.keep_case=true but data.tokenizer={self.tokenizer!r} upper-cases every base; use a "
+                "case-sensitive tokenizer (data.tokenizer=nucleotide_ascii: lower-case bases are their own ids)"
+            )
+        for key in ("uppercase_labels", "ignore_ambiguous_labels"):
+            if getattr(self, key) and self.objective != "clm":
+                raise ValueError(f"data.{key}=true applies to causal-LM labels; data.objective is {self.objective!r}")
         if not 0.0 < float(self.mlm_probability) < 1.0:
             raise ValueError(f"data.mlm_probability={self.mlm_probability!r}: expected a value in (0, 1)")
         at_least("max_seq_length", 3)  # room for the two special tokens and one residue

@@ -29,15 +29,25 @@ DEMO_CORPORA: dict[str, tuple[str, str, str]] = {
         "the first 100 kb of the same chromosome, for tiny smoke tests",
     ),
 }
+# Corpora derived from the shipped files on first use (kind -> what it is); written to a cache by their module.
+GENERATED_DEMO_CORPORA: dict[str, str] = {
+    "cds": "the genes pyrodigal predicts on the dna corpus, as coding sequences (bioscale.data.cds.demo_cds_corpus)",
+}
 
 
 def demo_corpus(kind: str) -> Path:
-    """Path of the demo FASTA file ``kind`` (``"protein"``, ``"dna"`` or ``"dna-small"``).
+    """Path of the demo FASTA file ``kind`` (``"protein"``, ``"dna"``, ``"dna-small"`` or ``"cds"``).
 
     Raises ``ValueError`` for an unknown kind or when the package that ships the file is not installed.
     """
+    if kind == "cds":
+        from bioscale.data.cds import demo_cds_corpus  # cds.py reads the dna corpus through this module
+
+        return demo_cds_corpus()
     if kind not in DEMO_CORPORA:
-        raise ValueError(f"unknown demo corpus {kind!r}: expected one of {sorted(DEMO_CORPORA)}")
+        raise ValueError(
+            f"unknown demo corpus {kind!r}: expected one of {sorted([*DEMO_CORPORA, *GENERATED_DEMO_CORPORA])}"
+        )
     package, resource, _ = DEMO_CORPORA[kind]
     if importlib.util.find_spec(package) is None:
         raise ValueError(f"demo corpus {kind!r} ships with the {package!r} package, which is not installed: "

@@ -36,10 +36,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from bioscale.data.cds import CdsPolicy, CodonTokenEncoder, CodonWeightedMLMCollator, load_codon_weights
 from bioscale.data.collators import CLMCollator, MLMCollator
 from bioscale.data.config import DataConfig
+from bioscale.data.image_config import ImageDataConfig
 from bioscale.data.packing import check_pack_budget, collate_packed, pack_groups, pad_sequences
 from bioscale.data.policy import InputPolicy, PolicyStats
+from bioscale.data.singlecell import CellPolicy, GeneTokenEncoder, gene_token_ids, open_cell_source, vocabulary_of_tokenizer
 from bioscale.data.sources import SequenceSource, open_source
 from bioscale.data.tokenizers import CharTokenEncoder, canonical_token_ids, get_tokenizer, tokenizer_spec
 
@@ -48,7 +51,9 @@ _DATASET_MARKER = "bioscale.SequenceDataset"
 # Config keys that do not change which batches are produced, so they may differ on resume.
 _RESUME_INDEPENDENT_KEYS = frozenset({"pin_memory", "num_workers"})  # num_workers is checked as part of the layout
 # Keys added after states were first saved: a saved config without one ran with this value (the old behaviour).
-_ADDED_KEY_OLD_VALUES = {"packing_buffer_size": 0}
+_ADDED_KEY_OLD_VALUES = {"packing_buffer_size": 0, "codon_weights": None, "cds_checks": "keep", "keep_case": False,
+                         "uppercase_labels": False, "ignore_ambiguous_labels": False,
+                         "image": ImageDataConfig().to_dict()}
 
 # Domain tags keep the random streams independent although they share (seed, epoch, ...).
 _UNIT_ORDER, _BLOCK_SHUFFLE, _CROP, _MASK, _DEAL = 0, 1, 2, 3, 4
@@ -95,7 +100,7 @@ class SequenceDataset(IterableDataset):
         self,
         cfg: DataConfig,
         source: SequenceSource,
-        encoder: CharTokenEncoder,
+        encoder: CharTokenEncoder | CodonTokenEncoder,
         collator: MLMCollator | CLMCollator,
         *,
         rank: int = 0,
@@ -118,16 +123,29 @@ class SequenceDataset(IterableDataset):
         self._epoch = 0
         self._batches_in_epoch = 0
         self._stats_before_epoch = PolicyStats()
-        self._policy: InputPolicy | None = None  # the running epoch's policy (its stats are this epoch's counts)
+        # the running epoch's policy (its stats are this epoch's counts)
+        self._policy: InputPolicy | CdsPolicy | None = None
 
     # ----------------------------------------------------------------------------------------------------------- state
-    def _make_policy(self) -> InputPolicy:
+    def _make_policy(self) -> InputPolicy | CdsPolicy:
+        if tokenizer_spec(self.cfg.tokenizer).unit == "codon":  # coding sequences: lengths in codons
+            return CdsPolicy(
+                max_length=self.max_residues,
+                crop=self.cfg.resolved_crop,
+                window_stride=self.cfg.window_stride,
+                unknown_residues=self.cfg.unknown_residues,
+                cds_checks=self.cfg.cds_checks,
+            )
+        if tokenizer_spec(self.cfg.tokenizer).unit == "gene":  # tokenized cells: truncated to their top genes
+            assert isinstance(self.encoder, GeneTokenEncoder)
+            return CellPolicy(self.encoder.vocabulary, max_genes=self.max_residues)  # type: ignore[return-value]
         return InputPolicy(
             self.cfg.tokenizer,
             max_length=self.max_residues,
             crop=self.cfg.resolved_crop,
             window_stride=self.cfg.window_stride,
             unknown_residues=self.cfg.unknown_residues,
+            keep_case=self.cfg.keep_case,
         )
 
     def policy_stats(self) -> PolicyStats:
@@ -206,7 +224,7 @@ class SequenceDataset(IterableDataset):
                 yield record_id, seq, index % num_consumers == consumer
 
     def _epoch_groups(
-        self, epoch: int, consumer: int, num_consumers: int, policy: InputPolicy
+        self, epoch: int, consumer: int, num_consumers: int, policy: InputPolicy | CdsPolicy
     ) -> Iterator[list[np.ndarray]]:
         """The token sequences of each micro-batch of ``epoch`` for ``consumer``, deterministically."""
         cfg = self.cfg
@@ -251,7 +269,11 @@ class SequenceDataset(IterableDataset):
             batch = collate_packed(group, pad_to_multiple_of=cfg.pad_to_multiple_of, pad_token_id=pad_id)
         else:
             batch = pad_sequences(group, pad_token_id=pad_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
-        return self.collator.apply(batch, rng)
+        batch = self.collator.apply(batch, rng)
+        label_counts = getattr(self.collator, "last_label_counts", None)
+        if label_counts and self._policy is not None:  # CLM targets changed by the genomic options, counted
+            self._policy.stats.add(label_counts)
+        return batch
 
 
 class BioscaleDataLoader(StatefulDataLoader):
@@ -263,6 +285,11 @@ class BioscaleDataLoader(StatefulDataLoader):
         with warnings.catch_warnings():
             # torchdata 0.11 calls torch.set_vital, deprecated in recent torch: noise in every run, nothing to act on
             warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            # A generator of its own: iter() draws the workers' base seed from it. From the global torch RNG that
+            # draw would shift dropout's stream, and a resumed run calls iter() after its RNG state is restored, so
+            # steps after a resume would differ from the uninterrupted run's (the data's randomness is keyed on
+            # data.seed, not on this generator).
+            kwargs.setdefault("generator", torch.Generator().manual_seed(0))
             super().__init__(dataset, batch_size=None, **kwargs)
         self._bioscale_meta = {
             "version": _STATE_VERSION,
@@ -320,6 +347,8 @@ def get_policy_stats(loader: StatefulDataLoader | Mapping[str, Any]) -> dict[str
     loader or a ``state_dict()`` of it. Sum the dicts over ranks for global counts. "Read" counts may run ahead of
     the delivered batches by one shuffle block (records read into the block but not yet batched).
     """
+    if isinstance(loader, StatefulDataLoader) and hasattr(loader, "policy_stats"):
+        return loader.policy_stats()  # images count their own policy (bioscale.data.images.ImageDataLoader)
     state = loader.state_dict() if isinstance(loader, StatefulDataLoader) else loader
     total = PolicyStats()
     for dataset_state in _dataset_states(state):
@@ -351,7 +380,8 @@ def build_dataloader(
     """The infinite, resumable loader of micro-batches for ``rank`` of ``world_size`` (see the module docstring).
 
     ``tokenizer`` must be character-level (``protein_tokenizer()`` / ``nucleotide_tokenizer()`` /
-    ``amplify_tokenizer()`` or one saved from them); its kind must match ``cfg.tokenizer``. Source problems (missing
+    ``amplify_tokenizer()`` or one saved from them) or ``codon_tokenizer()`` (coding sequences, read through
+    ``bioscale.data.cds``); its kind must match ``cfg.tokenizer``. Source problems (missing
     file or column, unknown type) raise here, not in a worker.
     """
     if not isinstance(cfg, DataConfig):
@@ -361,14 +391,27 @@ def build_dataloader(
         raise ValueError(f"build_dataloader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if cfg.use_sequence_packing:
         check_pack_budget(cfg.max_tokens_per_batch, cfg.pad_to_multiple_of, key="data.max_tokens_per_batch")
-    encoder = CharTokenEncoder(tokenizer)
-    _check_tokenizer_kind(tokenizer, cfg.tokenizer)
-    if cfg.objective == "mlm":
-        collator: MLMCollator | CLMCollator = MLMCollator(
+    if tokenizer_spec(cfg.tokenizer).unit == "gene":  # tokenized cells (Geneformer): bioscale.data.singlecell
+        return _build_cell_dataloader(cfg, tokenizer, rank=rank, world_size=world_size)
+    encoder: CharTokenEncoder | CodonTokenEncoder
+    if tokenizer_spec(cfg.tokenizer).unit == "codon":
+        encoder = CodonTokenEncoder(tokenizer)  # ValueError unless it is CodonFM's 69-token vocabulary
+    else:
+        encoder = CharTokenEncoder(tokenizer)
+        _check_tokenizer_kind(tokenizer, cfg.tokenizer)
+    if cfg.objective == "mlm" and cfg.codon_weights is not None:
+        collator: MLMCollator | CLMCollator = CodonWeightedMLMCollator(
+            tokenizer, cfg.mlm_probability, codon_weights=load_codon_weights(cfg.codon_weights),
+            random_token_ids=canonical_token_ids(tokenizer, cfg.tokenizer),
+        )  # fmt: skip
+    elif cfg.objective == "mlm":
+        collator = MLMCollator(
             tokenizer, cfg.mlm_probability, random_token_ids=canonical_token_ids(tokenizer, cfg.tokenizer)
         )
     else:
-        collator = CLMCollator(tokenizer)
+        collator = CLMCollator(
+            tokenizer, uppercase_labels=cfg.uppercase_labels, ignore_ambiguous_labels=cfg.ignore_ambiguous_labels
+        )
     source = open_source(
         cfg.source,
         sequence_column=cfg.sequence_column,
@@ -377,6 +420,28 @@ def build_dataloader(
         hf_streaming=cfg.hf_streaming,
     )
     dataset = SequenceDataset(cfg, source, encoder, collator, rank=rank, world_size=world_size)
+    return BioscaleDataLoader(dataset, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory)
+
+
+def _build_cell_dataloader(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int, world_size: int
+) -> BioscaleDataLoader:
+    """:func:`build_dataloader` for tokenized cells: the same dataset, state and batches, with the gene vocabulary's
+    encoder (V2 ``<cls> … <eos>``), :class:`~bioscale.data.singlecell.CellPolicy` (top genes kept, counted) and MLM
+    replacements drawn from the genes only."""
+    vocabulary = vocabulary_of_tokenizer(tokenizer)
+    expected = "v2" if cfg.tokenizer.endswith("_v2") else "v1"
+    if cfg.objective != "mlm" or vocabulary.convention != expected:
+        raise ValueError(
+            f"data.tokenizer={cfg.tokenizer!r} trains masked LM (data.objective=mlm) with a {expected} gene vocabulary; "
+            f"got objective={cfg.objective!r} and a {vocabulary.convention} tokenizer"
+        )
+    if cfg.crop != "auto":
+        raise ValueError(f"data.crop={cfg.crop!r}: cells are truncated to their top-ranked genes; leave data.crop=auto")
+    collator = MLMCollator(tokenizer, cfg.mlm_probability, random_token_ids=gene_token_ids(tokenizer))
+    source = open_cell_source(cfg.source, column=cfg.sequence_column, id_column=cfg.id_column,
+                              vocab_size=len(vocabulary))  # fmt: skip
+    dataset = SequenceDataset(cfg, source, GeneTokenEncoder(vocabulary), collator, rank=rank, world_size=world_size)
     return BioscaleDataLoader(dataset, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory)
 
 

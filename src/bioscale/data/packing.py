@@ -274,6 +274,15 @@ def count_tokens(batch: dict[str, torch.Tensor | int], *, pad_token_id: int = PA
     ``<pad>``); ``num_label_tokens``: ``labels != -100`` (the loss normaliser); ``num_sequences``: real sequences
     (segments, for packed batches).
     """
+    if "input_ids" not in batch and isinstance(batch.get("pixel_values"), torch.Tensor):
+        # An image batch (bioscale.data.images): each image counts as one token, one sequence of length 1. Every image
+        # has the same number of patch tokens, fixed by the model, so images/s is the throughput and the image
+        # families' flops_per_token is per image (bioscale.models.vit.spec).
+        num_images = int(batch["pixel_values"].shape[0])
+        labels = batch.get("labels")
+        num_label = int((labels != IGNORE_INDEX).sum()) if isinstance(labels, torch.Tensor) else 0
+        return {"num_tokens": num_images, "num_real_tokens": num_images, "num_label_tokens": num_label,
+                "num_sequences": num_images}  # fmt: skip
     input_ids = batch["input_ids"]
     assert isinstance(input_ids, torch.Tensor)
     num_tokens = input_ids.numel()

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bioscale.distributed.cp_mesh import ContextParallel
 from bioscale.distributed.megatron_fsdp import apply_megatron_fsdp, is_megatron_fsdp
 from bioscale.distributed.plan import ParallelPlan
+from bioscale.models.common import checkpoint_blocks
 
 AC_MODES = ("none", "full", "selective")
 
@@ -85,16 +86,14 @@ def apply_ac(model: nn.Module, mode: str) -> None:
         raise ValueError(f"activation_checkpointing must be one of {', '.join(AC_MODES)}; got {mode!r}")
     if mode == "none":
         return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    kwargs = {"preserve_rng_state": True}
+    kwargs: dict[str, Any] = {"preserve_rng_state": True}
     if mode == "selective":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_ac_policy())
-    layers = _blocks(model)
-    for index, block in enumerate(layers):
-        layers[index] = checkpoint_wrapper(block, **kwargs)
+    _blocks(model)  # the actionable error for a model without blocks
+    # The same wrapper as the models' HF contract (model.activation_checkpointing_enable()) applies.
+    checkpoint_blocks(model, **kwargs)
 
 
 def _persistent_reductions_up_to(max_rnumel: int) -> dict[str, Any]:

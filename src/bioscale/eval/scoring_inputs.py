@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from bioscale.data.tokenizers import CharTokenEncoder
+from bioscale.data.tokenizers import CharTokenEncoder, record_affixes
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -30,7 +30,13 @@ def chunk_sequence(sequence: str, max_residues: int) -> list[str]:
 
 
 def special_token_count(tokenizer) -> int:
-    """How many special tokens the tokenizer wraps around one sequence (2 for ``<cls> … <eos>``)."""
+    """How many special tokens :func:`encode` wraps around one sequence (2 for ``<cls> … <eos>``; 2 for the DNA
+    tokenizers too, whose ``<eos>`` the data pipeline adds, as in training: ``record_affixes``)."""
+    try:
+        prefix, suffix = record_affixes(tokenizer)
+        return len(prefix) + len(suffix)
+    except ValueError:  # not a character-level tokenizer: what it adds itself
+        pass
     with_special = tokenizer("A", add_special_tokens=True)["input_ids"]
     without = tokenizer("A", add_special_tokens=False)["input_ids"]
     return len(with_special) - len(without)

@@ -5,6 +5,8 @@ A model is called like its ``transformers`` counterpart, either *padded* (``inpu
 ``cu_seq_lens_q/k`` int32 ``[N + 1]``, ``max_length_q/k`` and ``position_ids`` that restart at 0 for every sequence;
 the names ``DataCollatorWithFlattening`` produces). :func:`prepare_batch` validates the arguments once per forward and
 returns a :class:`Batch` that the model's embedding, attention metadata, token-dropout, pooling and loss code all read.
+Callers that opt in (``derive_packing=True``) may also pass the collator's other packed forms, a ``[1, T]`` row whose
+``position_ids`` restart or that carries ``seq_idx``; the boundaries are then derived (:func:`packing_from_flattening`).
 
 Checks that only need shapes and dtypes always run. Checks that read tensor values (token ids inside the vocabulary,
 ``cu_seq_lens`` starting at 0, non-decreasing, ending at the token count, position ids agreeing with them) cost one
@@ -123,8 +125,15 @@ def prepare_batch(
     max_length_q: int | torch.Tensor | None = None,
     max_length_k: int | torch.Tensor | None = None,
     past_length: int = 0,
+    seq_idx: torch.Tensor | None = None,
+    derive_packing: bool = False,
 ) -> Batch:
     """Validate a forward call's inputs and normalise them to a :class:`Batch`.
+
+    ``derive_packing``: a ``[1, T]`` row without ``cu_seq_lens_q/k`` and without ``attention_mask`` whose ``seq_idx``
+    is given or whose ``position_ids`` restart is a packed batch (``DataCollatorWithFlattening``'s default output and
+    its ``return_seq_idx`` form); its boundaries come from :func:`packing_from_flattening`. ``seq_idx`` given with
+    ``cu_seq_lens_q`` must agree with it.
 
     Raises:
         ValueError: naming the offending argument for wrong shapes or dtypes, packed metadata that is missing or
@@ -145,6 +154,8 @@ def prepare_batch(
             position_ids = position_ids.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() == 1:
             attention_mask = attention_mask.unsqueeze(0)
+        if seq_idx is not None and seq_idx.dim() == 1:
+            seq_idx = seq_idx.unsqueeze(0)
     input_ids = input_ids.long()
     batch_size, seq_len = input_ids.shape
     if seq_len == 0:
@@ -154,13 +165,23 @@ def prepare_batch(
             f"position_ids shape {tuple(position_ids.shape)} does not match input_ids shape {(batch_size, seq_len)}"
         )
 
+    if seq_idx is not None and tuple(seq_idx.shape) != (batch_size, seq_len):
+        raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} does not match input_ids shape {(batch_size, seq_len)}")
     if cu_seq_lens_q is None and cu_seq_lens_k is not None:
         cu_seq_lens_q = cu_seq_lens_k
+    if derive_packing and cu_seq_lens_q is None and attention_mask is None and past_length == 0:
+        derived = packing_from_flattening(input_ids, position_ids, seq_idx)
+        if derived is not None and max_length_q is None and max_length_k is None:
+            cu_seq_lens_q, max_length_q = derived
+        elif derived is not None:
+            cu_seq_lens_q = derived[0]
     if cu_seq_lens_q is None:
         if max_length_q is not None or max_length_k is not None:
             raise ValueError("max_length_q/k were given without cu_seq_lens_q/k; packed batches need both")
+        if seq_idx is not None:
+            raise ValueError("seq_idx marks the sequences of a flattened [1, T] batch (DataCollatorWithFlattening)")
         return _prepare_padded(input_ids, attention_mask, position_ids, vocab_size, past_length, unbatched)
-    return _prepare_packed(
+    batch = _prepare_packed(
         input_ids,
         attention_mask,
         position_ids,
@@ -172,6 +193,47 @@ def prepare_batch(
         past_length,
         unbatched,
     )
+    if seq_idx is not None and input_validation_enabled():
+        assert batch.sequence_ids is not None
+        _raise_if_any(
+            [(seq_idx.reshape(-1).to(batch.sequence_ids.device) != batch.sequence_ids).any()],
+            ["seq_idx does not agree with cu_seq_lens_q"],
+            input_ids,
+        )
+    return batch
+
+
+def packing_from_flattening(
+    input_ids: torch.Tensor, position_ids: torch.Tensor | None, seq_idx: torch.Tensor | None
+) -> tuple[torch.Tensor, int] | None:
+    """``(cu_seqlens, max_seqlen)`` of a ``[1, T]`` batch flattened without boundary metadata, or ``None``.
+
+    ``DataCollatorWithFlattening`` by default returns ``position_ids`` that restart per sequence and no
+    ``cu_seq_lens``; with ``return_seq_idx`` it also returns ``seq_idx`` (the sequence of every token). A sequence
+    starts where ``seq_idx`` changes, or else where the positions do not step by 1 (stock ``transformers`` models
+    detect packing from position ids the same way). ``None``: a single sequence (or no position information at all,
+    which is indistinguishable from one), left to the padded path. Costs one device-to-host copy of ``T`` flags:
+    collators that know the boundaries should send ``cu_seq_lens_q/k`` (``return_flash_attn_kwargs=True``) instead.
+    """
+    if input_ids.shape[0] != 1:
+        return None
+    num_tokens = input_ids.shape[1]
+    if seq_idx is not None:
+        marks = seq_idx.reshape(-1)
+        starts = torch.ones(num_tokens, dtype=torch.bool, device=marks.device)
+        starts[1:] = marks[1:] != marks[:-1]
+    elif position_ids is not None:
+        positions = position_ids.reshape(-1)
+        starts = torch.ones(num_tokens, dtype=torch.bool, device=positions.device)
+        starts[1:] = positions[1:] != positions[:-1] + 1
+    else:
+        return None
+    start_index = starts.cpu().nonzero().flatten()
+    if start_index.numel() == 1 and seq_idx is None:
+        return None
+    cu_seqlens = torch.cat([start_index, torch.tensor([num_tokens])]).to(torch.int32)
+    max_seqlen = int(cu_seqlens.diff().max())
+    return cu_seqlens.to(input_ids.device), max_seqlen
 
 
 def _prepare_padded(

@@ -14,6 +14,8 @@ Initialisation contract (torchtitan's, made to coexist with ``transformers``' lo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +26,11 @@ from transformers.cache_utils import Cache
 from bioscale.models.attention import AttentionInputs, packed_attention_inputs, padded_attention_inputs
 from bioscale.models.batch import Batch, input_validation_enabled
 from bioscale.models.layers import RMSNorm, RotaryEmbedding
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 # What a bioscale ``forward`` does with keyword arguments it has no parameter for. ``transformers``' ``generate()``
 # and ``Trainer`` pass extra arguments to every model and rename them between releases (``past_key_values`` became
@@ -45,8 +52,9 @@ IGNORED_FORWARD_KWARGS: dict[str, str] = {
     "return_dict": "outputs are always ModelOutput objects (which also index like tuples)",
     "cache_position": "positions come from attention_mask / position_ids and the cache length",
     "use_cache": "encoders keep no KV cache (causal models take use_cache as a parameter)",
-    "num_items_in_batch": "losses are means over the micro-batch's label tokens; normalise across micro-batches with "
-    "loss_reduction='sum' and num_label_tokens",
+    "num_items_in_batch": "models on the HF contract (bioscale.models.hf_contract) take it before this rule applies; "
+    "for the others losses are means over the micro-batch's label tokens (use loss_reduction='sum' and "
+    "num_label_tokens)",
     "logits_to_keep": "encoders score every position (causal models take logits_to_keep as a parameter)",
 }
 REFUSED_FORWARD_KWARGS: dict[str, str] = {
@@ -122,6 +130,98 @@ def transformer_blocks(model: nn.Module, *, needed_by: str = "parallelism") -> n
     return layers
 
 
+def checkpoint_blocks(
+    model: nn.Module, *, every_n_layers: int = 1, reentrant: bool = False, **checkpoint_kwargs: Any
+) -> None:
+    """Wrap every ``every_n_layers``-th block of ``model.layers`` in torch's ``checkpoint_wrapper`` (activation
+    checkpointing; ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint``, e.g. ``context_fn`` for
+    selective checkpointing). Blocks already checkpointed are left alone. What ``bioscale train`` applies.
+
+    The wrapper's state-dict hooks strip its ``_checkpoint_wrapped_module`` prefix, so checkpoints and exports keep
+    the plain parameter names; ``named_modules`` / ``named_parameters`` do show it (see
+    :func:`checkpoint_block_forwards` for the form that keeps every name).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    _check_every_n(every_n_layers)
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+    layers = transformer_blocks(model, needed_by="activation checkpointing")
+    for index, block in enumerate(layers):
+        if index % every_n_layers == 0 and not is_activation_checkpointed(block):
+            layers[index] = checkpoint_wrapper(block, checkpoint_impl=impl, **checkpoint_kwargs)
+
+
+def checkpoint_block_forwards(
+    model: nn.Module,
+    *,
+    every_n_layers: int = 1,
+    reentrant: bool = False,
+    offload: bool = False,
+    **checkpoint_kwargs: Any,
+) -> None:
+    """Activation checkpointing of every ``every_n_layers``-th block, the same recompute as :func:`checkpoint_blocks`
+    (``torch.utils.checkpoint`` around the block's forward, non-reentrant unless ``reentrant``), with the module tree
+    untouched: the block's ``forward`` is replaced on the instance instead of wrapping the block. Module and
+    parameter names stay the ones of the plain model, which code that walks ``named_modules`` needs (PEFT selects an
+    adapter's state dict by the module names of its layers and missed every tensor below ``_checkpoint_wrapped_module``,
+    measured with PEFT 0.21). ``offload``: keep the saved activations in (pinned, on CUDA) host memory.
+    """
+    _check_every_n(every_n_layers)
+    if offload and reentrant:
+        raise ValueError("offloading activations needs non-reentrant activation checkpointing (use_reentrant=False)")
+    options = {"use_reentrant": reentrant, "offload": offload, **checkpoint_kwargs}
+    for index, block in enumerate(transformer_blocks(model, needed_by="activation checkpointing")):
+        if index % every_n_layers == 0 and not is_activation_checkpointed(block):
+            # A partial over the block (not a closure): copy.deepcopy of the model then points at the copied block.
+            block.forward = functools.partial(_checkpointed_forward, block, options)
+
+
+def _checkpointed_forward(block: nn.Module, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    options = dict(options)
+    if options.pop("offload"):
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return checkpoint(type(block).forward, block, *args, **options, **kwargs)
+    return checkpoint(type(block).forward, block, *args, **options, **kwargs)
+
+
+def uncheckpoint_blocks(model: nn.Module) -> None:
+    """Undo :func:`checkpoint_block_forwards` and :func:`checkpoint_blocks` (``apply_ac``): every block of
+    ``model.layers`` is the plain block again."""
+    layers = transformer_blocks(model, needed_by="activation checkpointing")
+    for index, block in enumerate(layers):
+        if is_checkpoint_wrapped(block):
+            layers[index] = block = block._checkpoint_wrapped_module
+        if _has_checkpointed_forward(block):
+            del block.forward
+
+
+def _check_every_n(every_n_layers: int) -> None:
+    if every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+
+
+def _has_checkpointed_forward(block: nn.Module) -> bool:
+    forward = block.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _checkpointed_forward
+
+
+def is_activation_checkpointed(block: nn.Module) -> bool:
+    """Whether ``block`` runs under activation checkpointing (either form)."""
+    return is_checkpoint_wrapped(block) or _has_checkpointed_forward(block)
+
+
+def is_checkpoint_wrapped(block: nn.Module) -> bool:
+    """Whether ``block`` is wrapped for activation checkpointing (torch's ``CheckpointWrapper``)."""
+    return isinstance(getattr(block, "_checkpoint_wrapped_module", None), nn.Module)
+
+
+def unwrapped_block(block: nn.Module) -> nn.Module:
+    """The transformer block itself, under an activation-checkpointing wrapper if there is one."""
+    return block._checkpoint_wrapped_module if is_checkpoint_wrapped(block) else block
+
+
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls will produce for activations like ``x`` (the autocast dtype when autocast is on)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -158,6 +258,23 @@ def attention_inputs_for_batch(
         device=hidden_states.device,
         dropout_p=dropout_p,
     )
+
+
+def init_in_place(param: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> None:
+    """Run the in-place initialiser ``fill`` on ``param``, also when ``param`` is an FSDP2 (DTensor) shard.
+
+    In-place ops on a *slice* of a DTensor do not reach its shards (measured, torch 2.13, 2 gloo ranks: after
+    ``weight[pad].zero_()`` the gathered ``<pad>`` row and the vocabulary-padding rows of a Shard(0) embedding were
+    random), and DTensor's random ops do not reproduce the unsharded draw. So a sharded parameter is filled as a full
+    local tensor, which every rank draws alike (the trainer seeds all ranks the same before init), and its own shard
+    copied in: the same weights as the unsharded init with that seed, one parameter's memory at a time.
+    """
+    if DTensor is not None and isinstance(param, DTensor):
+        full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        fill(full)
+        param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
+    else:
+        fill(param)
 
 
 def keep_as_is(tensor: torch.Tensor | None, only_missing: bool) -> bool:
@@ -200,15 +317,20 @@ class BioscalePreTrainedModel(PreTrainedModel):
         std = self.initializer_range
         if isinstance(module, nn.Linear):
             if not keep_as_is(module.weight, only_missing):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                init_in_place(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
             if not keep_as_is(module.bias, only_missing):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             if not keep_as_is(module.weight, only_missing):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-                self._zero_padded_vocab_rows(module.weight)
+                padding_idx = module.padding_idx
+
+                def embedding(w: torch.Tensor) -> None:
+                    nn.init.normal_(w, mean=0.0, std=std)
+                    if padding_idx is not None:
+                        w[padding_idx].zero_()
+                    self._zero_padded_vocab_rows(w)
+
+                init_in_place(module.weight, embedding)
         elif isinstance(module, nn.LayerNorm):
             if not keep_as_is(module.weight, only_missing):
                 nn.init.ones_(module.weight)
@@ -223,7 +345,13 @@ class BioscalePreTrainedModel(PreTrainedModel):
     def _zero_padded_vocab_rows(self, weight: torch.Tensor) -> None:
         """Rows past ``config.vocab_size`` (vocabulary padding) are never looked up: keep them zero."""
         vocab_size = self.config.vocab_size
-        if weight.shape[0] > vocab_size:
+        if weight.shape[0] <= vocab_size:
+            return
+        if DTensor is not None and isinstance(weight, DTensor):  # a slice write would not reach the shards
+            full = weight.full_tensor()
+            full[vocab_size:].zero_()
+            weight.copy_(distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None))
+        else:
             weight[vocab_size:].zero_()
 
     def get_output_embeddings(self) -> nn.Module | None:

@@ -24,8 +24,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 # name -> module that defines MODEL_SPEC
 _FAMILIES: dict[str, str] = {
     "amplify": "bioscale.models.amplify.spec",
+    "codonfm": "bioscale.models.codonfm.spec",
     "esm2": "bioscale.models.esm2.spec",
+    "geneformer": "bioscale.models.geneformer.spec",
     "llama3": "bioscale.models.llama3.spec",
+    "vit": "bioscale.models.vit.spec",
 }
 
 # PretrainedConfig arguments every family accepts besides its own.
@@ -76,6 +79,19 @@ class ModelSpec:
             ``(read_config, build_model)`` with ``read_config(config_json: dict, **overrides) -> config`` and
             ``build_model(state_dict, config, task) -> model``. ``bioscale.use.loading`` reads the files
             (safetensors only, never the checkpoint's code); ``None``: no such format.
+        foreign_config_match: for a foreign format whose ``config.json`` has no ``model_type`` (CodonFM's EnCodon
+            checkpoints hold their training wrapper's arguments): ``(config_json: dict) -> bool``, whether a
+            ``config.json`` that ``AutoConfig`` cannot read is this family's; ``None``: matched by ``model_type``
+            only.
+        hf_unsupported: ``(config) -> str | None``: why a config of this family has no stock ``transformers``
+            counterpart (``to_hf`` would refuse it; the final export then writes no ``final_model_hf``), ``None`` when
+            it has one; the field ``None``: every config converts (ViT with registers or QK-norm has none).
+        adapter_targets: PEFT's default LoRA targets for this family (what ``LoraConfig()`` without
+            ``target_modules`` adapts), module names of the unfused adapter layout: the stock model's defaults
+            (``("query", "value")`` for ESM). ``()``: no default registered.
+        hf_module_names: ``(bioscale module path, stock module path)`` templates with ``{i}`` for the block index,
+            paths in the adapter layout of the ``default_task`` model and in its ``to_hf`` counterpart: the name map
+            that moves adapters between the two (``bioscale.integrations.peft``). ``()``: adapters do not convert.
         extra: anything a family's own code wants to keep beside its spec (read by nothing else).
     """
 
@@ -96,6 +112,10 @@ class ModelSpec:
     cp_tasks: frozenset[str] = frozenset()
     position_offset: int = 0
     foreign_checkpoint: tuple[Callable[..., PretrainedConfig], Callable[..., PreTrainedModel]] | None = None
+    foreign_config_match: Callable[[Mapping[str, Any]], bool] | None = None
+    hf_unsupported: Callable[[PretrainedConfig], str | None] | None = None
+    adapter_targets: tuple[str, ...] = ()
+    hf_module_names: tuple[tuple[str, str], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -33,7 +33,8 @@ ArtifactKind = Literal["dataset", "model", "evaluation"]
 # Lineage may also name a raw input that is not an artifact (a FASTA or parquet file, a demo corpus, a hub dataset).
 LineageKind = Literal["dataset", "model", "evaluation", "source"]
 Scale = Literal["tiny", "small", "medium", "full"]
-Modality = Literal["protein", "dna"]
+# "cells": evaluation artifacts of single-cell models (Geneformer); curation (``bioscale data``) reads protein / dna.
+Modality = Literal["protein", "dna", "cells", "image"]
 
 ARTIFACT_KINDS: tuple[str, ...] = ("dataset", "model", "evaluation")
 

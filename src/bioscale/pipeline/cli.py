@@ -245,6 +245,10 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ss-finetune-steps", type=int, default=None,
                         help="steps of the --ss-head lora|full fine-tune per model (default: the scale's)")
     parser.add_argument("--no-random-baseline", action="store_true", help="do not evaluate a random-init model")
+    cells = parser.add_argument_group("single cells (Geneformer; --data a tokenized parquet or an .h5ad)")
+    cells.add_argument("--label-column", default=None,
+                       help="cell-type column (parquet column or obs) for the linear cell-type probe")  # fmt: skip
+    cells.add_argument("--gene-medians", default=None, help="gene medians for ranking an .h5ad --data")
     return parser
 
 
@@ -264,7 +268,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             secondary_structure=False if args.no_ss else args.ss_data, max_sequences=args.max_sequences,
             ss_head=args.ss_head, ss_finetune_steps=args.ss_finetune_steps,
             random_baseline=not args.no_random_baseline, device=args.device, bf16=args.bf16,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, label_column=args.label_column, gene_medians=args.gene_medians,
         )
 
     return _run("eval", body)

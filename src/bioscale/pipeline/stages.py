@@ -42,6 +42,7 @@ from bioscale.pipeline.artifacts import (
     write_artifact,
 )
 from bioscale.pipeline.curate import curate
+from bioscale.pipeline.image_eval import evaluate_image_classifier
 from bioscale.pipeline.scales import get_preset
 from bioscale.data.policy import InputPolicy
 from bioscale.data.sources import iter_sequences, open_source
@@ -49,6 +50,7 @@ from bioscale.data.tokenizers import nucleotide_tokenizer
 from bioscale.eval.perplexity import causal_lm_nll, masked_lm_perplexity
 from bioscale.eval.report import ReportSection, plot_training_curves, write_report
 from bioscale.eval.scoring_inputs import resolve_device
+from bioscale.eval.single_cell import evaluate_single_cell_models
 from bioscale.eval.secondary_structure import (
     load_secondary_structure,
     secondary_structure_finetune,
@@ -316,8 +318,14 @@ def evaluate(
     device: str | None = None,
     bf16: bool = False,
     overwrite: bool = False,
+    label_column: str | None = None,
+    gene_medians: str | Path | None = None,
 ) -> Artifact:
     """Evaluate a model; write an evaluation artifact (metrics, report.md/html, curves PNG) at ``out`` and return it.
+
+    Single-cell models (Geneformer) are scored on ``data`` (a tokenized parquet or an ``.h5ad``, ranked with
+    ``gene_medians``): masked-gene accuracy / perplexity, and a cell-type probe on ``label_column`` when given
+    (:func:`_evaluate_cells`).
 
     Args:
         model: a model artifact, or any checkpoint directory (bioscale or ``transformers`` ESM-2 / Llama).
@@ -338,6 +346,7 @@ def evaluate(
     """
 
     preset = get_preset(scale)
+    max_images = None if max_sequences == -1 else max_sequences  # images: every held-out image unless limited
     if max_sequences == -1:
         max_sequences = preset.eval_max_sequences
     if ss_max_proteins == -1:
@@ -366,6 +375,20 @@ def evaluate(
     trained_length = artifact.metadata.config.get("max_seq_length") if artifact is not None else None
     max_length = int(trained_length or (1024 if modality == "protein" else 8192))
     autocast_dtype = torch.bfloat16 if bf16 else None
+    if modality == "cells":  # single cells: masked genes and a cell-type probe, not sequences
+        return _evaluate_cells(
+            trained, tokenizer, out=out, data=data, label_column=label_column, gene_medians=gene_medians,
+            max_cells=max_sequences, seed=seed, random_baseline=random_baseline, device=torch_device,
+            autocast_dtype=autocast_dtype, model_dir=model_dir, artifact=artifact, lineage=lineage, scale=scale,
+            overwrite=overwrite,
+        )  # fmt: skip
+    if modality == "image":  # image classifiers: top-1 accuracy on held-out labelled images (pipeline/image_eval.py)
+        return evaluate_image_classifier(
+            trained, tokenizer, out=out, data=data, image_column=sequence_column, label_column=label_column,
+            max_images=max_images, random_init=(lambda m: random_init_like(m, seed)) if random_baseline else None,
+            device=torch_device, autocast_dtype=autocast_dtype, model_dir=model_dir, artifact=artifact,
+            lineage=lineage, scale=scale, seed=seed, overwrite=overwrite,
+        )  # fmt: skip
 
     # ---- the evaluation sequences ----------------------------------------------------------------------------------
     notes: list[str] = []
@@ -475,6 +498,63 @@ def evaluate(
             "bf16": bf16,
             "device": str(torch_device),
         },
+        lineage=lineage,
+        seed=seed,
+        scale=scale,
+    )
+    metadata = write_artifact(out, metadata)
+    return Artifact(path=out.resolve(), metadata=metadata)
+
+
+def _evaluate_cells(
+    trained: torch.nn.Module, tokenizer: Any, *, out: str | Path, data: str | Path | None, label_column: str | None,
+    gene_medians: str | Path | None, max_cells: int | None, seed: int, random_baseline: bool, device: torch.device,
+    autocast_dtype: torch.dtype | None, model_dir: Path, artifact: Artifact | None, lineage: list[LineageEntry],
+    scale: str, overwrite: bool,
+) -> Artifact:  # fmt: skip
+    """:func:`evaluate` for a single-cell model: :func:`bioscale.eval.single_cell.evaluate_single_cell_models` on
+    ``data`` for the trained model (and a random-init twin), a report and an evaluation artifact."""
+    if data is None:
+        raise ValueError(
+            f"{model_dir}: single-cell models are evaluated on held-out cells: pass --data CELLS.parquet (tokenized, "
+            "e.g. by `bioscale tokenize-cells`) or CELLS.h5ad"
+        )
+    models: dict[str, torch.nn.Module] = {"trained": trained}
+    if random_baseline:
+        models["random_init"] = random_init_like(trained, seed)
+    metrics = evaluate_single_cell_models(
+        models, tokenizer, data, label_column=label_column, gene_medians=gene_medians,
+        max_cells=None if max_cells == -1 else max_cells, seed=seed, device=device, autocast_dtype=autocast_dtype,
+    )  # fmt: skip
+    lineage = [*lineage, source_lineage_entry(data)]
+    out = prepare_output_dir(out, overwrite)
+    sections = [
+        ReportSection("Provenance", paragraphs=[f"Model: {model_dir}", f"Evaluated on: {data} ({metrics['num_cells']} cells)"]),
+        ReportSection(
+            "Masked genes (fixed seeded masking, 15%)",
+            header=["model", "accuracy", "top-10 accuracy", "NLL / masked gene", "perplexity", "masked genes"],
+            rows=[[name, m["accuracy"], m["top10_accuracy"], m["nll_per_token"], m["perplexity"], m["num_masked_tokens"]]
+                  for name, m in metrics["masked_gene"].items()],
+        ),  # fmt: skip
+    ]
+    if metrics["cell_type_probe"] is not None:
+        sections.append(ReportSection(
+            f"Cell-type probe ({label_column}; linear, frozen mean-pooled embeddings)",
+            header=["model", "accuracy", "macro F1", "majority class", "classes", "test cells"],
+            rows=[[name, p["accuracy"], p["macro_f1"], p["majority_accuracy"], p["num_classes"], p["num_test"]]
+                  for name, p in metrics["cell_type_probe"].items()],
+        ))  # fmt: skip
+    md_path, html_path = write_report(out, f"bioscale evaluation (cells, scale {scale})", sections)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    metadata = ArtifactMetadata(
+        kind="evaluation",
+        modality="cells",
+        paths={"report_md": md_path.name, "report_html": html_path.name, "metrics": "metrics.json"},
+        metrics=metrics,
+        config={"model": str(model_dir), "data": str(data), "label_column": label_column,
+                "gene_medians": str(gene_medians) if gene_medians is not None else None,
+                "random_baseline": random_baseline, "device": str(device),
+                "bf16": autocast_dtype is not None},  # fmt: skip
         lineage=lineage,
         seed=seed,
         scale=scale,

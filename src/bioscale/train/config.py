@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from bioscale.data.config import DataConfig
+from bioscale.data.images import ignored_image_settings
 from bioscale.distributed.parallelize import AC_MODES, COMPILE_PRESETS, RESHARD_POLICIES
 from bioscale.models.attention import ATTENTION_BACKENDS
 from bioscale.models.flash_impl import FLASH_IMPLS
@@ -238,9 +239,10 @@ class CompileConfig:
 @dataclass
 class ActivationCheckpointingConfig:
     """Recompute activations in backward instead of keeping them: ``selective`` keeps matmul / attention outputs
-    and recomputes the pointwise ops, ``full`` recomputes whole blocks."""
+    and recomputes the pointwise ops, ``full`` recomputes whole blocks, ``auto`` keeps them when the predicted peak
+    fits this GPU and recomputes whole blocks when not (:mod:`bioscale.train.memory`)."""
 
-    mode: str = choice("none", AC_MODES)
+    mode: str = choice("none", (*AC_MODES, "auto"))
 
 
 @dataclass
@@ -476,6 +478,7 @@ def ignored_settings(cfg: TrainConfig, *, world_size: int, device_type: str) -> 
         notes.append("quant_stats.enabled=true records FP8 layers, and fp8.enabled=false: nothing is recorded")
     if not cfg.fp8.enabled and (cfg.fp8.layers is not None or cfg.fp8.modules is not None):
         notes.append("fp8.layers / fp8.modules are set but fp8.enabled=false: ignored")
+    notes += ignored_image_settings(cfg.data)  # sequence settings of an image-classification run
     if not cfg.data.use_sequence_packing:
         packed_defaults = DataConfig(source=cfg.data.source)
         for key in ("max_tokens_per_batch", "split_overflow", "packing_buffer_size"):

@@ -57,9 +57,13 @@ def export_final_model(
         export_model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         logger.info("exported %s to %s", type(export_model).__name__, out_dir)
-        if hf_out_dir is not None and not spec_for_config(model_config).hf_model_types:
+        spec = spec_for_config(model_config)
+        unsupported = spec.hf_unsupported(model_config) if spec.hf_unsupported is not None else None
+        if hf_out_dir is not None and not spec.hf_model_types:
             logger.info("%s has no stock transformers counterpart: no %s written", type(export_model).__name__,
                         hf_out_dir)  # fmt: skip
+        elif hf_out_dir is not None and unsupported is not None:  # e.g. a ViT with registers or QK-norm
+            logger.info("no %s written: %s", hf_out_dir, unsupported)
         elif hf_out_dir is not None:
             hf_model = to_hf(export_model)
             hf_model.save_pretrained(Path(hf_out_dir), safe_serialization=True)

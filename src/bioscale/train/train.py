@@ -38,6 +38,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer
+from bioscale.data.images import (
+    IMAGE_OBJECTIVE,
+    build_image_dataloader,
+    image_label_config,
+    image_processor_for,
+    open_training_images,
+)
 from bioscale.distributed import (
     ContextParallel,
     ParallelPlan,
@@ -75,6 +82,7 @@ from bioscale.train.config import (
     validate_config,
 )
 from bioscale.train.export import export_final_model
+from bioscale.train.memory import choose_activation_checkpointing, device_memory_bytes
 from bioscale.train.metrics import (
     MetricsLogger,
     compute_mfu,
@@ -91,7 +99,7 @@ from bioscale.train.step import StepResult, TrainState, model_loss, num_label_to
 logger = logging.getLogger(__name__)
 
 # Training objective (data) -> model head (models registry).
-TASK_FOR_OBJECTIVE = {"mlm": "masked_lm", "clm": "causal_lm"}
+TASK_FOR_OBJECTIVE = {"mlm": "masked_lm", "clm": "causal_lm", IMAGE_OBJECTIVE: "image_classification"}
 # What a run writes into its run directory besides checkpoints: moved aside with another run's checkpoints
 # (checkpoint.move_aside_other_runs=true), so a fresh run never overwrites them either.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "quant_stats.jsonl", "profile")
@@ -119,6 +127,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     resolve_paths(cfg)  # for configs built in Python rather than by load_config
+    run_start = time.perf_counter()  # the time to the first step counts set-up, model build and compile
     with contextlib.ExitStack() as resources:
         # ---- 1. Setup: process group (NCCL on GPU, gloo on CPU), run directory, seeds, the parallel plan --------
         resources.callback(destroy_distributed)  # registered first: torn down last
@@ -165,6 +174,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         overrides = dict(cfg.model.overrides)
         if cfg.model.attn_backend is not None:
             overrides["attn_backend"] = cfg.model.attn_backend
+        images = open_training_images(cfg.data) if cfg.data.objective == IMAGE_OBJECTIVE else None
+        if images is not None:  # an image classifier has the data's classes (class folders / label column)
+            overrides.update(image_label_config(images.classes, overrides, source=cfg.data.source))
         model_config = build_config(cfg.model.name, cfg.model.size, **overrides)
         task = TASK_FOR_OBJECTIVE[cfg.data.objective]
         model = build_model(model_config, task=task, device="meta")
@@ -180,14 +192,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
         # Packed micro-batches keep their shape stable enough for automatic dynamic shapes (see _to_device); padded
-        # ones change [B, S] every step, so their blocks compile for dynamic shapes from the start.
+        # ones change [B, S] every step, so their blocks compile for dynamic shapes from the start; images have one.
+        ac_mode = _activation_checkpointing_mode(cfg, model_config, num_params, device=device, plan=plan,
+                                                 is_main=dist_info.is_main)  # fmt: skip
         parallelize(
             model,
             plan,
             cp=cp,
-            activation_checkpointing=cfg.activation_checkpointing.mode,
+            activation_checkpointing=ac_mode,
             compile_blocks=cfg.compile.enabled,
-            compile_dynamic=None if cfg.data.use_sequence_packing else True,
+            compile_dynamic=None if cfg.data.use_sequence_packing or images is not None else True,
             compile_presets=list(cfg.compile.presets),
             reshard_after_forward=cfg.parallelism.reshard_after_forward,
             prefetch=cfg.parallelism.prefetch,
@@ -217,9 +231,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                        min_lr_ratio=cfg.scheduler.min_lr_ratio)  # fmt: skip
 
         # ---- 7. Data: an endless, resumable stream of micro-batches for this data-parallel rank -------------------
-        tokenizer = get_tokenizer(cfg.data.tokenizer)
-        _check_vocabulary(tokenizer, model_config)
-        loader = build_dataloader(cfg.data, tokenizer, rank=cp.dp_rank, world_size=cp.dp_size)
+        if images is not None:  # augmented images; the image processor is what the export saves as the "tokenizer"
+            tokenizer = image_processor_for(model_config.image_size, cfg.data.image)
+            loader = build_image_dataloader(cfg.data, image_size=model_config.image_size, rank=cp.dp_rank,
+                                            world_size=cp.dp_size, source=images)  # fmt: skip
+        else:
+            tokenizer = get_tokenizer(cfg.data.tokenizer)
+            _check_vocabulary(tokenizer, model_config)
+            loader = build_dataloader(cfg.data, tokenizer, rank=cp.dp_rank, world_size=cp.dp_size)
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)  # None for images (nothing is padded)
 
         # ---- 8. Resume from the newest intact checkpoint (verified against its manifest; older ones if damaged) ---
         state = TrainState()
@@ -256,6 +276,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last_record: dict[str, Any] = {}
         start_time = time.perf_counter()
         first_step = state.step + 1
+        timing = _RunTiming(run_start, first_step=first_step, last_step=cfg.num_train_steps)
 
         # ---- 9. The loop ------------------------------------------------------------------------------------------
         while state.step < cfg.num_train_steps:
@@ -266,7 +287,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step_start = time.perf_counter()
             with profiler.range(f"step_{step}"):
                 with profiler.range("data"):
-                    data = _next_micro_batches(data_iter, cfg, cp, task=task, pad_token_id=tokenizer.pad_token_id,
+                    data = _next_micro_batches(data_iter, cfg, cp, task=task, pad_token_id=pad_token_id,
                                                device=device)  # fmt: skip
                 # The model's value checks of its inputs cost a host sync per forward: the run's first step checks
                 # the data pipeline's batches, later steps trust it.
@@ -297,6 +318,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # Token counts are of this rank's data stream; a CP group shares one stream, so each of its ranks counts
             # 1/cp_size of it (summed over ranks at log time, every token counts once).
             window.add(result, data, cp_share=1.0 / cfg.parallelism.cp_size, step_time=step_time)
+            timing.add(step, num_real_tokens=data.num_real_tokens / cfg.parallelism.cp_size, step_time=step_time)
             if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
                 last_record = _log_record(window, result, state, world_size=world_size, device=device,
                                           flops_per_token=flops_per_token, peak_flops=peak_flops)  # fmt: skip
@@ -329,6 +351,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         summary = _summary(cfg, plan, state, num_params=num_params, device=device, resumed_from=resumed_from,
                            last_record=last_record, wall_time=wall_time, loader=loader,
                            plot_path=plot_path, run_id=checkpointer.run_id)  # fmt: skip
+        summary.update(timing.summary(), activation_checkpointing=ac_mode)
         wrong_modality = (summary["data_policy"] or {}).get("wrong_modality", 0)
         if wrong_modality and dist_info.is_main:
             logger.warning("%d record(s) looked like another modality than the %r tokenizer's (counted as "
@@ -406,6 +429,68 @@ def _forward_context(
     """Micro-batch ``index``'s forward: the plan's autocast, this rank's CP plan, the model's input checks."""
     with plan.autocast(device_type), cp.forward(model, layouts[index]), input_validation(validate):
         yield
+
+
+def _activation_checkpointing_mode(
+    cfg: TrainConfig, model_config: Any, num_params: int, *, device: torch.device, plan: ParallelPlan, is_main: bool
+) -> str:
+    """``activation_checkpointing.mode`` as the run applies it: ``auto`` resolved by
+    :func:`bioscale.train.memory.choose_activation_checkpointing` from the model, the micro-batch and this GPU's free
+    memory (``none`` off CUDA); any other mode as given."""
+    mode = cfg.activation_checkpointing.mode
+    if mode != "auto":
+        return mode
+    memory = device_memory_bytes(device)
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    hidden_size = getattr(model_config, "hidden_size", None)
+    if memory is None or not num_layers or not hidden_size:
+        return "none"
+    data = cfg.data
+    if cfg.data.objective == IMAGE_OBJECTIVE:  # a ViT: each image is (image_size / patch_size)^2 patches + prefix tokens
+        patches = (model_config.image_size // model_config.patch_size) ** 2
+        tokens = data.micro_batch_size * (patches + 1 + getattr(model_config, "num_register_tokens", 0))
+    elif data.use_sequence_packing:
+        tokens = data.max_tokens_per_batch
+    else:
+        tokens = data.micro_batch_size * data.max_seq_length
+    shard_ranks = plan.world_size // plan.dp_replicate if (plan.use_fsdp or plan.use_mfsdp) else 1
+    memory_plan = choose_activation_checkpointing(num_params=num_params, num_layers=num_layers,
+                                                  hidden_size=hidden_size, tokens_per_micro_batch=tokens,
+                                                  device_memory_bytes=memory, shard_ranks=shard_ranks)  # fmt: skip
+    if is_main:
+        logger.info("%s", memory_plan.describe())
+    return memory_plan.mode
+
+
+class _RunTiming:
+    """The two numbers a user waits on, kept apart in ``summary.json``: the time from ``train()`` to the end of the
+    first optimizer step (set-up, data start, compile, first step), and the steady-state rate: this rank's real
+    (non-padding) tokens per second over the steps after the first fifth of the run (at least 2, at most 20 steps
+    left out; all steps when the run is too short to leave any out)."""
+
+    def __init__(self, run_start: float, *, first_step: int, last_step: int) -> None:
+        self.run_start = run_start
+        self.first_step = first_step
+        num_steps = max(last_step - first_step + 1, 0)
+        skip = min(20, max(2, num_steps // 5))
+        self.steady_from = first_step + (skip if num_steps > skip else 0)
+        self.time_to_first_step: float | None = None
+        self.steady_tokens = 0.0
+        self.steady_time = 0.0
+
+    def add(self, step: int, *, num_real_tokens: float, step_time: float) -> None:
+        if step == self.first_step:
+            self.time_to_first_step = time.perf_counter() - self.run_start
+        if step >= self.steady_from:
+            self.steady_tokens += num_real_tokens
+            self.steady_time += step_time
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "time_to_first_step_s": self.time_to_first_step,
+            "steady_state_from_step": self.steady_from,
+            "steady_real_tokens_per_sec_per_gpu": self.steady_tokens / self.steady_time if self.steady_time else None,
+        }
 
 
 class _Window:
@@ -525,7 +610,9 @@ def _summary(
         "metrics": str(run_dir / "metrics.jsonl"),
         "plot": str(plot_path) if plot_path else None,
         "final_model": str(ckpt_dir / "final_model") if exported else None,
-        "final_model_hf": str(ckpt_dir / "final_model_hf") if exported else None,
+        # None where no stock transformers class holds the model (ModelSpec.hf_unsupported: a ViT with registers)
+        "final_model_hf": str(ckpt_dir / "final_model_hf") if exported and (ckpt_dir / "final_model_hf").is_dir()
+        else None,
     }
 
 
@@ -672,6 +759,8 @@ def _sum_sq_seq_lens(batch: dict[str, Any], counts: dict[str, int]) -> float:
         lengths = batch["cu_seq_lens_q"].diff()[: counts["num_sequences"]]
     elif batch.get("attention_mask") is not None:
         lengths = batch["attention_mask"].sum(dim=-1)
+    elif "input_ids" not in batch:  # images: one "token" each (count_tokens)
+        lengths = torch.ones(counts["num_sequences"])
     else:
         ids = batch["input_ids"]
         lengths = torch.full((ids.shape[0],), ids.shape[-1])

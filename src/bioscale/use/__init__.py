@@ -20,6 +20,7 @@ from bioscale.use.finetune import (
     load_finetuned,
 )
 from bioscale.use.generate import GeneratedSequence, GenerationResult, generate_dna
+from bioscale.use.generation_engine import GenerationEngine, SamplingParams
 from bioscale.use.loading import LoadedModel, load_model
 
 __all__ = [
@@ -30,9 +31,11 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "GeneratedSequence",
+    "GenerationEngine",
     "GenerationResult",
     "LoadedModel",
     "LoraSettings",
+    "SamplingParams",
     "dssp8_to_dssp3",
     "embed",
     "export_model",

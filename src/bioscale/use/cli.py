@@ -70,15 +70,64 @@ def embed_main(argv: list[str]) -> int:
                         help="policy for sequences longer than the context (default: overlapping windows)")  # fmt: skip
     parser.add_argument("--window-overlap", type=int, default=None, help="residues shared by consecutive windows")
     parser.add_argument("--batching", choices=("auto", "packed", "padded"), default="auto")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile the blocks for packed batches (auto: on CUDA for inputs of 8M+ tokens)")  # fmt: skip
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="collate batches inline instead of in a background thread (default on CUDA)")  # fmt: skip
     parser.add_argument("--sequence-column", default=None, help="parquet/CSV column holding sequences")
     parser.add_argument("--id-column", default=None, help="parquet/CSV column holding ids")
+    cells = parser.add_argument_group("single cells (Geneformer; INPUT an .h5ad of counts or a tokenized parquet)")
+    cells.add_argument("--gene-medians", default=None,
+                       help="gene medians of the pretraining corpus (.json/.tsv; default: the model dir's "
+                       "gene_medians.json, else computed from INPUT with a warning)")  # fmt: skip
+    cells.add_argument("--layer", default=None, help="AnnData layer with the raw counts (default: X)")
+    cells.add_argument("--gene-id-column", default=None, help="AnnData var column with Ensembl ids (default: var_names)")
+    cells.add_argument("--cell-id-column", default=None, help="obs / parquet column with cell ids (default: obs_names)")
+    cells.add_argument("--obsm-key", default="X_geneformer", help="with -o OUT.h5ad: the .obsm key (default X_geneformer)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_args(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
         from bioscale.use.embed import embed, write_embeddings
+        from bioscale.use.embed_cells import embed_cells, is_cell_input, is_cell_model, write_embeddings_to_anndata
 
+        from bioscale.use.embed_images import embed_images, is_image_model, is_image_path
+
+        if is_image_model(args.model) or is_image_path(args.input):  # a folder / image file, or a ViT: images
+            if not args.output.lower().endswith((".parquet", ".npy")):
+                raise ValueError(f"--output {args.output!r} must end in .parquet or .npy")
+            if args.pooling != "mean":
+                print("bioscale embed: note: --pooling does not apply to images (the model's own pooling is used)",
+                      file=sys.stderr)  # fmt: skip
+            result = embed_images(args.model, args.input, per_patch=args.per_residue,
+                                  image_column=args.sequence_column or "image", device=args.device,
+                                  dtype=_dtype(args.dtype), progress=not args.no_progress)  # fmt: skip
+            written = write_embeddings(result, args.output)
+            print(f"embedded {len(result)} images (dim {result.pooled.shape[1]}, pooling {result.pooling}; "
+                  f"{result.num_left_out} left out) -> {', '.join(map(str, written))}", file=sys.stderr)  # fmt: skip
+            return 0
+        if is_cell_input(args.input) or args.output.lower().endswith(".h5ad") or is_cell_model(args.model):
+            if not args.output.lower().endswith((".parquet", ".npy", ".h5ad")):
+                raise ValueError(f"--output {args.output!r} must end in .parquet, .npy or .h5ad (into .obsm)")
+            result = embed_cells(
+                args.model, args.input, pooling=args.pooling, gene_medians=args.gene_medians, layer=args.layer,
+                gene_id_column=args.gene_id_column, cell_id_column=args.cell_id_column or args.id_column,
+                input_ids_column=args.sequence_column or "input_ids", max_length=args.max_length,
+                max_tokens_per_batch=args.max_tokens_per_batch, batching=args.batching, device=args.device,
+                dtype=_dtype(args.dtype), progress=not args.no_progress,
+            )  # fmt: skip
+            if args.output.lower().endswith(".h5ad"):
+                written = [write_embeddings_to_anndata(result, args.input, args.output, key=args.obsm_key,
+                                                       cell_id_column=args.cell_id_column)]  # fmt: skip
+            else:
+                written = write_embeddings(result, args.output)
+            print(
+                f"embedded {len(result)} cells (dim {result.pooled.shape[1]}; {result.num_truncated} truncated, "
+                f"{result.num_left_out} without a known gene left out) -> {', '.join(map(str, written))}",
+                file=sys.stderr,
+            )
+            return 0
         if not args.output.lower().endswith((".parquet", ".npy")):
             raise ValueError(f"--output {args.output!r} must end in .parquet or .npy")
         result = embed(
@@ -96,6 +145,8 @@ def embed_main(argv: list[str]) -> int:
             sequence_column=args.sequence_column,
             id_column=args.id_column,
             progress=not args.no_progress,
+            compile={"auto": None, "on": True, "off": False}[args.compile],
+            prefetch=False if args.no_prefetch else None,
         )
         written = write_embeddings(result, args.output)
         print(
@@ -178,6 +229,12 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (default unless sampling options)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-stop-at-eos", action="store_true", help="forbid <eos>: exactly max-new-tokens bases")
+    parser.add_argument("--engine", choices=("auto", "static", "transformers"), default="auto",
+                        help="static KV cache + CUDA graphs (default for bioscale models), or the model's generate()")  # fmt: skip
+    parser.add_argument("--max-batch-size", type=int, default=64,
+                        help="samples decoded at once; more wait and refill finished slots (static engine)")  # fmt: skip
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (static engine)")
+    parser.add_argument("--log-probs", action="store_true", help="also print each new token's log-probability")
     _add_device_args(parser)
     args = parser.parse_args(argv)
 
@@ -200,11 +257,15 @@ def generate_main(argv: list[str]) -> int:
             stop_at_eos=not args.no_stop_at_eos,
             device=args.device,
             dtype=_dtype(args.dtype),
+            engine=args.engine,
+            max_batch_size=args.max_batch_size,
+            cuda_graphs=False if args.no_cuda_graphs else None,
         )
         report = {
             "model": args.model,
             "decoding": "sample" if sampling else "greedy",
-            "samples": [s.as_dict() for s in result.samples],
+            "engine": result.engine,
+            "samples": [s.as_dict(log_probs=args.log_probs) for s in result.samples],
             "num_new_tokens": result.num_new_tokens,
             "elapsed_s": round(result.elapsed_s, 4),
             "tokens_per_s": round(result.tokens_per_s, 1),
@@ -237,3 +298,44 @@ def export_main(argv: list[str]) -> int:
         return 0
 
     return _run("export", body)
+
+
+def tokenize_cells_main(argv: list[str]) -> int:
+    """``bioscale tokenize-cells COUNTS.h5ad -o CELLS.parquet``: rank-value encode cells for Geneformer."""
+    parser = argparse.ArgumentParser(
+        prog="bioscale tokenize-cells",
+        description="Rank-value encode the cells of a raw-count matrix (.h5ad or a wide parquet with one column per "
+        "Ensembl id) for Geneformer: OUT.parquet (cell_id, input_ids, length), OUT.gene_medians.json and "
+        "OUT.tokenization.json (convention, files, counts) beside it.",
+    )
+    parser.add_argument("input", help=".h5ad (AnnData, raw counts) or .parquet count matrix")
+    parser.add_argument("-o", "--output", required=True, help="OUT.parquet")
+    parser.add_argument("--convention", choices=("v1", "v2"), default="v1",
+                        help="v1: top 2,048 genes; v2: <cls> top 4,094 genes <eos>")  # fmt: skip
+    parser.add_argument("--vocab", default=None, help="gene vocabulary .txt/.json (default: the shared V1 vocabulary)")
+    parser.add_argument("--gene-medians", default=None, help="medians file (default: computed from INPUT and saved)")
+    parser.add_argument("--model-input-size", type=int, default=None, help="tokens per cell incl. special tokens")
+    parser.add_argument("--layer", default=None, help="AnnData layer with the raw counts (default: X)")
+    parser.add_argument("--gene-id-column", default=None, help="AnnData var column with Ensembl ids")
+    parser.add_argument("--cell-id-column", default=None, help="obs column with cell ids (default: obs_names)")
+    parser.add_argument("--keep-obs", default="", help="comma-separated obs columns to keep (e.g. cell_type)")
+    parser.add_argument("--non-ensembl", choices=("error", "count"), default="error",
+                        help="gene ids that are not Ensembl ids: fail (default) or count and skip them")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from bioscale.use.embed_cells import tokenize_cells  # the data layer's, through this package (lazy: --help)
+
+        if not args.output.lower().endswith(".parquet"):
+            raise ValueError(f"--output {args.output!r} must end in .parquet")
+        result = tokenize_cells(
+            args.input, vocabulary=args.vocab, convention=args.convention, gene_medians=args.gene_medians,
+            model_input_size=args.model_input_size, layer=args.layer, gene_id_column=args.gene_id_column,
+            cell_id_column=args.cell_id_column, obs_columns=[c for c in args.keep_obs.split(",") if c],
+            non_ensembl=args.non_ensembl,
+        )  # fmt: skip
+        written = result.write(args.output)
+        print(json.dumps({"written": [str(p) for p in written], "stats": result.stats.as_dict()}, indent=2))
+        return 0
+
+    return _run("tokenize-cells", body)

@@ -4,7 +4,10 @@
 ``transformers`` ``model_type`` (``esm`` / ``llama``) and ``architectures`` (``EsmForMaskedLM``,
 ``EsmForTokenClassification``, ``LlamaForCausalLM``...), ``model.safetensors``, the tokenizer (``tokenizer.json``,
 loaded by ``AutoTokenizer`` as a ``PreTrainedTokenizerFast``) and, for causal models, ``generation_config.json``. The
-weights are converted exactly by :func:`bioscale.models.to_hf`. A LoRA fine-tuning output is merged into its base
+weights are converted exactly by :func:`bioscale.models.to_hf`. A Llama 3 export is a plain ``LlamaForCausalLM``
+(no bioscale code, no custom ops), which is the layout serving engines such as vLLM and SGLang load; its DNA
+tokenizer puts ``<bos>`` and no ``<eos>`` around a prompt, so their default ``add_special_tokens=True`` prompts
+continue the sequence. A LoRA fine-tuning output is merged into its base
 weights first. Heads with no ``transformers`` counterpart (bioscale's mean-pooling sequence head) are refused by
 ``to_hf`` with an error that says so.
 """
@@ -52,7 +55,7 @@ def export_model(
         loaded = load_for_export(model)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     family = family_of_model(model)
-    tokenizer = tokenizer or default_tokenizer(family)
+    tokenizer = tokenizer or default_tokenizer(family, model.config)
     model = model.to("cpu")  # dtype kept: a bf16 model exports as bf16 safetensors
     hf_model = to_hf(model)
     output_dir = Path(output_dir)

@@ -13,9 +13,11 @@ Foreign checkpoints. Some published checkpoints are Hugging Face *remote code* (
 ``config.json`` with ``model_type: "AMPLIFY"`` and an ``auto_map`` to ``amplify.py``), which ``AutoConfig`` cannot read
 without ``trust_remote_code``. When a ``config.json``'s ``model_type`` is not one stock ``transformers`` (or bioscale)
 knows and a family lists it in ``hf_model_types`` with a ``ModelSpec.foreign_checkpoint``, that family reads the config
-dict and the tensors; this module reads the files: ``config.json`` and ``model.safetensors`` (or its sharded index),
-locally or with ``huggingface_hub.hf_hub_download`` for a Hub id. Code in the checkpoint is never run and pickled
-weights (``pytorch_model.bin``) are refused.
+dict and the tensors; this module reads the files: ``config.json`` and ``model.safetensors`` (or its sharded index,
+or the one ``*.safetensors`` file of a checkpoint that names its weights after itself), locally or with
+``huggingface_hub.hf_hub_download`` for a Hub id. A ``config.json`` with no ``model_type`` at all (CodonFM's EnCodon
+checkpoints hold their training wrapper's arguments) is matched by ``ModelSpec.foreign_config_match``. Code in the
+checkpoint is never run and pickled weights (``pytorch_model.bin``, ``*.ckpt``) are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from bioscale.data.tokenizers import get_tokenizer
+from bioscale.data.images import image_processor_for, processor_image_size
+from bioscale.data.tokenizers import TOKENIZERS, get_tokenizer, record_affixes, tokenizer_kind
 from bioscale.models import ModelSpec, from_hf, get_model_spec, is_bioscale_config, list_models, spec_for_any_config
 
 logger = logging.getLogger(__name__)
@@ -144,14 +147,36 @@ def foreign_checkpoint(resolved: str) -> ForeignCheckpoint | None:
         raw = json.loads(config_path.read_text()) if config_path is not None else None
     except (OSError, ValueError):  # offline, no such repo, not JSON: AutoConfig gives the real error
         return None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+    if not isinstance(raw, dict):
+        return None
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
         return None
     for name in list_models():
         spec = get_model_spec(name)
-        if spec.foreign_checkpoint is not None and model_type in spec.hf_model_types:
+        if spec.foreign_checkpoint is None:
+            continue
+        if isinstance(model_type, str) and model_type in spec.hf_model_types:
+            return ForeignCheckpoint(spec=spec, config_json=raw)
+        # A format whose config.json names no model_type (CodonFM's EnCodon): the family recognises its fields.
+        if spec.foreign_config_match is not None and spec.foreign_config_match(raw):
             return ForeignCheckpoint(spec=spec, config_json=raw)
     return None
+
+
+def _other_safetensors(resolved: str) -> list[str]:
+    """Top-level ``*.safetensors`` files of a checkpoint directory or Hub repo other than ``model.safetensors``
+    (CodonFM publishes its weights under the checkpoint's own name); ``[]`` when a Hub repo cannot be listed."""
+    path = Path(resolved)
+    if path.is_dir():
+        return sorted(p.name for p in path.glob("*.safetensors") if p.name != "model.safetensors")
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(resolved)
+    except Exception:  # noqa: BLE001  (offline or no such repo: the caller reports the missing weights)
+        return []
+    return sorted(f for f in files if f.endswith(".safetensors") and "/" not in f and f != "model.safetensors")
 
 
 def _read_foreign_tensors(resolved: str) -> dict[str, torch.Tensor]:
@@ -170,8 +195,18 @@ def _read_foreign_tensors(resolved: str) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{resolved!r}: model.safetensors.index.json names {shard}, which is missing")
             state.update(load_file(str(shard_path)))
         return state
-    pickled = " (it has pytorch_model.bin: pickled weights can run code and are not read)"
-    has_pickle = Path(resolved).is_dir() and (Path(resolved) / "pytorch_model.bin").is_file()
+    others = _other_safetensors(resolved)
+    if len(others) == 1:  # one weights file under another name: the checkpoint's weights
+        single = _fetch(resolved, others[0])
+        if single is not None:
+            return load_file(str(single))
+    if len(others) > 1:
+        raise ValueError(
+            f"{resolved!r} has no model.safetensors but several weight files {others}: which one is meant?"
+        )
+    pickles = [p.name for p in sorted(Path(resolved).glob("*")) if p.name == "pytorch_model.bin" or p.suffix == ".ckpt"]
+    pickled = f" (it has {', '.join(pickles)}: pickled weights can run code and are not read)"
+    has_pickle = Path(resolved).is_dir() and bool(pickles)
     raise ValueError(f"{resolved!r} has no model.safetensors{pickled if has_pickle else ''}")
 
 
@@ -243,7 +278,9 @@ def load_model(
         model = getattr(model, model.base_model_prefix)
     model.to(device=device, dtype=dtype)
     model.eval()
-    if foreign is not None:
+    if get_model_spec(family).modality == "image":  # images: the image processor takes the tokenizer's place
+        tokenizer = load_image_processor(resolved, model.config)
+    elif foreign is not None:
         tokenizer = _foreign_tokenizer(resolved, family, model.config)
     else:
         tokenizer = load_tokenizer(resolved, family, model.config)
@@ -264,6 +301,7 @@ def saved_task(config: PretrainedConfig) -> str:
         ("ForCausalLM", "causal_lm"),
         ("ForTokenClassification", "token_classification"),
         ("ForSequenceClassification", "sequence_classification"),
+        ("ForImageClassification", "image_classification"),
     ):
         if name.endswith(suffix):
             return task
@@ -285,6 +323,7 @@ def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, 
     import transformers
 
     spec = get_model_spec(family)
+    _refuse_engine_layout(resolved)
     if task in spec.hf_classes:
         class_name, load_kwargs = spec.hf_classes[task]
         hf_model = getattr(transformers, class_name).from_pretrained(resolved, **{**load_kwargs, **overrides})
@@ -302,6 +341,26 @@ def _load_converted(resolved: str, family: str, task: str, overrides: dict[str, 
     assert not unexpected, unexpected
     assert not [k for k in missing if "contact_head" not in k], missing
     return model
+
+
+def _refuse_engine_layout(resolved: str) -> None:
+    """``ValueError`` for a checkpoint whose ``config.json`` says ``model_type: llama`` but whose weights are in
+    Transformer Engine's layout (the reference recipe's ``NVLlamaForCausalLM`` training checkpoints: fused
+    ``layernorm_qkv`` / ``fc1`` tensors), which the stock class would load as missing keys, i.e. random weights."""
+    path = Path(resolved) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        architectures = json.loads(path.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    engine = [name for name in architectures if isinstance(name, str) and name.startswith("NVLlama")]
+    if engine:
+        raise ValueError(
+            f"{resolved!r} is a Transformer Engine checkpoint ({engine[0]}); its weights are not in the stock "
+            "LlamaForCausalLM layout. Convert it with the reference recipe's export (bionemo-recipes models/llama3/"
+            "export_llama3.py writes a plain LlamaForCausalLM directory) and load that"
+        )
 
 
 def _load_foreign(resolved: str, foreign: ForeignCheckpoint, task: str, overrides: dict[str, Any]) -> PreTrainedModel:
@@ -346,16 +405,84 @@ def load_tokenizer(
                 raise ValueError(f"cannot load the tokenizer saved in {source!r}: {err}") from err
             tokenizer = None  # a Hub repo without tokenizer files: fall back below
     if tokenizer is None:
-        tokenizer = default_tokenizer(family)
+        tokenizer = default_tokenizer(family, config)
         logger.info("no tokenizer saved with %s; using the bioscale %s tokenizer", source, family)
+    else:
+        tokenizer = open_prompt_tokenizer(tokenizer)
     check_tokenizer_fits(tokenizer, config, source)
     return tokenizer
 
 
-def default_tokenizer(family: str) -> PreTrainedTokenizerBase:
+def open_prompt_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer``, or, for a saved DNA tokenizer that appends ``<eos>`` to every encoding (one saved before
+    bioscale's stopped, or the reference's byte-level tokenizer), the bioscale tokenizer with the same vocabulary,
+    which does not: the same ids, but ``tokenizer(prompt)`` ends after the prompt's last base, so a stock
+    ``model.generate(**tokenizer(prompt))`` (and an export served by vLLM / SGLang) continues the prompt."""
+    kind = tokenizer_kind(tokenizer)
+    if kind is None or not TOKENIZERS[kind].record_eos:
+        return tokenizer
+    eos = tokenizer.eos_token_id
+    if eos is None or tokenizer("A")["input_ids"][-1:] != [eos]:
+        return tokenizer
+    rebuilt = get_tokenizer(kind)
+    same_specials = set(rebuilt.all_special_ids) == set(tokenizer.all_special_ids)
+    if not same_specials or record_affixes(rebuilt) != record_affixes(tokenizer):
+        return tokenizer  # same vocabulary, other special tokens: not one of ours; leave it alone
+    rebuilt.model_max_length = tokenizer.model_max_length
+    logger.info("the saved %s tokenizer appends <eos> to every encoding; using bioscale's (same ids, no <eos> after "
+                "a prompt)", kind)  # fmt: skip
+    return rebuilt
+
+
+def load_image_processor(source: str, config: PretrainedConfig) -> Any:
+    """The image processor saved with ``source`` (``preprocessor_config.json``, through ``AutoImageProcessor``), else
+    bioscale's default for the model's image size (:func:`bioscale.data.images.image_processor_for`); ``ValueError``
+    when the saved one resizes to another size than the model takes."""
+    from transformers import AutoImageProcessor
+
+    path = Path(source)
+    processor = None
+    if (path / "preprocessor_config.json").is_file() or not path.exists():
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            if path.exists():
+                raise ValueError(f"cannot load the image processor saved in {source!r}: {err}") from err
+    if processor is None:
+        logger.info("no image processor saved with %s; using bioscale's (resize to %d, mean = std = 0.5)", source,
+                    config.image_size)  # fmt: skip
+        return image_processor_for(config.image_size)
+    size = processor_image_size(processor)
+    if size is not None and size != config.image_size:
+        raise ValueError(f"the image processor of {source!r} resizes to {size} but the model takes "
+                         f"{config.image_size}x{config.image_size} images")  # fmt: skip
+    return processor
+
+
+def default_tokenizer(family: str, config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
     """bioscale's tokenizer for ``family`` (its ``ModelSpec.tokenizer``: ESM-2's protein alphabet, the nucleotide
-    tokenizer, ...)."""
-    return get_tokenizer(get_model_spec(family).tokenizer)
+    tokenizer, ...).
+
+    With ``config``, a tokenizer of the same alphabet whose size and special ids match the model's instead, when the
+    default's do not: a Llama checkpoint of ``vocab_size`` 256 with ``bos``/``eos``/``pad`` 2/0/1 (the reference's
+    genomic checkpoints) gets the byte-level ``nucleotide_ascii`` tokenizer, not the compact 20-token one.
+    """
+    default = get_model_spec(family).tokenizer
+    if config is None:
+        return get_tokenizer(default)
+    wanted = tuple(getattr(config, f"{name}_token_id", None) for name in ("bos", "eos", "pad"))
+    candidates = [default] + [kind for kind, spec in TOKENIZERS.items()
+                              if kind != default and spec.policy_alphabet == TOKENIZERS[default].policy_alphabet
+                              and spec.unit == TOKENIZERS[default].unit]  # fmt: skip
+    for kind in candidates:
+        spec = TOKENIZERS[kind]
+        if not spec.vocab or len(spec.vocab) > int(config.vocab_size):
+            continue
+        tokenizer = get_tokenizer(kind)
+        ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        if all(w is None or w == i for w, i in zip(wanted, ids)):
+            return tokenizer
+    return get_tokenizer(default)
 
 
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, source: str) -> None:

@@ -59,6 +59,8 @@ class AmplifyConfig(PretrainedConfig):
     """
 
     model_type = "bioscale_amplify"
+    # Output fields Trainer.evaluate must not treat as predictions (num_label_tokens is a 0-d count).
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "num_label_tokens"]
 
     def __init__(
         self,

@@ -42,9 +42,11 @@ from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, 
 from bioscale.models.common import (
     BioscalePreTrainedModel,
     attention_inputs_for_batch,
+    init_in_place,
     keep_as_is,
     reject_unknown_kwargs,
 )
+from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary
 from bioscale.models.loss import (
     check_loss_reduction,
@@ -99,6 +101,15 @@ class AmplifyBlock(nn.Module):
     same floating-point additions as the one-tensor form.
     """
 
+    # Adapter (PEFT) layout, bioscale.models.adapters: the published module names (q, k, v, wo; ffn.w12 = gate then
+    # up, fused there too, and ffn.w3), so LoRA lists written for chandar-lab's AMPLIFY adapt the same linears.
+    adapter_layout = {
+        "attention.qkv_proj": ("attention.q", "attention.k", "attention.v"),
+        "attention.out_proj": ("attention.wo",),
+        "mlp.gate_up_proj": ("mlp.w12",),
+        "mlp.down_proj": ("mlp.w3",),
+    }
+
     def __init__(self, config: AmplifyConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -122,7 +133,7 @@ class AmplifyBlock(nn.Module):
         return self.dropout(self.mlp(self.mlp_norm(hidden_states))), hidden_states
 
 
-class AmplifyPreTrainedModel(BioscalePreTrainedModel):
+class AmplifyPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
     config_class = AmplifyConfig
     base_model_prefix = "amplify"
     main_input_name = "input_ids"
@@ -136,17 +147,23 @@ class AmplifyPreTrainedModel(BioscalePreTrainedModel):
         config: AmplifyConfig = self.config
         if isinstance(module, nn.Linear):
             if not keep_as_is(module.weight, only_missing):
-                nn.init.uniform_(module.weight, -config.decoder_init_range, config.decoder_init_range)
+                init_in_place(module.weight, lambda w: nn.init.uniform_(w, -config.decoder_init_range,
+                                                                        config.decoder_init_range))  # fmt: skip
                 if module is getattr(self, "lm_head", None):
                     self._zero_padded_vocab_rows(module.weight)
             if not keep_as_is(module.bias, only_missing):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             if not keep_as_is(module.weight, only_missing):
-                nn.init.uniform_(module.weight, -config.embedding_init_range, config.embedding_init_range)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-                self._zero_padded_vocab_rows(module.weight)
+                padding_idx = module.padding_idx
+
+                def embedding(w: torch.Tensor) -> None:
+                    nn.init.uniform_(w, -config.embedding_init_range, config.embedding_init_range)
+                    if padding_idx is not None:
+                        w[padding_idx].zero_()
+                    self._zero_padded_vocab_rows(w)
+
+                init_in_place(module.weight, embedding)
         else:
             super()._init_module(module, only_missing)  # RMSNorm, RoPE tables
 
@@ -177,8 +194,10 @@ class AmplifyModel(AmplifyPreTrainedModel):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`)."""
+        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
+        ``DataCollatorWithFlattening`` is accepted)."""
         return prepare_batch(
             input_ids,
             vocab_size=self.config.vocab_size,
@@ -188,6 +207,8 @@ class AmplifyModel(AmplifyPreTrainedModel):
             cu_seq_lens_k=cu_seq_lens_k,
             max_length_q=max_length_q,
             max_length_k=max_length_k,
+            seq_idx=seq_idx,
+            derive_packing=True,
         )
 
     def encode(self, batch: Batch) -> torch.Tensor:
@@ -215,10 +236,12 @@ class AmplifyModel(AmplifyPreTrainedModel):
         max_length_k: int | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput:
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         batch = self.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         hidden_states = self.encode(batch)
         return BaseModelOutput(last_hidden_state=unbatch(hidden_states, batch))
 
@@ -248,10 +271,11 @@ class _AmplifyWithBase(AmplifyPreTrainedModel):
         cu_seq_lens_k: torch.Tensor | None,
         max_length_q: int | None,
         max_length_k: int | None,
+        seq_idx: torch.Tensor | None = None,
     ) -> tuple[Batch, torch.Tensor]:
         """The validated batch and the encoder's final hidden states for it."""
         batch = self.amplify.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
         )
         return batch, self.amplify.encode(batch)
 
@@ -259,6 +283,8 @@ class _AmplifyWithBase(AmplifyPreTrainedModel):
 class AmplifyForMaskedLM(_AmplifyWithBase):
     """AMPLIFY with its masked-LM decoder (the published ``AMPLIFY``): an untied ``lm_head`` with a bias, logits
     sliced to ``vocab_size`` (vocabulary-padding columns dropped)."""
+
+    _output_embeddings_path = "lm_head"
 
     def __init__(self, config: AmplifyConfig) -> None:
         super().__init__(config)
@@ -282,7 +308,6 @@ class AmplifyForMaskedLM(_AmplifyWithBase):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
-        logits_on_labels_only: bool = False,
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> MaskedLMOutputWithCount:
@@ -290,23 +315,29 @@ class AmplifyForMaskedLM(_AmplifyWithBase):
 
         Args:
             labels: token ids to predict, ``-100`` where there is nothing to predict; same shape as ``input_ids``.
-            logits_on_labels_only: with ``labels``, run the decoder only where ``labels != -100``; ``logits`` is then
-                ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged (one host sync).
             loss_reduction: ``"mean"`` over label tokens or ``"sum"``; ``num_label_tokens`` is always returned.
+            logits_on_labels_only (keyword, in ``kwargs``): with ``labels``, run the decoder only where
+                ``labels != -100``; ``logits`` is then ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged
+                (one host sync).
+            num_items_in_batch (keyword, in ``kwargs``): ``Trainer``'s label-token count over the accumulated step;
+                the loss is then the sum of token losses divided by it (:mod:`bioscale.models.hf_contract`).
         """
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch, hidden_states = self._batch_and_hidden(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         if labels is None:
             return MaskedLMOutputWithCount(logits=unbatch(self.compute_logits(hidden_states), batch))
         labels = labels_like(labels, batch)
-        if logits_on_labels_only:
+        if options.logits_on_labels_only:
             hidden_states, labels = select_label_positions(hidden_states, labels)
         logits = self.compute_logits(hidden_states)
-        loss, count = token_cross_entropy(logits, labels, reduction=loss_reduction)
-        if not logits_on_labels_only:
+        loss_sum, count = token_cross_entropy(logits, labels, reduction="sum")
+        loss = self._finish_loss(loss_sum, count, loss_reduction, options)
+        if not options.logits_on_labels_only:
             logits = unbatch(logits, batch)
         return MaskedLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
 
@@ -337,15 +368,18 @@ class AmplifyForTokenClassification(_AmplifyWithBase):
         **kwargs: Any,
     ) -> TokenClassifierOutputWithCount:
         """Token classification; ``labels`` like ``input_ids`` with class ids, ``-100`` where unlabelled."""
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch, hidden_states = self._batch_and_hidden(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         logits = self.classifier(self.dropout(hidden_states))
         loss = count = None
         if labels is not None:
-            loss, count = token_cross_entropy(logits, labels_like(labels, batch), reduction=loss_reduction)
+            loss_sum, count = token_cross_entropy(logits, labels_like(labels, batch), reduction="sum")
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return TokenClassifierOutputWithCount(loss=loss, logits=unbatch(logits, batch), num_label_tokens=count)
 
 
@@ -392,18 +426,19 @@ class AmplifyForSequenceClassification(_AmplifyWithBase):
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> SequenceClassifierOutputWithCount:
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch, hidden_states = self._batch_and_hidden(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         logits = self.classifier(mean_pool(hidden_states, batch))
         loss = count = None
         if labels is not None:
-            loss, count = self._loss(logits, labels.to(logits.device), loss_reduction)
+            loss_sum, count = sequence_classification_loss(
+                logits, labels.to(logits.device), problem_type=self.config.problem_type, num_labels=self.num_labels,
+                reduction="sum",
+            )  # fmt: skip
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return SequenceClassifierOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_classification_loss(
-            logits, labels, problem_type=self.config.problem_type, num_labels=self.num_labels, reduction=reduction
-        )

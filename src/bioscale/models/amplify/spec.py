@@ -79,4 +79,11 @@ MODEL_SPEC = ModelSpec(
     packing_tasks=frozenset({"base", "masked_lm", "token_classification", "sequence_classification"}),
     cp_tasks=frozenset({"base", "masked_lm", "token_classification"}),
     foreign_checkpoint=(config_from_reference, from_reference_state_dict),
+    adapter_targets=("q", "v"),
+    # The published AMPLIFY's module paths (to_hf gives its state dict; the module is chandar-lab's remote code).
+    hf_module_names=(
+        *((f"amplify.layers.{{i}}.attention.{p}", f"transformer_encoder.{{i}}.{p}") for p in ("q", "k", "v", "wo")),
+        *((f"amplify.layers.{{i}}.mlp.{p}", f"transformer_encoder.{{i}}.ffn.{p}") for p in ("w12", "w3")),
+        ("lm_head", "decoder"),
+    ),
 )

@@ -38,6 +38,8 @@ class Esm2Config(PretrainedConfig):
     """
 
     model_type = "bioscale_esm2"
+    # Output fields Trainer.evaluate must not treat as predictions (num_label_tokens is a 0-d count).
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "num_label_tokens"]
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from bioscale.models.attention import AttentionInputs, attention_forward
 from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, unbatch
 from bioscale.models.common import BioscalePreTrainedModel, attention_inputs_for_batch, keep_as_is, reject_unknown_kwargs
 from bioscale.models.esm2.config import Esm2Config
+from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.loss import (
     check_loss_reduction,
     select_label_positions,
@@ -131,6 +132,15 @@ class Esm2Block(nn.Module):
     floating-point additions as the one-tensor form (addition commutes exactly).
     """
 
+    # Adapter (PEFT) layout, bioscale.models.adapters: transformers' EsmLayer names, so ESM's usual LoRA lists
+    # (["query", "value"], ["query", "key", "value", "dense"]) adapt the same linears as on EsmForMaskedLM.
+    adapter_layout = {
+        "attention.qkv_proj": ("attention.query", "attention.key", "attention.value"),
+        "attention.out_proj": ("attention.output.dense",),
+        "mlp.up_proj": ("mlp.intermediate.dense",),
+        "mlp.down_proj": ("mlp.output.dense",),
+    }
+
     def __init__(self, config: Esm2Config) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -168,11 +178,13 @@ class Esm2ContactHead(nn.Module):
         self.register_buffer("bias", torch.zeros(1))
 
 
-class Esm2PreTrainedModel(BioscalePreTrainedModel):
+class Esm2PreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
     config_class = Esm2Config
     base_model_prefix = "esm"
     main_input_name = "input_ids"
     _no_split_modules = ["Esm2Block"]
+    # Stock EsmPreTrainedModel declares the same: Trainer averages per-micro-batch means (its numbers, measured).
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_module(self, module: nn.Module, only_missing: bool) -> None:
@@ -211,8 +223,10 @@ class Esm2Model(Esm2PreTrainedModel):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`)."""
+        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
+        ``DataCollatorWithFlattening`` is accepted)."""
         return prepare_batch(
             input_ids,
             vocab_size=self.config.vocab_size,
@@ -222,6 +236,8 @@ class Esm2Model(Esm2PreTrainedModel):
             cu_seq_lens_k=cu_seq_lens_k,
             max_length_q=max_length_q,
             max_length_k=max_length_k,
+            seq_idx=seq_idx,
+            derive_packing=True,
         )
 
     def encode(self, batch: Batch) -> torch.Tensor:
@@ -248,10 +264,12 @@ class Esm2Model(Esm2PreTrainedModel):
         max_length_k: int | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput:
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         batch = self.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         hidden_states = self.encode(batch)
         return BaseModelOutput(last_hidden_state=unbatch(hidden_states, batch))
 
@@ -294,6 +312,9 @@ class _Esm2WithBase(Esm2PreTrainedModel):
 class Esm2ForMaskedLM(_Esm2WithBase):
     """ESM-2 with its masked-LM head (``transformers.EsmForMaskedLM``)."""
 
+    # The decoder reads the word-embedding matrix (no module of its own); its bias is vocabulary-sized.
+    _vocab_parameter_paths = ("lm_head.bias",)
+
     def __init__(self, config: Esm2Config) -> None:
         super().__init__(config)
         self.esm = Esm2Model(config)
@@ -310,7 +331,6 @@ class Esm2ForMaskedLM(_Esm2WithBase):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
-        logits_on_labels_only: bool = False,
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> MaskedLMOutputWithCount:
@@ -318,28 +338,31 @@ class Esm2ForMaskedLM(_Esm2WithBase):
 
         Args:
             labels: token ids to predict, ``-100`` where there is nothing to predict; same shape as ``input_ids``.
-            logits_on_labels_only: with ``labels``, run the LM head only where ``labels != -100``; ``logits`` is then
-                ``[num_label_tokens, vocab_size]`` (rows in order of appearance) and ``loss`` is unchanged. Saves the
-                head's compute and memory on the ~85% of positions MLM does not score (one host sync).
             loss_reduction: ``"mean"`` over label tokens or ``"sum"``; ``num_label_tokens`` is always returned.
+            logits_on_labels_only (keyword, in ``kwargs``): with ``labels``, run the LM head only where
+                ``labels != -100``; ``logits`` is then ``[num_label_tokens, vocab_size]`` (rows in order of
+                appearance) and ``loss`` is unchanged. Saves the head's compute and memory on the ~85% of positions MLM
+                does not score (one host sync). A keyword option rather than a parameter: ``Trainer`` takes every
+                parameter named ``*label*`` for a label (:mod:`bioscale.models.hf_contract`).
         """
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch = self.esm.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         hidden_states = self.esm.encode(batch)
         weight = self.esm.embeddings.word_embeddings.weight
         if labels is None:
             return MaskedLMOutputWithCount(logits=unbatch(self.lm_head(hidden_states, weight), batch))
         labels = labels_like(labels, batch)
-        if logits_on_labels_only:
+        if options.logits_on_labels_only:
             hidden_states, labels = select_label_positions(hidden_states, labels)
-            logits = self.lm_head(hidden_states, weight)
-        else:
-            logits = self.lm_head(hidden_states, weight)
-        loss, count = token_cross_entropy(logits, labels, reduction=loss_reduction)
-        if not logits_on_labels_only:
+        logits = self.lm_head(hidden_states, weight)
+        loss_sum, count = token_cross_entropy(logits, labels, reduction="sum")
+        loss = self._finish_loss(loss_sum, count, loss_reduction, options)
+        if not options.logits_on_labels_only:
             logits = unbatch(logits, batch)
         return MaskedLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
 
@@ -369,15 +392,18 @@ class Esm2ForTokenClassification(_Esm2WithBase):
         **kwargs: Any,
     ) -> TokenClassifierOutputWithCount:
         """Token classification; ``labels`` like ``input_ids`` with class ids, ``-100`` where unlabelled."""
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch = self.esm.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         logits = self.classifier(self.dropout(self.esm.encode(batch)))
         loss = count = None
         if labels is not None:
-            loss, count = token_cross_entropy(logits, labels_like(labels, batch), reduction=loss_reduction)
+            loss_sum, count = token_cross_entropy(logits, labels_like(labels, batch), reduction="sum")
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return TokenClassifierOutputWithCount(loss=loss, logits=unbatch(logits, batch), num_label_tokens=count)
 
 
@@ -425,18 +451,19 @@ class Esm2ForSequenceClassification(_Esm2WithBase):
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> SequenceClassifierOutputWithCount:
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch = self.esm.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         logits = self.classifier(mean_pool(self.esm.encode(batch), batch))
         loss = count = None
         if labels is not None:
-            loss, count = self._loss(logits, labels.to(logits.device), loss_reduction)
+            loss_sum, count = sequence_classification_loss(
+                logits, labels.to(logits.device), problem_type=self.config.problem_type, num_labels=self.num_labels,
+                reduction="sum",
+            )  # fmt: skip
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return SequenceClassifierOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_classification_loss(
-            logits, labels, problem_type=self.config.problem_type, num_labels=self.num_labels, reduction=reduction
-        )

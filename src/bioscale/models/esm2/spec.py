@@ -86,4 +86,14 @@ MODEL_SPEC = ModelSpec(
     cp_tasks=frozenset({"base", "masked_lm", "token_classification"}),
     # 1026 positions hold 1024 tokens (<cls> + residues + <eos>): ESM's rotary positions never use the last two.
     position_offset=2,
+    adapter_targets=("query", "value"),  # PEFT's default for stock "esm"
+    hf_module_names=(
+        ("esm.layers.{i}.attention.query", "esm.encoder.layer.{i}.attention.self.query"),
+        ("esm.layers.{i}.attention.key", "esm.encoder.layer.{i}.attention.self.key"),
+        ("esm.layers.{i}.attention.value", "esm.encoder.layer.{i}.attention.self.value"),
+        ("esm.layers.{i}.attention.output.dense", "esm.encoder.layer.{i}.attention.output.dense"),
+        ("esm.layers.{i}.mlp.intermediate.dense", "esm.encoder.layer.{i}.intermediate.dense"),
+        ("esm.layers.{i}.mlp.output.dense", "esm.encoder.layer.{i}.output.dense"),
+        ("lm_head.dense", "lm_head.dense"),
+    ),
 )

@@ -44,6 +44,8 @@ class Llama3Config(PretrainedConfig):
     """
 
     model_type = "bioscale_llama3"
+    # Output fields Trainer.evaluate must not treat as predictions (num_label_tokens is a 0-d count).
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "num_label_tokens"]
     # transformers 5 turns `rope_scaling` into a deprecated alias of `rope_parameters` on the base class; a plain
     # class attribute shadows that property so this config stores rope_scaling as itself on every version.
     rope_scaling = None

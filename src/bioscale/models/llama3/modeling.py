@@ -11,7 +11,8 @@ predicted (as ``transformers`` expects); the model shifts them itself with
 :func:`bioscale.models.loss.shift_labels`: the logits at
 position ``i`` are scored against ``labels[i + 1]``. In a packed batch the shift never crosses a boundary: the last
 token of each sequence predicts nothing (it is *not* asked to predict the first token of the next sequence). Code that
-has already shifted (context parallelism shards after shifting) passes ``shift_labels`` instead, used as is.
+has already shifted (context parallelism shards after shifting) passes ``shift_labels`` instead, used as is (a keyword
+option, not a parameter: ``Trainer`` takes every parameter named ``*label*`` for a label).
 
 Transformer blocks are ``model.layers`` on both classes. A block is called as
 ``block(hidden_states [B, S, D], rotary=(cos, sin), attn_inputs=AttentionInputs, kv_cache=None) -> [B, S, D]``;
@@ -39,6 +40,7 @@ from bioscale.models.common import (
     output_cache_field,
     split_forward_kwargs,
 )
+from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.llama3.config import Llama3Config
 from bioscale.models.loss import check_loss_reduction, select_label_positions, shift_labels, token_cross_entropy
 from bioscale.models.outputs import CausalLMOutputWithCount
@@ -90,6 +92,13 @@ class Llama3MLP(SwiGLUMLP):
 class Llama3Block(nn.Module):
     """Pre-RMSNorm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
+    # Adapter (PEFT) layout, bioscale.models.adapters: LlamaDecoderLayer's projection names (o_proj and down_proj
+    # already have them), so q_proj ... up_proj target lists adapt what they adapt on LlamaForCausalLM.
+    adapter_layout = {
+        "attention.qkv_proj": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    }
+
     def __init__(self, config: Llama3Config, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -110,7 +119,7 @@ class Llama3Block(nn.Module):
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
-class Llama3PreTrainedModel(BioscalePreTrainedModel):
+class Llama3PreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
     config_class = Llama3Config
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -152,8 +161,10 @@ class Llama3Model(Llama3PreTrainedModel):
         max_length_q: int | None = None,
         max_length_k: int | None = None,
         past_key_values: Cache | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`)."""
+        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
+        ``DataCollatorWithFlattening`` is accepted)."""
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         return prepare_batch(
             input_ids,
@@ -165,6 +176,8 @@ class Llama3Model(Llama3PreTrainedModel):
             max_length_q=max_length_q,
             max_length_k=max_length_k,
             past_length=past_length,
+            seq_idx=seq_idx,
+            derive_packing=True,
         )
 
     def decode(self, batch: Batch, kv_cache: Cache | None = None) -> torch.Tensor:
@@ -215,10 +228,12 @@ class Llama3Model(Llama3PreTrainedModel):
         max_length_k: int | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        options = pop_forward_options(kwargs)
         kv_cache = self._cache_for(past_key_values, use_cache, kwargs, type(self).__name__)
         batch = self.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, kv_cache
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, kv_cache,
+            options.seq_idx,
+        )  # fmt: skip
         hidden_states = self.decode(batch, kv_cache)
         return BaseModelOutputWithPast(
             last_hidden_state=unbatch(hidden_states, batch), **{output_cache_field(BaseModelOutputWithPast): kv_cache}
@@ -230,6 +245,12 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
 
     With ``tie_word_embeddings`` the head reads the embedding matrix (there is no ``lm_head`` module).
     """
+
+    _output_embeddings_path = "lm_head"  # absent (None) when tied
+
+    # Fast generation (static KV cache, CUDA-graph decode step): the blocks keep the contract in
+    # bioscale.models.decoding, which bioscale.use.generation_engine relies on.
+    _supports_static_kv_decode = True
 
     def __init__(self, config: Llama3Config) -> None:
         super().__init__(config)
@@ -277,13 +298,11 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         labels: torch.Tensor | None = None,
-        shift_labels: torch.Tensor | None = None,
         cu_seq_lens_q: torch.Tensor | None = None,
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        logits_on_labels_only: bool = False,
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> CausalLMOutputWithCount:
@@ -292,13 +311,18 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
         Args:
             labels: unshifted targets like ``input_ids`` (``-100`` = ignore); shifted per sequence here (module
                 docstring).
-            shift_labels: already-shifted targets, used as they are (give ``labels`` or ``shift_labels``, not both).
             logits_to_keep: ``generate()``'s knob: an int ``n > 0`` keeps the last ``n`` positions, a 1-D tensor the
                 listed positions; ``0`` keeps all. Not combinable with labels.
-            logits_on_labels_only: with labels, run the LM head only at scored positions; ``logits`` is then
-                ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged.
             loss_reduction: ``"mean"`` over label tokens or ``"sum"``; ``num_label_tokens`` is always returned.
+            shift_labels (keyword, in ``kwargs``): already-shifted targets, used as they are (give ``labels`` or
+                ``shift_labels``, not both).
+            logits_on_labels_only (keyword, in ``kwargs``): with labels, run the LM head only at scored positions;
+                ``logits`` is then ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged.
+            num_items_in_batch (keyword, in ``kwargs``): ``Trainer``'s count of label tokens over the accumulated
+                step; the loss is then the sum of token losses divided by it (``transformers``' ``ForCausalLMLoss``).
         """
+        options = pop_forward_options(kwargs, shift_labels=True)
+        shift_labels = options.shift_labels
         check_loss_reduction(loss_reduction)
         if labels is not None and shift_labels is not None:
             raise ValueError("give labels (unshifted) or shift_labels (already shifted), not both")
@@ -309,8 +333,9 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
         kv_cache = self.model._cache_for(past_key_values, use_cache, kwargs, type(self).__name__)
         cache_field = {output_cache_field(CausalLMOutputWithCount): kv_cache}
         batch = self.model.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, kv_cache
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, kv_cache,
+            options.seq_idx,
+        )  # fmt: skip
         hidden_states = self.model.decode(batch, kv_cache)
 
         if not has_labels:
@@ -326,13 +351,12 @@ class Llama3ForCausalLM(Llama3PreTrainedModel, GenerationMixin):
         else:
             assert shift_labels is not None
             targets = labels_like(shift_labels, batch)
-        if logits_on_labels_only:
+        if options.logits_on_labels_only:
             hidden_states, targets = select_label_positions(hidden_states, targets)
-            logits = self.compute_logits(hidden_states)
-            loss, count = token_cross_entropy(logits, targets, reduction=loss_reduction)
-        else:
-            logits = self.compute_logits(hidden_states)
-            loss, count = token_cross_entropy(logits, targets, reduction=loss_reduction)
+        logits = self.compute_logits(hidden_states)
+        loss_sum, count = token_cross_entropy(logits, targets, reduction="sum")
+        loss = self._finish_loss(loss_sum, count, loss_reduction, options)
+        if not options.logits_on_labels_only:
             logits = unbatch(logits, batch)
         return CausalLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count, **cache_field)
 

@@ -98,4 +98,11 @@ MODEL_SPEC = ModelSpec(
     hf_classes={"base": ("LlamaModel", {}), "causal_lm": ("LlamaForCausalLM", {})},
     packing_tasks=frozenset({"base", "causal_lm"}),
     cp_tasks=frozenset({"base", "causal_lm"}),
+    adapter_targets=("q_proj", "v_proj"),  # PEFT's default for stock "llama"
+    hf_module_names=(
+        *((f"model.layers.{{i}}.attention.{p}", f"model.layers.{{i}}.self_attn.{p}")
+          for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        *((f"model.layers.{{i}}.mlp.{p}", f"model.layers.{{i}}.mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")),
+        ("lm_head", "lm_head"),
+    ),  # fmt: skip
 )

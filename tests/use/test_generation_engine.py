@@ -1,0 +1,221 @@
+"""The static-cache generation engine: greedy output equals stock ``LlamaForCausalLM.generate`` token for token
+(float32, CPU) for single prompts, mixed-length batches, early ``<eos>`` and more samples than slots (refill);
+log-probabilities equal ``transformers``' raw logits; sampling is seeded per sample (same seed, same tokens; a sample
+does not depend on what runs beside it, the slot count or the refill order); the sampling filters do what they say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bioscale.data.tokenizers import nucleotide_tokenizer
+from bioscale.models import build_config, build_model, to_hf
+from bioscale.models.decoding import StaticKVCache, decoder_parts, kv_decode_attention
+from bioscale.models.attention import AttentionInputs, sdpa_attention
+from bioscale.use import generate_dna
+from bioscale.use.generation_engine import (
+    GenerationEngine,
+    SamplingParams,
+    gumbel_noise,
+    sample_key,
+    sample_tokens,
+)
+
+# Different lengths (packed prefill, no padding), an empty prompt (<bos> only), ambiguity codes.
+PROMPTS = ["ACGTTGCA", "GATTACAGATTACAGGC", "T", "", "ACGTACGTACGTNNNNAC"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A debug Llama 3 over the 20-token DNA vocabulary, with weights large enough that greedy continuations vary and
+    some stop at <eos> early, and the same weights as stock ``LlamaForCausalLM``."""
+    torch.manual_seed(3)
+    tok = nucleotide_tokenizer()
+    config = build_config("llama3", "debug", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2)  # fmt: skip
+    model = build_model(config, task="causal_lm", device="cpu").eval()
+    return model, to_hf(model).eval(), tok
+
+
+def _kwargs(tok, **extra):
+    return {"max_new_tokens": 40, "tokenizer": tok, "device": "cpu", "dtype": torch.float32, **extra}
+
+
+def test_engine_is_chosen_for_bioscale_models_and_transformers_for_stock_ones(models) -> None:
+    model, hf, tok = models
+    assert generate_dna(model, "ACGT", **_kwargs(tok, max_new_tokens=2)).engine == "static"
+    assert generate_dna(hf, "ACGT", **_kwargs(tok, max_new_tokens=2)).engine == "transformers"
+    with pytest.raises(ValueError, match="engine='static' needs a model that supports it"):
+        generate_dna(hf, "ACGT", engine="static", **_kwargs(tok, max_new_tokens=2))
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["single", "mixed-lengths"])
+def test_greedy_equals_transformers_token_for_token(models, prompts) -> None:
+    model, hf, tok = models
+    ours = generate_dna(model, prompts, **_kwargs(tok))
+    reference = generate_dna(hf, prompts, **_kwargs(tok))
+    assert ours.engine == "static" and reference.engine == "transformers"
+    assert [s.generated for s in ours.samples] == [s.generated for s in reference.samples]
+    assert [s.stopped_at_eos for s in ours.samples] == [s.stopped_at_eos for s in reference.samples]
+    if len(prompts) > 1:  # the fixture's weights make some samples stop early and others run to the limit
+        assert {s.stopped_at_eos for s in ours.samples} == {True, False}
+    # Log-probabilities: the model's own (raw logits), equal to transformers' output_logits.
+    for a, b in zip(ours.samples, reference.samples):
+        assert len(a.token_log_probs) == a.num_new_tokens
+        assert max(abs(x - y) for x, y in zip(a.token_log_probs, b.token_log_probs)) < 1e-4
+        assert all(lp <= 0 for lp in a.token_log_probs)
+
+
+def test_exact_length_without_eos_equals_transformers(models) -> None:
+    model, hf, tok = models
+    kwargs = _kwargs(tok, max_new_tokens=33, stop_at_eos=False)
+    ours = generate_dna(model, PROMPTS, **kwargs)
+    assert [s.generated for s in ours.samples] == [s.generated for s in generate_dna(hf, PROMPTS, **kwargs).samples]
+    assert all(len(s.generated) == 33 and not s.stopped_at_eos for s in ours.samples)
+
+
+def test_many_samples_refill_finished_slots(models) -> None:
+    """20 requests through 4 slots: finished slots are refilled while the others decode; outputs do not change."""
+    model, hf, tok = models
+    prompts = PROMPTS * 4
+    reference = generate_dna(hf, PROMPTS, **_kwargs(tok))
+    refilled = generate_dna(model, prompts, **_kwargs(tok, max_batch_size=4))
+    assert [s.generated for s in refilled.samples] == [s.generated for s in reference.samples] * 4
+    assert [s.prompt_index for s in refilled.samples] == list(range(20))
+
+
+def test_engine_reuses_its_session_and_polls_rarely(models) -> None:
+    model, _, tok = models
+    engine = GenerationEngine(model, max_batch_size=8, poll_every=5)
+    ids = [[0, 5, 6, 7], [0, 8]]
+    keys = [sample_key(0, i) for i in range(2)]
+    first = engine.generate(ids, max_new_tokens=12, keys=keys, eos_token_id=None)
+    second = engine.generate(ids, max_new_tokens=12, keys=keys, eos_token_id=None)
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]
+    assert all(len(o.token_ids) == 12 and not o.stopped_at_eos for o in first)
+    assert len(engine._sessions) == 1  # same slot count and cache length: one KV cache, one (CUDA) graph
+    assert engine.slots_for(2) == 2 and engine.slots_for(3) == 4 and engine.slots_for(100) == 8
+
+
+def test_stops_each_sample_at_its_own_eos(models) -> None:
+    """The <eos> id chosen as a token the first prompt's greedy continuation emits: that sample stops there, the
+    others go on, exactly like transformers with the same eos."""
+    model, hf, tok = models
+    reference = generate_dna(hf, PROMPTS, **_kwargs(tok, stop_at_eos=False))
+    base = reference.samples[2].generated  # "TTTTGGG...": G is the eos of this test
+    eos = tok.convert_tokens_to_ids(base[5])
+    ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    engine = GenerationEngine(model, max_batch_size=2)
+    outputs = engine.generate(ids, max_new_tokens=40, keys=[(0, 0)] * len(ids), eos_token_id=eos)
+    with torch.no_grad():
+        for prompt_ids, out in zip(ids, outputs):
+            expected = hf.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=40, do_sample=False,
+                                   eos_token_id=eos, pad_token_id=1)[0, len(prompt_ids):].tolist()  # fmt: skip
+            if eos in expected:
+                expected = expected[: expected.index(eos) + 1]
+            assert out.token_ids == expected
+            assert out.stopped_at_eos == (expected[-1] == eos)
+    assert outputs[2].stopped_at_eos and len(outputs[2].token_ids) == base.index(base[5]) + 1 < 40
+    assert len({len(out.token_ids) for out in outputs}) > 1  # each sample stopped at its own step
+
+
+SAMPLING = {"do_sample": True, "temperature": 1.3, "top_k": 6, "top_p": 0.95, "stop_at_eos": False}
+
+
+def test_sampling_is_seeded_per_sample(models) -> None:
+    model, _, tok = models
+    kwargs = _kwargs(tok, max_new_tokens=24, num_samples=3, **SAMPLING)
+    first = generate_dna(model, ["ACGT", "GG"], seed=7, **kwargs)
+    again = generate_dna(model, ["ACGT", "GG"], seed=7, **kwargs)
+    assert [s.generated for s in first.samples] == [s.generated for s in again.samples]
+    assert len({s.generated for s in first.samples}) == 6  # six different samples
+    other_seed = generate_dna(model, ["ACGT", "GG"], seed=8, **kwargs)
+    assert [s.generated for s in other_seed.samples] != [s.generated for s in first.samples]
+    # Batch composition does not matter: fewer slots (refill), or the prompt alone.
+    narrow = generate_dna(model, ["ACGT", "GG"], seed=7, max_batch_size=2, **kwargs)
+    assert [s.generated for s in narrow.samples] == [s.generated for s in first.samples]
+    alone = generate_dna(model, ["ACGT"], seed=7, **kwargs)
+    assert [s.generated for s in alone.samples] == [s.generated for s in first.samples[:3]]
+    # One seed per prompt: independent of the prompt's position as well.
+    swapped = generate_dna(model, ["GG", "ACGT"], seed=[5, 9], **kwargs)
+    in_order = generate_dna(model, ["ACGT", "GG"], seed=[9, 5], **kwargs)
+    assert [s.generated for s in swapped.samples[3:]] == [s.generated for s in in_order.samples[:3]]
+
+
+def test_sampling_filters(models) -> None:
+    model, _, tok = models
+    greedy = generate_dna(model, PROMPTS, **_kwargs(tok, stop_at_eos=False))
+    top1 = generate_dna(model, PROMPTS, seed=1, **_kwargs(tok, do_sample=True, top_k=1, stop_at_eos=False))
+    nucleus = generate_dna(model, PROMPTS, seed=1, **_kwargs(tok, do_sample=True, top_p=1e-6, stop_at_eos=False))
+    assert [s.generated for s in top1.samples] == [s.generated for s in greedy.samples]
+    assert [s.generated for s in nucleus.samples] == [s.generated for s in greedy.samples]
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        generate_dna(model, "ACGT", **_kwargs(tok, do_sample=True, temperature=0.0))
+
+
+def test_sampled_frequencies_follow_the_distribution() -> None:
+    """Gumbel-max with hashed noise draws from softmax(logits / T) (8,000 draws, 4 tokens, 4-sigma bounds)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(8000, 1)
+    keys = torch.tensor([sample_key(11, i) for i in range(8000)])
+    steps = torch.arange(8000) % 7
+    tokens, log_probs = sample_tokens(logits, torch.zeros(4), keys, steps, SamplingParams(do_sample=True,
+                                                                                          temperature=2.0))
+    expected = torch.softmax(logits[0] / 2.0, -1)
+    observed = torch.bincount(tokens, minlength=4).float() / 8000
+    assert torch.all((observed - expected).abs() < 4 * torch.sqrt(expected * (1 - expected) / 8000))
+    torch.testing.assert_close(log_probs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])
+    noise = gumbel_noise(keys[:2], torch.zeros(2, dtype=torch.long), 4)
+    assert torch.isfinite(noise).all() and not torch.equal(noise[0], noise[1])
+    assert abs(float(gumbel_noise(keys, steps, 4).mean()) - 0.5772) < 0.03  # the Euler-Mascheroni constant
+
+
+def test_kv_decode_attention_equals_repeated_kv_sdpa() -> None:
+    """Folding the query-head groups into the query length is the same attention as repeat_kv + sdpa."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 10, 16
+    q = torch.randn(batch, 1, heads, dim, dtype=torch.float64)
+    k, v = (torch.randn(batch, length, kv_heads, dim, dtype=torch.float64) for _ in range(2))
+    positions = torch.tensor([0, 4, 9])
+    mask = (torch.arange(length)[None] <= positions[:, None])[:, None, None, :]
+    ours = kv_decode_attention(q, k, v, AttentionInputs(backend="kv_decode", causal=True, attention_mask=mask), 0.25)
+    reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), 0.25)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_static_cache_writes_prefill_and_decode_positions(models) -> None:
+    model, _, _ = models
+    parts = decoder_parts(model)
+    assert parts is not None
+    cache = StaticKVCache(num_layers=1, num_slots=3, max_length=6, num_kv_heads=2, head_dim=4, dtype=torch.float32,
+                          device=torch.device("cpu"))  # fmt: skip
+    k = torch.arange(5 * 2 * 4, dtype=torch.float32).reshape(1, 2, 5, 4)  # [1, H_kv, T, D], packed tokens
+    cache.prefilling(torch.tensor([2, 2, 2, 0, 0]), torch.tensor([0, 1, 2, 0, 1]))
+    assert cache.update(k, -k, 0)[0] is k  # prefill: attention reads the packed K/V
+    torch.testing.assert_close(cache.k[0][2, :, :3], k[0, :, :3])
+    torch.testing.assert_close(cache.v[0][0, :, :2], -k[0, :, 3:])
+    step = torch.ones(3, 2, 1, 4)
+    cache.decoding(torch.tensor([2, 5, 3]))
+    full_k, _ = cache.update(step, step, 0)
+    assert full_k is cache.k[0] and full_k[0, :, 2].eq(1).all() and full_k[1, :, 5].eq(1).all()
+    assert full_k[2, :, 3].eq(1).all() and full_k[2, :, 2].equal(k[0, :, 2])  # the prompt's keys stay
+    assert math.isclose(float(cache.k[0][1, :, :5].abs().sum()), 0.0)
+
+
+def test_cached_engine_dies_with_its_model() -> None:
+    """generate_dna keeps one engine per model (KV cache, graphs) without keeping the model alive."""
+    import gc
+    import weakref
+
+    from bioscale.use.generation_engine import _ENGINES
+
+    tok = nucleotide_tokenizer()
+    config = build_config("llama3", "debug", vocab_size=len(tok), bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    model = build_model(config, task="causal_lm", device="cpu").eval()
+    generate_dna(model, "ACGT", max_new_tokens=2, tokenizer=tok, device="cpu")
+    assert model in _ENGINES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
