@@ -31,7 +31,7 @@ Each item is one silent trap of the stock machinery, measured on transformers 5.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,9 @@ from bioscale.models.common import (
     uncheckpoint_blocks,
     unwrapped_block,
 )
+from bioscale.models.batch import Batch, labels_like, unbatch
+from bioscale.models.loss import select_label_positions, token_cross_entropy
+from bioscale.models.outputs import MaskedLMOutputWithCount
 from bioscale.models.registry import spec_for_config
 
 # Name segment the activation-checkpointing wrapper adds to module paths (absent from state-dict keys).
@@ -134,6 +137,31 @@ class HFContractMixin:
         # A family that declares accepts_loss_kwargs=False ignores num_items_in_batch (Trainer does not pass it).
         items = options.num_items_in_batch if self.accepts_loss_kwargs else None
         return finish_loss(loss_sum, count, reduction=reduction, num_items_in_batch=items)
+
+    def _masked_lm_output(
+        self,
+        hidden_states: torch.Tensor,
+        batch: Batch,
+        labels: torch.Tensor | None,
+        *,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        loss_reduction: str,
+        options: ForwardOptions,
+    ) -> MaskedLMOutputWithCount:
+        """The masked-LM heads' common tail: ``head`` on the encoder's ``hidden_states`` (only at label positions
+        under ``logits_on_labels_only``), the summed token loss finished by :meth:`_finish_loss`, and the logits back
+        in the batch's layout."""
+        if labels is None:
+            return MaskedLMOutputWithCount(logits=unbatch(head(hidden_states), batch))
+        labels = labels_like(labels, batch)
+        if options.logits_on_labels_only:
+            hidden_states, labels = select_label_positions(hidden_states, labels)
+        logits = head(hidden_states)
+        loss_sum, count = token_cross_entropy(logits, labels, reduction="sum")
+        loss = self._finish_loss(loss_sum, count, loss_reduction, options)
+        if not options.logits_on_labels_only:
+            logits = unbatch(logits, batch)
+        return MaskedLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
 
     # ---- activation checkpointing ---------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from bioscale.models.attention import AttentionInputs, attention_forward
-from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, unbatch
+from bioscale.models.batch import Batch, mean_pool, prepare_batch, unbatch
 from bioscale.models.codonfm.config import EnCodonConfig
 from bioscale.models.common import (
     BioscalePreTrainedModel,
@@ -56,12 +56,7 @@ from bioscale.models.common import (
 )
 from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.layers import RotaryEmbedding, apply_rotary
-from bioscale.models.loss import (
-    check_loss_reduction,
-    select_label_positions,
-    sequence_classification_loss,
-    token_cross_entropy,
-)
+from bioscale.models.loss import check_loss_reduction, sequence_classification_loss
 from bioscale.models.outputs import MaskedLMOutputWithCount, SequenceClassifierOutputWithCount
 
 
@@ -387,17 +382,8 @@ class EnCodonForMaskedLM(_EnCodonWithBase):
             input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
             options.seq_idx,
         )  # fmt: skip
-        if labels is None:
-            return MaskedLMOutputWithCount(logits=unbatch(self.compute_logits(hidden_states), batch))
-        labels = labels_like(labels, batch)
-        if options.logits_on_labels_only:
-            hidden_states, labels = select_label_positions(hidden_states, labels)
-        logits = self.compute_logits(hidden_states)
-        loss_sum, count = token_cross_entropy(logits, labels, reduction="sum")
-        loss = self._finish_loss(loss_sum, count, loss_reduction, options)
-        if not options.logits_on_labels_only:
-            logits = unbatch(logits, batch)
-        return MaskedLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
+        return self._masked_lm_output(hidden_states, batch, labels, head=self.compute_logits,
+                                      loss_reduction=loss_reduction, options=options)  # fmt: skip
 
 
 class EnCodonClassificationHead(nn.Module):

@@ -17,6 +17,7 @@ activation checkpointing or ``fully_shard`` from outside.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,7 +32,6 @@ from bioscale.models.esm2.config import Esm2Config
 from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.loss import (
     check_loss_reduction,
-    select_label_positions,
     sequence_classification_loss,
     token_cross_entropy,
 )
@@ -353,18 +353,9 @@ class Esm2ForMaskedLM(_Esm2WithBase):
             options.seq_idx,
         )  # fmt: skip
         hidden_states = self.esm.encode(batch)
-        weight = self.esm.embeddings.word_embeddings.weight
-        if labels is None:
-            return MaskedLMOutputWithCount(logits=unbatch(self.lm_head(hidden_states, weight), batch))
-        labels = labels_like(labels, batch)
-        if options.logits_on_labels_only:
-            hidden_states, labels = select_label_positions(hidden_states, labels)
-        logits = self.lm_head(hidden_states, weight)
-        loss_sum, count = token_cross_entropy(logits, labels, reduction="sum")
-        loss = self._finish_loss(loss_sum, count, loss_reduction, options)
-        if not options.logits_on_labels_only:
-            logits = unbatch(logits, batch)
-        return MaskedLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
+        weight = self.esm.embeddings.word_embeddings.weight  # the tied decoder
+        return self._masked_lm_output(hidden_states, batch, labels, head=partial(self.lm_head, embedding_weight=weight),
+                                      loss_reduction=loss_reduction, options=options)  # fmt: skip
 
 
 class Esm2ForTokenClassification(_Esm2WithBase):
