@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,32 @@ class CdsPolicy:
             if start + limit >= num_codons:
                 return
             start += stride
+
+
+def clean_coding_sequences(ids: Sequence[str], sequences: Sequence[str]) -> list[str]:
+    """The coding sequences of an inference input (embedding, fine-tuning) cleaned by the lenient :class:`CdsPolicy`
+    (``cds_checks="keep"``, ``unknown_residues="map"``): upper case, ``U`` read as ``T``, a codon with a base other
+    than ACGT read as ``<UNK>``, a trailing partial codon (1-2 bases) dropped, nothing cropped. One warning counts what
+    was changed or is unusual for a CDS (no start codon, an internal stop); ``ValueError`` names a record without a
+    whole codon."""
+    policy = CdsPolicy(max_length=None, cds_checks="keep", unknown_residues="map")
+    cleaned = []
+    for record_id, sequence in zip(ids, sequences):
+        out = policy(record_id, sequence)
+        if not out:
+            raise ValueError(f"record {record_id!r}: no whole codon to read (a coding sequence needs at least 3 bases)")
+        cleaned.append(out[0])
+    stats = policy.stats
+    notes = [
+        (stats.cds_not_multiple_of_3, "are not a whole number of codons (the trailing 1-2 bases were dropped)"),
+        (stats.records_mapped, f"hold bases other than ACGT ({stats.codons_unknown} codons read as <UNK>)"),
+        (stats.cds_internal_stop, "have an in-frame stop codon before the last codon (kept)"),
+        (stats.cds_no_start, "do not begin with a start codon (kept)"),
+    ]
+    found = [f"{count} {what}" for count, what in notes if count]
+    if found:
+        warnings.warn(f"of {len(cleaned)} coding sequences, " + "; ".join(found), stacklevel=3)
+    return cleaned
 
 
 _TO_N = bytes(b if b in b"ACGT" else ord("N") for b in range(256))

@@ -365,6 +365,15 @@ def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return None
 
 
+def token_unit(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters per regular token: 3 for the codon tokenizer (recognised by its vocabulary), else 1."""
+    vocab = tokenizer.get_vocab()
+    for spec in TOKENIZERS.values():
+        if spec.unit == "codon" and vocab == {token: i for i, token in enumerate(spec.vocab)}:
+            return 3
+    return 1
+
+
 def record_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Token ids the data pipeline puts before and after each record: what ``tokenizer`` adds around one character,
     plus ``<eos>`` at the end for a ``record_eos`` tokenizer whose post-processor does not add it.
@@ -373,7 +382,8 @@ def record_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[
     """
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_tokens)
-    probe = next((c for c in "ACGTLMK" if c in vocab and c not in special), None)
+    # The codon tokenizer's regular tokens are three bases: probe with a codon.
+    probe = "ATG" if token_unit(tokenizer) == 3 else next((c for c in "ACGTLMK" if c in vocab and c not in special), None)
     if probe is None:
         probe = next((t for t in vocab if len(t) == 1 and t.isalpha() and t not in special), None)
     if probe is None:

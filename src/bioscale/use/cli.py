@@ -55,7 +55,8 @@ def embed_main(argv: list[str]) -> int:
     """``bioscale embed MODEL INPUT -o OUT``."""
     parser = argparse.ArgumentParser(
         prog="bioscale embed",
-        description="Embed protein (ESM-2) or DNA (Llama) sequences from FASTA/parquet/CSV into parquet or .npy.",
+        description=("Embed protein (ESM-2, AMPLIFY), DNA (Llama 3) or coding sequences (CodonFM, one vector per "
+                     "codon) or cells (Geneformer) from FASTA / parquet / CSV / .h5ad into parquet or .npy."),
     )
     parser.add_argument("model", help="checkpoint directory (bioscale or transformers) or Hub id")
     parser.add_argument("input", help="FASTA (.fasta/.fa/.faa/.fna, optionally .gz), parquet or CSV file")

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bioscale.data.tokenizers import CharTokenEncoder, record_affixes
+from bioscale.data.cds import CodonTokenEncoder, clean_coding_sequences
+from bioscale.data.tokenizers import CharTokenEncoder, record_affixes, token_unit
 from bioscale.models import input_validation, spec_for_model
 from bioscale.use.batching import ModelBatch, collate_packed, collate_padded, plan_batches
 from bioscale.use.inputs import SequencesLike, read_sequences
@@ -118,8 +119,13 @@ def tokenize_residues(
 ) -> list[list[int]]:
     """One token id per residue (no special tokens); ``ValueError`` if the tokenizer is not character-level.
 
-    Residues outside the vocabulary become ``<unk>``; a warning reports how many sequences contain one.
+    Residues outside the vocabulary become ``<unk>``; a warning reports how many sequences contain one. For the codon
+    tokenizer a residue is a codon: the sequences are cleaned as coding sequences first
+    (:func:`bioscale.data.cds.clean_coding_sequences`, which warns with its counts).
     """
+    if token_unit(tokenizer) == 3:
+        codons = CodonTokenEncoder(tokenizer)
+        return [codons.encode(seq)[1:-1].tolist() for seq in clean_coding_sequences(ids, sequences)]
     # verbose=False: sequences longer than model_max_length are expected here (they are windowed afterwards).
     encoded = tokenizer(list(sequences), add_special_tokens=False, verbose=False)["input_ids"]
     unk = tokenizer.unk_token_id
@@ -236,6 +242,22 @@ def plan_windows(
     return chunks, lengths, num_windowed, num_truncated
 
 
+class _CodonEncoder:
+    """Token ids of the codons of a cleaned coding sequence (:class:`~bioscale.data.cds.CodonTokenEncoder`, no special
+    tokens); the interface of :class:`_ResidueEncoder`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.codons = CodonTokenEncoder(tokenizer)
+        self.unk = tokenizer.unk_token_id
+        self.with_unknown: set[int] = set()
+
+    def __call__(self, seq: int, record_id: str, text: str) -> list[int]:
+        ids = self.codons.encode(text)[1:-1].tolist()
+        if self.unk in ids:
+            self.with_unknown.add(seq)
+        return ids
+
+
 class _ResidueEncoder:
     """Token ids of residues, thread-safe: the lookup table of :class:`~bioscale.data.tokenizers.CharTokenEncoder`
     (the tokenizer's own ids, ~50x faster) for ASCII text, the tokenizer otherwise (checked to be one token per
@@ -348,7 +370,7 @@ def embed(
     compile: bool | None = None,
     prefetch: bool | None = None,
 ) -> Embeddings:
-    """Embed protein (ESM-2) or DNA (Llama 3) sequences.
+    """Embed protein (ESM-2, AMPLIFY), DNA (Llama 3) or coding sequences (CodonFM EnCodon: one "residue" per codon).
 
     Args:
         model: a loaded bioscale model (any head: the base model is used) or a checkpoint directory / Hub id.
@@ -411,6 +433,11 @@ def embed(
     encoder = base_model_of(model).eval()
 
     prefix, suffix = special_affixes(tokenizer)
+    # Characters per residue: 3 for a codon model, whose "residues" are codons (cleaned as coding sequences here,
+    # with a counted warning; per-residue outputs are per codon).
+    unit = token_unit(tokenizer)
+    if unit == 3:
+        seqs = clean_coding_sequences(ids, seqs)
     if pooling == "cls" and not prefix:
         raise ValueError("pooling='cls' needs a tokenizer that puts a <cls> token before each sequence")
     window = context_residues(model, len(prefix) + len(suffix), max_length)
@@ -418,7 +445,7 @@ def embed(
     # Only the residue counts now (one token per residue: a character-level tokenizer, checked as each batch is
     # tokenised); the token ids come batch by batch, in the prefetch thread, beside the device work.
     chunks, lengths, num_windowed, num_truncated = plan_windows(
-        ids, [len(s) for s in seqs], num_special=len(prefix) + len(suffix), window=window, overlap=overlap,
+        ids, [len(s) // unit for s in seqs], num_special=len(prefix) + len(suffix), window=window, overlap=overlap,
         long_sequences=long_sequences,
     )  # fmt: skip
     if num_truncated:
@@ -458,10 +485,11 @@ def embed(
     # Every id the tokenizer makes is inside the model's vocabulary (checked once here), so the forward's per-batch
     # value checks, a host synchronisation each that would drain the GPU queue between batches, are skipped.
     validate = max(tokenizer.get_vocab().values()) >= int(model.config.vocab_size)
-    encode = _ResidueEncoder(tokenizer)
+    encode = _CodonEncoder(tokenizer) if unit == 3 else _ResidueEncoder(tokenizer)
 
     def tokenize(chunk: _Chunk) -> list[int]:
-        return prefix + encode(chunk.seq, ids[chunk.seq], seqs[chunk.seq][chunk.start : chunk.end]) + suffix
+        text = seqs[chunk.seq][chunk.start * unit : chunk.end * unit]
+        return prefix + encode(chunk.seq, ids[chunk.seq], text) + suffix
 
     prepare = functools.partial(
         _prepare_batch, chunks=chunks, tokenize=tokenize, batching=batching, pad_id=pad_id, pooling=pooling,
@@ -482,7 +510,7 @@ def embed(
     if in_flight is not None:
         finish(in_flight)
     bar.close()
-    if encode.with_unknown:
+    if encode.with_unknown and unit == 1:  # codons: clean_coding_sequences has counted them
         warnings.warn(
             f"{len(encode.with_unknown)} of {len(seqs)} sequences contain characters outside the model's vocabulary; "
             "they are embedded as <unk>",

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bioscale.data.tokenizers import TOKENIZERS
+from bioscale.data.tokenizers import token_unit
 from bioscale.models import spec_for_model
 from bioscale.use.batching import collate_packed, collate_padded, plan_batches
 from bioscale.use.embed import default_max_tokens, resolve_batching
@@ -92,15 +92,6 @@ class _Site:
 
     record_index: int
     token_index: int
-
-
-def token_unit(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Characters per regular token: 3 for the codon tokenizer (recognised by its vocabulary), else 1."""
-    vocab = tokenizer.get_vocab()
-    for spec in TOKENIZERS.values():
-        if spec.unit == "codon" and vocab == {token: i for i, token in enumerate(spec.vocab)}:
-            return 3
-    return 1
 
 
 def _normalise(text: str, unit: int) -> str:
