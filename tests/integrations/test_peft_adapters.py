@@ -1,9 +1,10 @@
 """PEFT on bioscale models (issue 22): the stock target names adapt what they adapt on the stock model, LoRA on Q and
 V alone works, and adapters move between a bioscale model and its stock counterpart with equal outputs.
 
-"Stock" is ``to_hf(model)`` (``EsmForMaskedLM``, ``LlamaForCausalLM``) or, for the families without a stock class,
-the published module built from the exported checkpoint (AMPLIFY, CodonFM; skipped where ``../shared/reference`` is
-absent). Logits are compared at 1e-5: float32, the same weights, different but equivalent kernels.
+"Stock" is ``to_hf(model)`` (``EsmForMaskedLM``, ``LlamaForCausalLM``, Geneformer's ``BertForMaskedLM``) or, for
+the families without a stock class, the published module built from the exported checkpoint (AMPLIFY, CodonFM;
+skipped where ``../shared/reference`` is absent). Logits are compared at 1e-5: float32, the same weights, different
+but equivalent kernels.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def test_adapters_move_between_bioscale_and_stock_with_equal_outputs(name: str) 
     torch.testing.assert_close(logits_of(back, ids), logits_of(theirs, ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["esm2", "llama3"])
+@pytest.mark.parametrize("name", ["esm2", "llama3", "geneformer"])
 def test_adapter_to_hf_and_back_in_one_call(name: str) -> None:
     model = _model(name)
     ids = unpadded_ids(model.config)
@@ -154,7 +155,7 @@ def test_adapter_to_hf_and_back_in_one_call(name: str) -> None:
     torch.testing.assert_close(logits_of(again, ids), logits_of(ours, ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["esm2", "llama3"])
+@pytest.mark.parametrize("name", ["esm2", "llama3", "geneformer"])
 def test_a_bioscale_adapter_refuses_to_load_onto_the_stock_model(name: str, tmp_path: Path) -> None:
     # Before: PEFT matched the leaf names on the stock model, found no tensor for them and only warned, leaving the
     # adapter at its initialisation. The saved config now names the exact modules adapted.

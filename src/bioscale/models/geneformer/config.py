@@ -49,6 +49,8 @@ class GeneformerConfig(PretrainedConfig):
     """
 
     model_type = "bioscale_geneformer"
+    # Output fields Trainer.evaluate must not treat as predictions (num_label_tokens is a 0-d count).
+    keys_to_ignore_at_inference = ["num_label_tokens"]
 
     def __init__(
         self,

@@ -9,7 +9,10 @@ they restart at 0 for every cell, so a packed cell sees exactly the positions it
 no rotary embedding; the FFN is Linear → ReLU → Linear; the masked-LM head is dense → act → LayerNorm → the word
 embedding matrix (tied, read directly) plus a bias. bioscale fuses BERT's query / key / value into one ``qkv_proj``
 and runs attention behind :func:`bioscale.models.attention.attention_forward`, so padded (``attention_mask``) and
-packed (``cu_seq_lens_q/k``) batches go through the same blocks and backends as the other families.
+packed (``cu_seq_lens_q/k``, or any other output form of ``DataCollatorWithFlattening``) batches go through the same
+blocks and backends as the other families. What ``Trainer``, PEFT and Lightning rely on (labels, loss normalisation,
+activation checkpointing, embeddings, the stock-named adapter layout) is the contract of
+:class:`~bioscale.models.hf_contract.HFContractMixin`.
 
 Numerical notes, where this code differs from ``BertForMaskedLM`` and why:
 
@@ -30,6 +33,7 @@ activation checkpointing or ``fully_shard`` from outside.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,13 +51,9 @@ from bioscale.models.common import (
     reject_unknown_kwargs,
 )
 from bioscale.models.geneformer.config import GeneformerConfig
+from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.layers import gelu
-from bioscale.models.loss import (
-    check_loss_reduction,
-    select_label_positions,
-    sequence_classification_loss,
-    token_cross_entropy,
-)
+from bioscale.models.loss import check_loss_reduction, sequence_classification_loss, token_cross_entropy
 from bioscale.models.outputs import (
     MaskedLMOutputWithCount,
     SequenceClassifierOutputWithCount,
@@ -122,6 +122,16 @@ class GeneformerBlock(nn.Module):
     normalises the residual sum *after* its sub-layer.
     """
 
+    # Adapter (PEFT) layout, bioscale.models.adapters: BertLayer's linear names (as Esm2Block's, ESM being BERT-named),
+    # so BERT's usual LoRA lists (["query", "value"], ["query", "key", "value", "dense"]) adapt the same linears as on
+    # BertForMaskedLM; "dense" also finds the LM head's transform (lm_head.dense), as on BERT.
+    adapter_layout = {
+        "attention.qkv_proj": ("attention.query", "attention.key", "attention.value"),
+        "attention.out_proj": ("attention.output.dense",),
+        "mlp.up_proj": ("mlp.intermediate.dense",),
+        "mlp.down_proj": ("mlp.output.dense",),
+    }
+
     def __init__(self, config: GeneformerConfig) -> None:
         super().__init__()
         self.attention = GeneformerAttention(config)
@@ -155,11 +165,17 @@ class GeneformerLMHead(nn.Module):
         return logits
 
 
-class GeneformerPreTrainedModel(BioscalePreTrainedModel):
+class GeneformerPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
     config_class = GeneformerConfig
     base_model_prefix = "bert"
     main_input_name = "input_ids"
     _no_split_modules = ["GeneformerBlock"]
+    # Trainer averages per-micro-batch means. Stock BertFor* take **kwargs but ignore num_items_in_batch (their loss is
+    # CrossEntropyLoss's mean), so Trainer (transformers 5.24) infers accepts_loss_kwargs=True, skips its division by
+    # the accumulation steps and doubles loss and gradient at gradient_accumulation_steps=2 (measured: 20.18 against
+    # 10.09). Declaring False gives the stock loss at accumulation 1 and, at 2, the stock run without that doubling:
+    # what EsmForMaskedLM, which declares it, gives.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_module(self, module: nn.Module, only_missing: bool) -> None:
@@ -215,9 +231,11 @@ class GeneformerModel(GeneformerPreTrainedModel):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`), and that every cell fits
-        the learned positions (an ``nn.Embedding`` would otherwise fail with an index error deep in the kernel)."""
+        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
+        ``DataCollatorWithFlattening`` is accepted), and that every cell fits the learned positions (an
+        ``nn.Embedding`` would otherwise fail with an index error deep in the kernel)."""
         batch = prepare_batch(
             input_ids,
             vocab_size=self.config.vocab_size,
@@ -227,6 +245,8 @@ class GeneformerModel(GeneformerPreTrainedModel):
             cu_seq_lens_k=cu_seq_lens_k,
             max_length_q=max_length_q,
             max_length_k=max_length_k,
+            seq_idx=seq_idx,
+            derive_packing=True,
         )
         longest = batch.max_seqlen if batch.is_packed else batch.input_ids.shape[1]
         limit = self.config.max_position_embeddings
@@ -260,10 +280,12 @@ class GeneformerModel(GeneformerPreTrainedModel):
         max_length_k: int | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput:
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         batch = self.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         return BaseModelOutput(last_hidden_state=unbatch(self.encode(batch), batch))
 
 
@@ -292,9 +314,10 @@ class _GeneformerWithBase(GeneformerPreTrainedModel):
         cu_seq_lens_k: torch.Tensor | None,
         max_length_q: int | None,
         max_length_k: int | None,
+        seq_idx: torch.Tensor | None = None,
     ) -> tuple[Batch, torch.Tensor]:
         batch = self.bert.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
         )
         return batch, self.bert.encode(batch)
 
@@ -302,6 +325,10 @@ class _GeneformerWithBase(GeneformerPreTrainedModel):
 class GeneformerForMaskedLM(_GeneformerWithBase):
     """Geneformer with its masked-LM head (``transformers.BertForMaskedLM``); the decoder is the word embedding
     matrix itself, so it stays tied through every save, load, shard and conversion."""
+
+    # The decoder reads the word-embedding matrix (no module of its own, so get_output_embeddings() is None and
+    # resize_token_embeddings keeps the tie by construction); its bias is vocabulary-sized.
+    _vocab_parameter_paths = ("lm_head.bias",)
 
     def __init__(self, config: GeneformerConfig) -> None:
         super().__init__(config)
@@ -319,7 +346,6 @@ class GeneformerForMaskedLM(_GeneformerWithBase):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
-        logits_on_labels_only: bool = False,
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> MaskedLMOutputWithCount:
@@ -327,27 +353,23 @@ class GeneformerForMaskedLM(_GeneformerWithBase):
 
         Args:
             labels: gene ids to predict, ``-100`` where there is nothing to predict; same shape as ``input_ids``.
-            logits_on_labels_only: with ``labels``, run the LM head only where ``labels != -100``; ``logits`` is then
-                ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged. With a 25k-gene vocabulary the head is
-                the largest matmul of a small Geneformer, and MLM scores only ~15% of positions (one host sync).
             loss_reduction: ``"mean"`` over label tokens or ``"sum"``; ``num_label_tokens`` is always returned.
+            logits_on_labels_only (keyword, in ``kwargs``): with ``labels``, run the LM head only where
+                ``labels != -100``; ``logits`` is then ``[num_label_tokens, vocab_size]`` and ``loss`` is unchanged.
+                With a 25k-gene vocabulary the head is the largest matmul of a small Geneformer, and MLM scores only
+                ~15% of positions (one host sync). A keyword option rather than a parameter: ``Trainer`` takes every
+                parameter named ``*label*`` for a label (:mod:`bioscale.models.hf_contract`).
         """
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch, hidden_states = self._batch_and_hidden(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
-        weight = self.bert.embeddings.word_embeddings.weight
-        if labels is None:
-            return MaskedLMOutputWithCount(logits=unbatch(self.lm_head(hidden_states, weight), batch))
-        labels = labels_like(labels, batch)
-        if logits_on_labels_only:
-            hidden_states, labels = select_label_positions(hidden_states, labels)
-        logits = self.lm_head(hidden_states, weight)
-        loss, count = token_cross_entropy(logits, labels, reduction=loss_reduction)
-        if not logits_on_labels_only:
-            logits = unbatch(logits, batch)
-        return MaskedLMOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
+        weight = self.bert.embeddings.word_embeddings.weight  # the tied decoder
+        return self._masked_lm_output(hidden_states, batch, labels, head=partial(self.lm_head, embedding_weight=weight),
+                                      loss_reduction=loss_reduction, options=options)  # fmt: skip
 
 
 class GeneformerForTokenClassification(_GeneformerWithBase):
@@ -375,15 +397,18 @@ class GeneformerForTokenClassification(_GeneformerWithBase):
         **kwargs: Any,
     ) -> TokenClassifierOutputWithCount:
         """Gene classification; ``labels`` like ``input_ids`` with class ids, ``-100`` where unlabelled."""
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch, hidden_states = self._batch_and_hidden(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         logits = self.classifier(self.dropout(hidden_states))
         loss = count = None
         if labels is not None:
-            loss, count = token_cross_entropy(logits, labels_like(labels, batch), reduction=loss_reduction)
+            loss_sum, count = token_cross_entropy(logits, labels_like(labels, batch), reduction="sum")
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return TokenClassifierOutputWithCount(loss=loss, logits=unbatch(logits, batch), num_label_tokens=count)
 
 
@@ -440,11 +465,13 @@ class GeneformerForSequenceClassification(_GeneformerWithBase):
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> SequenceClassifierOutputWithCount:
+        options = pop_forward_options(kwargs)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         batch, hidden_states = self._batch_and_hidden(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
-        )
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            options.seq_idx,
+        )  # fmt: skip
         if self.config.classifier_pooling == "cls":
             pooled = first_token(hidden_states, batch)
         else:
@@ -452,8 +479,9 @@ class GeneformerForSequenceClassification(_GeneformerWithBase):
         logits = self.classifier(self.dropout(self.pooler(pooled)))
         loss = count = None
         if labels is not None:
-            loss, count = sequence_classification_loss(
+            loss_sum, count = sequence_classification_loss(
                 logits, labels.to(logits.device), problem_type=self.config.problem_type, num_labels=self.num_labels,
-                reduction=loss_reduction,
+                reduction="sum",
             )  # fmt: skip
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return SequenceClassifierOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)

@@ -94,4 +94,13 @@ MODEL_SPEC = ModelSpec(
     packing_tasks=frozenset({"base", "masked_lm", "token_classification", "sequence_classification"}),
     # Token-local heads only; the position embedding reads the shard's global positions under CP.
     cp_tasks=frozenset({"base", "masked_lm", "token_classification"}),
+    adapter_targets=("query", "value"),  # PEFT's default for stock "bert"
+    hf_module_names=(
+        *((f"bert.layers.{{i}}.attention.{p}", f"bert.encoder.layer.{{i}}.attention.self.{p}")
+          for p in ("query", "key", "value")),
+        ("bert.layers.{i}.attention.output.dense", "bert.encoder.layer.{i}.attention.output.dense"),
+        ("bert.layers.{i}.mlp.intermediate.dense", "bert.encoder.layer.{i}.intermediate.dense"),
+        ("bert.layers.{i}.mlp.output.dense", "bert.encoder.layer.{i}.output.dense"),
+        ("lm_head.dense", "cls.predictions.transform.dense"),
+    ),
 )

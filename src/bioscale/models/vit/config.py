@@ -51,6 +51,8 @@ class VitConfig(PretrainedConfig):
     """
 
     model_type = "bioscale_vit"
+    # Output fields Trainer.evaluate must not treat as predictions (num_label_tokens is a 0-d count).
+    keys_to_ignore_at_inference = ["num_label_tokens"]
 
     def __init__(
         self,

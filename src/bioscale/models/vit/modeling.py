@@ -21,10 +21,16 @@ Transformer blocks are ``model.layers`` on every class; a block is called as
 ``block(hidden_states [B, S, D], attn_inputs) -> [B, S, D]``, with no host synchronisation and no Python branching on
 tensor values, so each block can be wrapped by ``torch.compile``, activation checkpointing or ``fully_shard`` from
 outside. Stochastic depth draws its per-image masks from the global torch generator, like dropout.
+
+The ``transformers`` contract (:class:`~bioscale.models.hf_contract.HFContractMixin`) applies as far as an image
+classifier has it: ``labels`` is the one label, the loss honours ``Trainer``'s ``num_items_in_batch``, activation
+checkpointing keeps module names, ``get_input_embeddings`` is the patch convolution and ``resize_token_embeddings`` is
+refused (there is no vocabulary), and the blocks unfuse into ``transformers`` 5's ViT module names for PEFT.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +43,7 @@ from bioscale.constants import IGNORE_INDEX
 from bioscale.models.attention import AttentionInputs, attention_forward, padded_attention_inputs
 from bioscale.models.batch import input_validation_enabled
 from bioscale.models.common import BioscalePreTrainedModel, keep_as_is, reject_unknown_kwargs
+from bioscale.models.hf_contract import _WRAPPER_SEGMENT, ForwardOptions, HFContractMixin
 from bioscale.models.loss import check_loss_reduction, token_cross_entropy
 from bioscale.models.vit.config import VitConfig
 
@@ -158,6 +165,18 @@ class VitBlock(nn.Module):
     """Pre-norm block: ``x + drop_path(attn(LN(x)))``, then ``x + drop_path(mlp(LN(x)))`` (timm's ``Block`` without
     LayerScale)."""
 
+    # Adapter (PEFT) layout, bioscale.models.adapters: transformers 5's ViTLayer names (the pinned transformers; 4.x
+    # called them query / key / value / attention.output.dense / intermediate.dense / output.dense, and stock 5.x finds
+    # none of those either), so ["q_proj", "v_proj"] and ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"] adapt
+    # the same linears as on ViTForImageClassification. fc1 / fc2 are timm's names too; timm's fused qkv (one LoRA
+    # over all three rows) is the fused layout's qkv_proj, see VitPreTrainedModel._check_peft_configs.
+    adapter_layout = {
+        "attention.qkv_proj": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        "attention.out_proj": ("attention.o_proj",),
+        "mlp.up_proj": ("mlp.fc1",),
+        "mlp.down_proj": ("mlp.fc2",),
+    }
+
     def __init__(self, config: VitConfig, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -205,15 +224,25 @@ class VitAttentionPool(nn.Module):
         return pooled[:, 0]
 
 
-class VitPreTrainedModel(BioscalePreTrainedModel):
+# timm's names for a block's linears that the unfused layout cannot carry, with what targets the same modules here.
+_TIMM_ONLY_TARGETS = {
+    "qkv": "qkv_proj on the fused model (one LoRA over the query, key and value rows, as timm's qkv)",
+    "proj": "out_proj on the fused model, or o_proj on the unfused one",
+}
+
+
+class VitPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
     config_class = VitConfig
     base_model_prefix = "vit"
     main_input_name = "pixel_values"
     _no_split_modules = ["VitBlock"]
-    # transformers' Trainer: this forward ignores num_items_in_batch (every micro-batch has the same number of images,
-    # so the mean of per-micro-batch means is the global mean); without this Trainer would skip its own division by
-    # the accumulation steps. bioscale's own loop normalises with loss_reduction="sum" and num_label_tokens instead.
-    accepts_loss_kwargs = False
+    # Trainer's num_items_in_batch (the labelled images of the accumulated step) normalises the summed loss, as
+    # ViTForImageClassification's loss (fixed_cross_entropy) does: the same numbers also when micro-batches hold
+    # different numbers of labelled images (-100 labels, a short last batch), where a mean of micro-batch means
+    # differs. bioscale's own loop normalises with loss_reduction="sum" and num_label_tokens instead.
+    accepts_loss_kwargs = True
+    # An image forward has no packing (seq_idx) and no token-level head (logits_on_labels_only): both are refused.
+    forward_options = ("num_items_in_batch",)
 
     @torch.no_grad()
     def _init_module(self, module: nn.Module, only_missing: bool) -> None:
@@ -241,6 +270,39 @@ class VitPreTrainedModel(BioscalePreTrainedModel):
                 nn.init.trunc_normal_(module.latent, std=module.latent.shape[-1] ** -0.5)
         else:
             super()._init_module(module, only_missing)  # LayerNorm
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Refused: a ViT reads pixels through a patch convolution and has no vocabulary to resize."""
+        raise ValueError(
+            f"{type(self).__name__} has no vocabulary to resize: its input embedding is the patch convolution "
+            "(get_input_embeddings()); change num_labels for a new classifier instead"
+        )
+
+    def _check_peft_configs(self, configs: Mapping[str, Any]) -> None:
+        """The mixin's check, then a ``ValueError`` for a target name that matches no module while others did.
+
+        PEFT refuses a list that matches nothing, but adapts the rest of one that matches in part: timm's
+        ``["qkv", "fc1", "fc2"]`` on the unfused layout would adapt the MLP alone (as it does on
+        ``ViTForImageClassification``, which has no ``qkv`` either).
+        """
+        requested = {adapter: getattr(config, "target_modules", None) for adapter, config in configs.items()}
+        super()._check_peft_configs(configs)  # first: on a fused model its "unfuse first" is the better message
+        # Pinned full paths (the mixin's) leave out the segment a checkpoint-wrapped block adds.
+        names = {form for name, _ in self.named_modules() for form in (name, name.replace(_WRAPPER_SEGMENT, ""))}
+        for adapter, targets in requested.items():
+            if not isinstance(targets, (list, set, tuple)):
+                continue  # None (the registered default) or a regular expression
+            missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+            if missing:
+                hints = "; ".join(f"timm's {t!r} is {_TIMM_ONLY_TARGETS[t]}" for t in missing
+                                  if t in _TIMM_ONLY_TARGETS)  # fmt: skip
+                raise ValueError(
+                    f"adapter {adapter!r} targets {missing}, which name no module of this {type(self).__name__}, so "
+                    f"only the rest of its list was adapted{': ' + hints if hints else ''}. The model now carries a "
+                    "partial adapter: rebuild it."
+                )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """``ValueError`` unless ``pixel_values`` is a float ``[B, num_channels, image_size, image_size]`` tensor
@@ -277,6 +339,13 @@ class VitModel(VitPreTrainedModel):
         use_fc = config.final_norm and config.use_fc_norm
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_fc else None
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Conv2d:
+        # The patch convolution, the module ViTModel.get_input_embeddings() wraps (ViTPatchEmbeddings.projection).
+        return self.embeddings.patch_embed
+
+    def set_input_embeddings(self, value: nn.Conv2d) -> None:
+        self.embeddings.patch_embed = value
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Every token after the blocks and the final LayerNorm (if it sits there): ``[B, S, D]``."""
@@ -338,6 +407,12 @@ class VitForImageClassification(VitPreTrainedModel):
         """The transformer blocks of the base model (for FSDP / activation checkpointing / compile / FP8)."""
         return self.vit.layers
 
+    def get_input_embeddings(self) -> nn.Conv2d:
+        return self.vit.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Conv2d) -> None:
+        self.vit.set_input_embeddings(value)
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -345,6 +420,9 @@ class VitForImageClassification(VitPreTrainedModel):
         loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> ImageClassifierOutputWithCount:
+        """Image classification; ``num_items_in_batch`` (keyword, in ``kwargs``): ``Trainer``'s count of labelled
+        images over the accumulated step, the loss is then the sum of image losses divided by it."""
+        options = ForwardOptions(num_items_in_batch=kwargs.pop("num_items_in_batch", None))
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_loss_reduction(loss_reduction)
         hidden_states = self.vit.encode(self._check_pixel_values(pixel_values))
@@ -352,7 +430,8 @@ class VitForImageClassification(VitPreTrainedModel):
         loss = count = None
         if labels is not None:
             labels = self._check_labels(labels, logits.shape[0])
-            loss, count = token_cross_entropy(logits, labels.to(logits.device), reduction=loss_reduction)
+            loss_sum, count = token_cross_entropy(logits, labels.to(logits.device), reduction="sum")
+            loss = self._finish_loss(loss_sum, count, loss_reduction, options)
         return ImageClassifierOutputWithCount(loss=loss, logits=logits, num_label_tokens=count)
 
     def _check_labels(self, labels: torch.Tensor, batch: int) -> torch.Tensor:

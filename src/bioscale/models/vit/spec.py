@@ -68,4 +68,10 @@ MODEL_SPEC = ModelSpec(
         "image_classification": ("ViTForImageClassification", {}),
     },
     hf_unsupported=hf_unsupported,
+    # PEFT registers no LoRA default for stock "vit"; query and value are its other tuners' ViT default, here under
+    # transformers 5's names (the unfused layout's, VitBlock.adapter_layout).
+    adapter_targets=("q_proj", "v_proj"),
+    # The unfused classifier's paths are ViTForImageClassification's in transformers 5 (the pinned release).
+    hf_module_names=tuple((f"vit.layers.{{i}}.{p}", f"vit.layers.{{i}}.{p}") for p in (
+        "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")),
 )
