@@ -106,3 +106,46 @@ def test_l0_recipe_in_bf16_with_compiled_blocks(tmp_path: Path) -> None:
     summary = train(cfg)
     assert summary["final_loss"] < summary["first_loss"] and summary["num_skipped_steps"] == 0
     assert summary["mfu"] is None or 0 < summary["mfu"] < 1
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "mfsdp"])
+def test_l0_recipe_sharded_on_one_gpu_resumes_and_exports(strategy: str, tmp_path: Path) -> None:
+    """The recipe's sharded paths on one GPU (FSDP2 / Megatron-FSDP over a one-rank group, bf16 compute over fp32
+    master weights): the first loss is the plain autocast run's, a copy of the run cut back to its step-10
+    checkpoint resumes to the uninterrupted run's last loss, and the exported model loads with ``from_pretrained``."""
+    if strategy == "mfsdp":
+        pytest.importorskip("megatron_fsdp")
+    import shutil
+
+    from transformers import AutoModelForImageClassification
+
+    from bioscale.train.config import load_config
+    from bioscale.train.metrics import read_metrics
+    from bioscale.train.train import train
+
+    def run(name: str, extra: list[str]) -> dict:
+        return train(load_config("L0_sanity_vit", [
+            "device=cuda", "dtype=bf16", "num_train_steps=20", "logging.progress_bar=false", "logging.tensorboard=false",
+            "logging.log_every_n_steps=1", f"run_dir={tmp_path / name}", "seed=7", *extra,
+        ]))  # fmt: skip
+
+    plain = run("plain", ["parallelism.single_gpu_fsdp=false", "checkpoint.save_every_n_steps=0"])
+    sharded = [f"parallelism.strategy={strategy}", "parallelism.single_gpu_fsdp=true", "checkpoint.save_every_n_steps=10"]
+    full = run("full", sharded)
+    assert full["strategy"] == strategy and plain["strategy"] == "single"
+    assert full["first_loss"] == pytest.approx(plain["first_loss"], rel=2e-2)
+    assert full["final_loss"] < full["first_loss"]
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for later in (tmp_path / "cut" / "checkpoints").iterdir():
+        if later.name != "step_10":
+            shutil.rmtree(later)
+    resumed = run("cut", [*sharded, "checkpoint.resume_from_checkpoint=true"])
+    assert resumed["resumed_from_step"] == 10
+    straight = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    again = [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+    assert len(again) == len(straight) == 20
+    # bf16 and the flash backward's atomics: close, not bitwise.
+    assert again[-1] == pytest.approx(straight[-1], rel=1e-2)
+    exported = AutoModelForImageClassification.from_pretrained(resumed["final_model"]).cuda().eval()
+    pixels = torch.randn(4, 3, exported.config.image_size, exported.config.image_size, device="cuda")
+    assert exported(pixel_values=pixels).logits.shape == (4, exported.config.num_labels)
