@@ -51,6 +51,9 @@ def main() -> None:
     module = BioscaleLightningModule(
         "codonfm", args.size, learning_rate=args.lr, warmup_steps=max(1, args.max_steps // 10),
         max_steps=args.max_steps, save_pretrained_dir=str(args.output_dir / "final_model"),
+        # Packed batches run the flash varlen kernel on GPUs, which has no attention dropout (the model refuses a
+        # non-zero rate there); hidden dropout stays 0.1, as in the L1 recipes.
+        config_overrides={"attention_probs_dropout_prob": 0.0},
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator=args.accelerator,

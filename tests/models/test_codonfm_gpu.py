@@ -5,8 +5,9 @@ block linears that train with the LM head kept in high precision.
 Run on a CUDA machine: ``python -m pytest -q tests/models/test_codonfm_gpu.py`` (skipped without a GPU or without the
 reference in ``../shared/reference`` or ``$BIOSCALE_REFERENCE_DIR``). Errors are relative L2 norms as in ``test_models_gpu.py``: bf16 keeps ~3
 significant digits (errors ~1e-3 to 1e-2 over a few layers); a wrong mask or a missed boundary gives errors near 1.
-Written before a GPU run: the tolerances are AMPLIFY's (tests/models/test_amplify_gpu.py), not yet measured for
-EnCodon.
+Measured on one H200 (2026-12-03): padded bf16 vs the float32 reference 1.27e-2, packed 1.28e-2, packed vs padded
+1.09e-2. The two bf16 paths round independently (SDPA against the flash varlen kernel, different reduction orders),
+so they differ from each other about as much as each differs from float32: both bounds are 2e-2.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ CUDA = torch.device("cuda")
 LENGTHS = [300, 77, 515, 132]  # 1,024 tokens packed (FP8 GEMMs need a multiple of 16); padded to 520 (a multiple of 8)
 SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 BF16_VS_FP32 = 2e-2
-BF16_VS_BF16 = 1e-2
+BF16_VS_BF16 = 2e-2  # not tighter than BF16_VS_FP32: see the module docstring
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -108,7 +109,8 @@ def test_packed_compiled_blocks_equal_eager(reference_model) -> None:
     assert _relative_error(compiled.logits, eager.logits) < BF16_VS_FP32
     weight = "attention.qkv_proj.weight"
     eager_grad = eager_model.encodon.layers[0].get_parameter(weight).grad
-    assert _relative_error(compiled_model.encodon.layers[0].get_parameter(weight).grad, eager_grad) < 5 * BF16_VS_BF16
+    # Gradients after a backward through compiled bf16 blocks: 5e-2 (passed on the H200, 2026-12-03).
+    assert _relative_error(compiled_model.encodon.layers[0].get_parameter(weight).grad, eager_grad) < 5e-2
     shorter = pack(input_ids[:2, :200], attention_mask[:2, :200])  # new lengths, same compiled blocks
     with torch.no_grad():
         assert _relative_error(compiled_model(**shorter).logits, eager_model(**shorter).logits) < BF16_VS_FP32

@@ -30,6 +30,7 @@ from bioscale.models.vit import (
     hf_unsupported,
     to_timm,
 )
+from bioscale.models.vit.modeling import drop_path
 
 ATOL = 1e-4  # float32 logits of the same weights through different kernels (the brief's bound)
 
@@ -484,3 +485,32 @@ def test_recipes_load_and_bad_image_data_stops_the_run_with_one_line(tmp_path: P
                  "logging.progress_bar=false", "logging.tensorboard=false"])  # fmt: skip
     assert code == 2
     assert f"image folder {flat} has no class folders" in capsys.readouterr().err
+
+
+def test_blocks_with_different_drop_path_rates_share_one_compiled_graph(tmp_path: Path) -> None:
+    """The rate is data, not a constant: 12 blocks with 12 rates compile to two graphs (rate zero and the rest), where
+    a float attribute recompiled past Dynamo's limit of 8 and left the last blocks eager. The rates survive
+    save / load and a cast to bf16, and a block drops its branch for about ``rate`` of the samples."""
+    from torch._dynamo.utils import counters
+
+    config = build_config("vit", "debug", drop_path_rate=0.3, num_hidden_layers=12)
+    model = build_model(config, device="cpu")
+    rates = [block.drop_path_rate for block in model.vit.layers]
+    assert len(set(rates)) == 12
+    model.save_pretrained(tmp_path)
+    loaded = VitForImageClassification.from_pretrained(tmp_path).to(torch.bfloat16)
+    assert [b.drop_path_prob.item() for b in loaded.vit.layers] == pytest.approx(rates)
+    assert all(b.drop_path_prob.dtype == torch.float32 for b in loaded.vit.layers)
+    torch._dynamo.reset()
+    counters.clear()
+    model.train()
+    for block in model.vit.layers:
+        block.compile(backend="eager")
+    pixels = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    model(pixel_values=pixels, labels=torch.tensor([0, 1])).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+    last = model.vit.layers[-1]
+    kept = drop_path(torch.ones(20000, 1), last.drop_path_prob, training=True)
+    assert (kept == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
+    assert kept.mean().item() == pytest.approx(1.0, abs=0.03)  # the kept ones are scaled by 1 / (1 - rate)

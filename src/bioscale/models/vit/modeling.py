@@ -70,14 +70,19 @@ class ImageClassifierOutputWithCount(ImageClassifierOutput):
     num_label_tokens: torch.Tensor | None = None
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool) -> torch.Tensor:
     """Stochastic depth (Huang et al., 2016): zero a residual branch per sample with probability ``drop_prob`` and
-    scale the kept ones by ``1 / (1 - drop_prob)`` (timm's ``drop_path`` with ``scale_by_keep=True``)."""
-    if drop_prob == 0.0 or not training:
+    scale the kept ones by ``1 / (1 - drop_prob)`` (timm's ``drop_path`` with ``scale_by_keep=True``).
+
+    ``drop_prob`` may be a 0-dim tensor (what :class:`VitBlock` passes): a compiled block then reads the rate as data,
+    so blocks with different rates share one compiled graph. A Python float is a constant to Dynamo, and ViT-B's 12
+    distinct rates recompiled the block past Dynamo's limit of 8, leaving the last blocks uncompiled."""
+    if not training or (not torch.is_tensor(drop_prob) and drop_prob == 0.0):
         return x
     keep_prob = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
-    return x * mask.div_(keep_prob)
+    mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=torch.float32)
+    mask.bernoulli_(keep_prob)
+    return x * (mask / keep_prob).to(x.dtype)
 
 
 class VitEmbeddings(nn.Module):
@@ -183,13 +188,31 @@ class VitBlock(nn.Module):
         self.attention = VitAttention(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VitMLP(config.hidden_size, config.intermediate_size, config.hidden_dropout_prob)
-        self.drop_path_rate = drop_path_rate
+        self.drop_path_rate = float(drop_path_rate)
+        # The rate as data (see drop_path), float32 whatever the model dtype, filled by _init_module; forward reads
+        # only the bool, so Dynamo guards on whether the block drops, not on its rate.
+        self.use_drop_path = self.drop_path_rate > 0.0
+        self.register_buffer("drop_path_prob", torch.empty((), dtype=torch.float32), persistent=False)
+        self.reset_drop_path_prob()
+
+    @torch.no_grad()
+    def reset_drop_path_prob(self) -> None:
+        if self.drop_path_prob.device.type != "meta":
+            self.drop_path_prob.fill_(self.drop_path_rate)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        if self.drop_path_prob.dtype != torch.float32:  # model.to(bf16): 0.1 would become 0.10009765625
+            self.drop_path_prob = torch.empty((), dtype=torch.float32, device=self.drop_path_prob.device)
+            self.reset_drop_path_prob()
+        return self
 
     def forward(self, hidden_states: torch.Tensor, attn_inputs: AttentionInputs) -> torch.Tensor:
+        rate = self.drop_path_prob if self.use_drop_path else 0.0
         attn_out = self.attention(self.attention_norm(hidden_states), attn_inputs)
-        hidden_states = hidden_states + drop_path(attn_out, self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(attn_out, rate, self.training)
         mlp_out = self.mlp(self.mlp_norm(hidden_states))
-        return hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
+        return hidden_states + drop_path(mlp_out, rate, self.training)
 
     def extra_repr(self) -> str:
         return f"drop_path_rate={self.drop_path_rate}"
@@ -265,6 +288,8 @@ class VitPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
             for token in (module.cls_token, module.register_tokens):
                 if not keep_as_is(token, only_missing):
                     nn.init.normal_(token, std=1e-6)
+        elif isinstance(module, VitBlock):
+            module.reset_drop_path_prob()  # a non-persistent buffer: derived from the config, never loaded
         elif isinstance(module, VitAttentionPool):
             if not keep_as_is(module.latent, only_missing):
                 nn.init.trunc_normal_(module.latent, std=module.latent.shape[-1] ** -0.5)
