@@ -27,8 +27,9 @@ embed`` only resize to ``image_size x image_size`` and normalise: exactly what t
 the model does (:func:`image_processor_for`; tested equal).
 
 Order and state, as for sequences (``bioscale.data.loader``): every epoch the source's units are permuted from
-``(seed, epoch)``; with at least as many units as consumers (rank x worker), consumer ``c`` of ``N`` takes units
-``c, c + N, ...``, else every consumer lists every record and keeps every ``N``-th. Records are shuffled in blocks of
+``(seed, epoch)``; with at least as many units as consumers (rank x worker), the units are dealt in that order, each
+to the consumer holding the fewest records so far (so every consumer gets at least its share minus one unit), else
+every consumer lists every record and keeps every ``N``-th. Records are shuffled in blocks of
 ``shuffle_buffer_size`` from ``(seed, epoch, consumer, block)`` and batched by ``micro_batch_size``; the last
 incomplete batch of a consumer's epoch is dropped (counted as ``left_over``), so every batch has the same shape. A
 consumer's state is ``(epoch, records consumed in the epoch, batches, counts)``: resuming jumps straight to the record
@@ -330,7 +331,18 @@ class ImageDataset(IterableDataset):
         if cfg.shuffle:
             order = _rng(cfg.seed, _UNIT_ORDER, epoch).permutation(len(sizes)).tolist()
         if len(order) >= num_consumers:
-            refs = [(unit, row) for unit in order[consumer::num_consumers] for row in range(sizes[unit])]
+            # Units (parquet row groups) differ in size: deal each, in the epoch's order, to the consumer holding the
+            # fewest records so far (ties to the lowest index), so every consumer gets at least total / consumers
+            # minus one unit. Dealing every num_consumers-th unit gave one worker two row groups of a small parquet,
+            # the last one short, and so less than a micro-batch in some epochs.
+            held = [0] * num_consumers
+            mine: list[int] = []
+            for unit in order:
+                taker = min(range(num_consumers), key=held.__getitem__)
+                held[taker] += sizes[unit]
+                if taker == consumer:
+                    mine.append(unit)
+            refs = [(unit, row) for unit in mine for row in range(sizes[unit])]
         else:  # fewer units than consumers: every consumer lists everything and keeps its share
             every = [(unit, row) for unit in order for row in range(sizes[unit])]
             refs = every[consumer::num_consumers]
