@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForMaskedLM, Trainer, TrainingArguments
 
 from bioscale.data import get_tokenizer
@@ -54,18 +53,23 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     return model if is_bioscale_config(model.config) else from_hf(model)  # a stock EsmForMaskedLM: convert exactly
 
 
-def sequences(args: argparse.Namespace, tokenizer) -> Dataset:
+def sequences(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Tokenised training and held-out examples (5%, a seeded split). Plain lists of dicts: Trainer takes any
+    sized, indexable dataset, so the recipe needs no `datasets` install."""
     path = args.fasta or demo_corpus("protein")
     records = [seq.upper().rstrip("*") for _, seq in read_fasta(path)]
     encoded = tokenizer(records, truncation=True, max_length=args.max_length)["input_ids"]
-    return Dataset.from_dict({"input_ids": encoded}).train_test_split(test_size=0.05, seed=0)
+    examples = [{"input_ids": ids} for ids in encoded]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    num_test = max(1, len(examples) // 20)
+    return [examples[i] for i in order[num_test:]], [examples[i] for i in order[:num_test]]
 
 
 def main() -> None:
     args = parse_args()
     tokenizer = get_tokenizer(get_model_spec(args.model).tokenizer)
     model = load_model(args)
-    data = sequences(args, tokenizer)
+    train_examples, test_examples = sequences(args, tokenizer)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -90,8 +94,8 @@ def main() -> None:
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data["test"],
+        train_dataset=train_examples,
+        eval_dataset=test_examples,
         data_collator=MLMDataCollator(tokenizer, packed=args.packed, pad_to_multiple_of=args.pad_to_multiple_of,
                                       seed=training_args.seed),
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import bioscale  # noqa: F401  (registers the Auto classes the saved checkpoints name)
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "examples" / "hf_trainer" / "accelerate"
 
