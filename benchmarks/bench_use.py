@@ -14,11 +14,13 @@
    real tokens/s and the largest difference between each implementation's embeddings and the first row's.
 2. Generation, Llama 3 1B (random init, 20-token nucleotide vocabulary) in bf16, greedy, exactly ``--new-tokens``
    bases per sample, at batch 1 and 32, prompts cut from ``evo2_dna_prompts.csv`` (256–512 bases, different
-   lengths): ``bioscale.use.generate_dna`` with the static engine (KV cache preallocated, decode step replayed as a
-   CUDA graph; and the same step run eagerly), with the previous path (``engine="transformers"``: the model's own
-   ``generate()``, left padding) and stock ``transformers`` ``LlamaForCausalLM.generate`` on the same weights, in the
-   same run. Each is warmed up with the identical call first (graph capture excluded). Reports new tokens/s and how
-   many samples equal ``transformers``' greedy output token for token (bf16: near-ties may break differently).
+   lengths): ``bioscale.use.generate_dna`` with the static engine (KV cache preallocated, decode step compiled and
+   replayed as a CUDA graph: the default; the uncompiled step as a CUDA graph; the step run eagerly), with the
+   previous path (``engine="transformers"``: the model's own ``generate()``, left padding) and stock ``transformers``
+   ``LlamaForCausalLM.generate`` on the same weights, in the same run. Each is warmed up with the identical call
+   first (compile and graph capture excluded from the rate; the first call's seconds are reported). Reports new
+   tokens/s and how many samples equal ``transformers``' greedy output token for token (bf16: near-ties may break
+   differently).
 
 Prints a markdown table and writes ``<out-dir>/<date>-<device>-use.md`` with the command, versions and hardware.
 """
@@ -203,15 +205,18 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     new_tokens = 8 if args.quick else args.new_tokens
     graphs = device.type == "cuda"
     implementations = [
-        (f"bioscale generate_dna, static engine{', CUDA graphs' if graphs else ''}", model,
+        (f"bioscale generate_dna, static engine{', compiled step, CUDA graphs' if graphs else ''}", model,
          {"engine": "static", "cuda_graphs": graphs or None}),
-        ("bioscale generate_dna, static engine, eager step", model, {"engine": "static", "cuda_graphs": False}),
+        ("bioscale generate_dna, static engine, uncompiled step, CUDA graphs", model,
+         {"engine": "static", "cuda_graphs": True, "compile_step": False}),
+        ("bioscale generate_dna, static engine, eager step", model,
+         {"engine": "static", "cuda_graphs": False, "compile_step": False}),
         ("bioscale Llama3ForCausalLM.generate (engine=transformers: the previous path)", model,
          {"engine": "transformers"}),
         ("transformers LlamaForCausalLM.generate", hf_model, {}),
     ]  # fmt: skip
     if not graphs:  # CPU: the eager step is the static engine's only step
-        implementations.pop(1)
+        implementations = [implementations[0], *implementations[3:]]
     rows = []
     for batch_size in args.gen_batch_sizes:
         prompts = _dna_prompts(args.data, batch_size, args.quick)
@@ -227,16 +232,18 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
             # Warm-up with the identical call (the static engine captures its graph for this shape here); the
             # transformers loops get a short one (their first call only pays CUDA and cuBLAS initialisation).
             warm = kw if extra.get("engine") == "static" else {**kw, "max_new_tokens": 4}
+            warm_start = time.perf_counter()
             generate_dna(impl, prompts, **warm, **extra)
+            warm_s = time.perf_counter() - warm_start
             result = generate_dna(impl, prompts, **kw, **extra)
             assert result.num_new_tokens == batch_size * new_tokens
-            results.append((name, result))
+            results.append((name, result, warm_s))
         reference = [s.generated for s in results[-1][1].samples]
-        for name, result in results:
+        for name, result, warm_s in results:
             agree = sum(s.generated == r for s, r in zip(result.samples, reference))
             rows.append({"what": name, "model": f"Llama 3 {size}", "batch": batch_size, "new_tokens": new_tokens,
                          "prompt_tokens": f"{min(map(len, prompts))}–{max(map(len, prompts))}",
-                         "seconds": result.elapsed_s, "tokens_per_s": result.tokens_per_s,
+                         "seconds": result.elapsed_s, "tokens_per_s": result.tokens_per_s, "first_call_s": warm_s,
                          "agree": f"{agree}/{len(reference)}"})  # fmt: skip
     del model, hf_model
     return rows
@@ -293,6 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
             ("what", "implementation", ""), ("model", "model", ""), ("batch", "batch", ""),
             ("prompt_tokens", "prompt bases", ""), ("new_tokens", "new tokens / sample", ""),
             ("seconds", "s", ".2f"), ("tokens_per_s", "new tokens/s", ",.0f"),
+            ("first_call_s", "first call s (compile, capture)", ".1f"),
             ("agree", "samples = transformers greedy", "")]))  # fmt: skip
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

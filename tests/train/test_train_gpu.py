@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import REPO_ROOT, losses, run_in_process
+from train_helpers import REPO_ROOT, losses, run_cli, run_in_process
 
 from bioscale.train.metrics import read_metrics
 
@@ -118,3 +118,21 @@ def test_two_gpus_train(strategy, tmp_path):
     _learns(tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_15", "step_30"]
     assert (tmp_path / "checkpoints" / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_a_second_run_of_a_recipe_compiles_nothing_new(tmp_path):
+    """Two processes train the same compiled recipe with one compile cache: the first compiles (cache misses), the
+    second takes every Inductor graph from the cache (no miss) and reaches its first step sooner."""
+    summaries = []
+    for name in ("first", "second"):
+        run_dir = tmp_path / name
+        result = run_cli(["train", "--config-name", "L0_sanity", *GPU, "compile=true", "num_train_steps=5",
+                          f"compile.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}"], timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-4000:]
+        summaries.append(json.loads((run_dir / "summary.json").read_text()))
+    first, second = (s["compile"] for s in summaries)
+    assert first["fx_graph_cache_miss"] > 0, first
+    assert second["fx_graph_cache_miss"] == 0 and second["fx_graph_cache_hit"] >= first["fx_graph_cache_miss"], second
+    assert summaries[1]["compile_cache_dir"] == str(tmp_path / "cache")
+    assert summaries[1]["time_to_first_step_s"] < summaries[0]["time_to_first_step_s"]

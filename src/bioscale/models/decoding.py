@@ -109,12 +109,14 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
 def _weakly(method: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``method`` called through a weak reference to its model, so decoder parts kept in a cache (with their KV
     buffers and CUDA graphs) never keep the model itself alive (the submodules they hold do not point back to it)."""
-    ref = weakref.WeakMethod(method)
+    # A plain weak reference to the owner plus the function (not weakref.WeakMethod, whose call Dynamo cannot trace:
+    # a compiled decode step would break its graph here).
+    owner, function = weakref.ref(method.__self__), method.__func__  # type: ignore[attr-defined]
 
     def call(hidden: torch.Tensor) -> torch.Tensor:
-        bound = ref()
-        assert bound is not None, "the model of these decoder parts has been garbage-collected"
-        return bound(hidden)
+        model = owner()
+        assert model is not None, "the model of these decoder parts has been garbage-collected"
+        return function(model, hidden)
 
     return call
 

@@ -234,6 +234,9 @@ class CompileConfig:
     # bioscale.distributed.parallelize.COMPILE_PRESETS, applied with enabled=true. They lengthen the first step's
     # compile by minutes; see docs/performance.md for when they pay.
     presets: list[str] = field(default_factory=list)
+    # Where torch keeps compiled graphs and kernels between runs (bioscale.train.compile_cache): None uses
+    # TORCHINDUCTOR_CACHE_DIR when set, else $BIOSCALE_CACHE/inductor (~/.cache/bioscale/inductor).
+    cache_dir: str | None = None
 
 
 @dataclass

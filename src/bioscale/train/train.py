@@ -81,6 +81,7 @@ from bioscale.train.config import (
     resume_report,
     validate_config,
 )
+from bioscale.train.compile_cache import compile_counters, use_compile_cache
 from bioscale.train.export import export_final_model
 from bioscale.train.memory import choose_activation_checkpointing, device_memory_bytes
 from bioscale.train.metrics import (
@@ -195,6 +196,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ones change [B, S] every step, so their blocks compile for dynamic shapes from the start; images have one.
         ac_mode = _activation_checkpointing_mode(cfg, model_config, num_params, device=device, plan=plan,
                                                  is_main=dist_info.is_main)  # fmt: skip
+        compile_cache = use_compile_cache(cfg.compile.cache_dir) if cfg.compile.enabled else None
+        if compile_cache is not None and dist_info.is_main:
+            logger.info("torch.compile cache: %s (a second run of this recipe reuses its graphs)", compile_cache)
         parallelize(
             model,
             plan,
@@ -322,6 +326,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
                 last_record = _log_record(window, result, state, world_size=world_size, device=device,
                                           flops_per_token=flops_per_token, peak_flops=peak_flops)  # fmt: skip
+                if cfg.compile.enabled:  # a slow window with more graphs than the last one was a recompile
+                    last_record["graphs_compiled"] = compile_counters()["graphs_compiled"]
                 metrics.log(last_record)
                 window = _Window()
             metrics.advance(step)
@@ -352,6 +358,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            last_record=last_record, wall_time=wall_time, loader=loader,
                            plot_path=plot_path, run_id=checkpointer.run_id)  # fmt: skip
         summary.update(timing.summary(), activation_checkpointing=ac_mode)
+        if cfg.compile.enabled:
+            summary.update(compile_cache_dir=str(compile_cache) if compile_cache else None, compile=compile_counters())
         wrong_modality = (summary["data_policy"] or {}).get("wrong_modality", 0)
         if wrong_modality and dist_info.is_main:
             logger.warning("%d record(s) looked like another modality than the %r tokenizer's (counted as "
