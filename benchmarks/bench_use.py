@@ -206,7 +206,7 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     graphs = device.type == "cuda"
     implementations = [
         (f"bioscale generate_dna, static engine{', compiled step, CUDA graphs' if graphs else ''}", model,
-         {"engine": "static", "cuda_graphs": graphs or None}),
+         {"engine": "static", "cuda_graphs": graphs or None, "compile_step": graphs or None}),
         ("bioscale generate_dna, static engine, uncompiled step, CUDA graphs", model,
          {"engine": "static", "cuda_graphs": True, "compile_step": False}),
         ("bioscale generate_dna, static engine, eager step", model,

@@ -14,6 +14,8 @@ of the run writes the bioscale checkpoint (``save_model``) and the stock ``trans
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -65,10 +67,39 @@ def sequences(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[dic
     return [examples[i] for i in order[num_test:]], [examples[i] for i in order[:num_test]]
 
 
+def convert_for_fp8(model: torch.nn.Module) -> bool:
+    """Under ``fp8.yaml`` (accelerate's ``mixed_precision: fp8``): convert the model's block linears to torchao
+    ``Float8Linear`` with bioscale's converter and let accelerate run bf16 autocast around them. Returns whether it did.
+
+    Why not accelerate's own torchao path: it needs an ``AORecipeKwargs`` handler that Trainer has no way to pass, and
+    accelerate versions that do not create one from the config file stop in ``prepare`` (the H200's, 2026-12-03:
+    ``AttributeError: 'NoneType' object has no attribute 'config'``); where it runs it converts every linear that is
+    not first or last, which for these models includes the LM head's dense layer. bioscale's converter
+    (``bioscale.precision.apply_fp8``, as ``bioscale train fp8.enabled=true``) converts the transformer blocks only.
+    """
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() != "fp8":
+        return False
+    from bioscale.precision import apply_fp8
+
+    apply_fp8(model)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # the rest of the model (norms, attention, head) in bf16
+    for key in [key for key in os.environ if key.startswith("ACCELERATE_FP8_")]:
+        del os.environ[key]  # ACCELERATE_FP8_BACKEND=AO alone sends prepare() down the torchao path, even in bf16
+    return True
+
+
+def checkpointing_argument(enabled: bool) -> dict[str, bool]:
+    """transformers >= 5.2x names it ``activation_checkpointing``; earlier 5.x (e.g. 5.17) ``gradient_checkpointing``."""
+    parameters = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in parameters else "gradient_checkpointing"
+    return {name: enabled}
+
+
 def main() -> None:
     args = parse_args()
     tokenizer = get_tokenizer(get_model_spec(args.model).tokenizer)
     model = load_model(args)
+    fp8 = convert_for_fp8(model)
     train_examples, test_examples = sequences(args, tokenizer)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
@@ -82,7 +113,7 @@ def main() -> None:
         weight_decay=0.01,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=not torch.cuda.is_available(),  # on a machine without CUDA, accelerate's processes train on CPU (gloo)
-        activation_checkpointing=args.activation_checkpointing,
+        **checkpointing_argument(args.activation_checkpointing),
         logging_steps=max(1, args.max_steps // 10),
         eval_strategy="steps",
         eval_steps=max(1, args.max_steps // 2),
@@ -107,7 +138,8 @@ def main() -> None:
         # The stock transformers checkpoint (EsmForMaskedLM) or the published format (AMPLIFY), from the saved one.
         to_hf(AutoModelForMaskedLM.from_pretrained(final)).save_pretrained(args.output_dir / "final_model_hf")
         print(f"eval_loss {metrics['eval_loss']:.4f} after {trainer.state.global_step} steps on "
-              f"{training_args.world_size} processes; checkpoints in {args.output_dir}")
+              f"{training_args.world_size} processes{' (FP8 block linears)' if fp8 else ''}; "
+              f"checkpoints in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,41 @@ def test_the_recipe_configs_parse() -> None:
     assert kinds["fp8"].mixed_precision == "fp8" and kinds["fp8"].fp8_config["backend"] == "AO"
 
 
+def test_the_fp8_config_converts_the_blocks_with_bioscales_converter(monkeypatch) -> None:
+    """Under fp8.yaml the recipe converts the block linears itself and hands accelerate bf16 (accelerate's own torchao
+    path needs a handler Trainer cannot pass); without it the model is left as built."""
+    pytest.importorskip("torchao")
+    import importlib.util
+
+    from torchao.float8.float8_linear import Float8Linear
+
+    from bioscale.models import build_config, build_model
+
+    spec = importlib.util.spec_from_file_location("train_mlm", REPO / "examples" / "hf_trainer" / "train_mlm.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    model = build_model(build_config("esm2", "debug"), device="cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert not recipe.convert_for_fp8(model)
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    monkeypatch.setenv("ACCELERATE_FP8_BACKEND", "AO")  # what accelerate launch sets from fp8.yaml's fp8_config
+    import functools
+
+    import bioscale.precision
+
+    # No FP8 tensor cores on CPU: the same conversion with emulated (high-precision) GEMMs.
+    monkeypatch.setattr(bioscale.precision, "apply_fp8", functools.partial(bioscale.precision.apply_fp8, emulate=True))
+    assert recipe.convert_for_fp8(model)
+    converted = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert converted and all(name.startswith(("esm.layers.", "layers.", "model.layers.")) or ".layers." in name
+                             for name in converted), converted  # fmt: skip
+    assert not any("lm_head" in name for name in converted)
+    import os
+
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16" and "ACCELERATE_FP8_BACKEND" not in os.environ
+
+
 def test_trainer_recipe_runs_on_two_processes(tmp_path: Path) -> None:
     from transformers import AutoModelForMaskedLM, EsmForMaskedLM
 

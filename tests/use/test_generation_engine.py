@@ -21,6 +21,7 @@ from bioscale.use.generation_engine import (
     gumbel_noise,
     sample_key,
     sample_tokens,
+    should_compile_step,
 )
 
 # Different lengths (packed prefill, no padding), an empty prompt (<bos> only), ambiguity codes.
@@ -182,6 +183,36 @@ def test_kv_decode_attention_equals_repeated_kv_sdpa() -> None:
     ours = kv_decode_attention(q, k, v, AttentionInputs(backend="kv_decode", causal=True, attention_mask=mask), 0.25)
     reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), 0.25)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager_sdpa", "compiled_math"])
+def test_kv_decode_attention_ignores_stale_cache_positions(monkeypatch, compiling) -> None:
+    """Both formulations (SDPA eagerly; the spelled-out one torch.compile traces, since the compiled masked SDPA
+    leaked stale cache rows on an H200) read only positions <= each row's own: huge values beyond change nothing."""
+    torch.manual_seed(1)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 12, 16
+    q = torch.randn(batch, 1, heads, dim, dtype=torch.float64)
+    k, v = (torch.randn(batch, length, kv_heads, dim, dtype=torch.float64) for _ in range(2))
+    positions = torch.tensor([0, 4, 9])
+    mask = (torch.arange(length)[None] <= positions[:, None])[:, None, None, :]
+    inputs = AttentionInputs(backend="kv_decode", causal=True, attention_mask=mask)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    clean = kv_decode_attention(q, k, v, inputs, None)
+    stale = ~mask[:, 0, 0, :, None, None].expand(batch, length, kv_heads, dim)
+    ours = kv_decode_attention(q, k.masked_fill(stale, 1e4), v.masked_fill(stale, -1e4), inputs, None)
+    torch.testing.assert_close(ours, clean, rtol=0, atol=0)
+    reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), None)
+    torch.testing.assert_close(clean, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_the_decode_step_is_compiled_only_where_it_pays() -> None:
+    from bioscale.use.generation_engine import COMPILE_MIN_DECODE_STEPS as steps
+
+    assert not should_compile_step(None, device_type="cuda", decode_steps=256)
+    assert should_compile_step(None, device_type="cuda", decode_steps=steps)
+    assert not should_compile_step(None, device_type="cpu", decode_steps=10 * steps)
+    assert should_compile_step(True, device_type="cpu", decode_steps=1)
+    assert not should_compile_step(False, device_type="cuda", decode_steps=10 * steps)
 
 
 def test_static_cache_writes_prefill_and_decode_positions(models) -> None:

@@ -86,7 +86,10 @@ def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, d
     model, hf = model.to(dtype), hf.to(dtype)
     ids = _ids(tok, PROMPTS)
     kwargs = dict(max_new_tokens=48, keys=[(0, 0)] * len(ids), eos_token_id=None)
-    compiled = GenerationEngine(model, max_batch_size=8, compile_step=True).generate(ids, **kwargs)
+    engine = GenerationEngine(model, max_batch_size=8, compile_step=True)
+    compiled = engine.generate(ids, **kwargs)
+    # A second call over the same (now stale) cache gives the same tokens: the compiled masked SDPA did not.
+    assert [o.token_ids for o in engine.generate(ids, **kwargs)] == [o.token_ids for o in compiled]
     plain = GenerationEngine(model, max_batch_size=8, compile_step=False).generate(ids, **kwargs)
     assert compiled[0].token_ids[:1] == plain[0].token_ids[:1]  # the first token comes from the (uncompiled) prefill
     agree = 0

@@ -58,9 +58,20 @@ def kv_decode_attention(
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_kv_heads, groups, head_dim)  # [B, 1, H, D] -> [B, H_kv, G, D]: head h = kv * G + g
-    out = F.scaled_dot_product_attention(
-        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=inputs.attention_mask, scale=scale
-    )
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if torch.compiler.is_compiling():
+        # Compiled (the generation engine's compile_step), the masked SDPA call gave wrong log-probabilities on an H200
+        # (torch 2.11: up to 3.3 nats off the eager step, and other tokens on a second call over the same cache, as if
+        # stale rows beyond the mask were read). Spelled out, the same attention compiles to two batched
+        # GEMVs and one fused masked softmax (at least float32), which is what a one-query decode step needs anyway.
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (
+            scale if scale is not None else head_dim**-0.5
+        )
+        scores = scores.masked_fill(~inputs.attention_mask, float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.attention_mask, scale=scale)
     return out.reshape(batch, 1, num_heads, head_dim)
 
 

@@ -172,8 +172,9 @@ def generate_dna(
             ``generate()``) or ``"auto"``: static where the model supports it.
         max_batch_size: static engine: most samples decoding at once (more wait and refill finished slots).
         cuda_graphs: static engine: capture the decode step as a CUDA graph (default: on CUDA).
-        compile_step: static engine: ``torch.compile`` the decode step before capturing it (default: on CUDA; a
-            one-off compile per batch shape, then about twice the tokens/s; ``False`` for a few short samples).
+        compile_step: static engine: ``torch.compile`` the decode step before capturing it: a one-off compile per
+            batch shape (20-25 s), then about twice the tokens/s. Default: on CUDA for calls long enough to pay for
+            it (``generation_engine.COMPILE_MIN_DECODE_STEPS`` decode steps); ``True`` / ``False`` always / never.
 
     Raises:
         ValueError: invalid prompt characters (naming prompt, character and position), a non-causal model,

@@ -59,6 +59,10 @@ _MASK32 = 0xFFFFFFFF
 # Where the varlen kernel cannot run (CPU, float32) a packed prefill attends through a dense [T, T] block-diagonal
 # mask, so its prompts are grouped by this smaller budget (a longer prompt still runs, alone).
 _DENSE_PREFILL_TOKENS = 2048
+# Compiling the decode step took 20-25 s on an H200 (Llama 3 1B, a cold Inductor cache) and then saved 1.1-1.5 ms per
+# step (batch 1: 2.26 -> 1.13 ms, batch 32: 3.07 -> 1.62 ms; benchmarks/results/2026-12-03-h200-use.md): it pays from
+# ~20,000 decode steps on. compile_step=None compiles a call expected to take at least that many.
+COMPILE_MIN_DECODE_STEPS = 20_000
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,14 @@ def sample_tokens(
     else:
         tokens = torch.argmax(scores, dim=-1)
     return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]
+
+
+def should_compile_step(setting: bool | None, *, device_type: str, decode_steps: int) -> bool:
+    """``compile_step``'s decision: ``True`` / ``False`` as given; ``None`` compiles on CUDA for a call expected to
+    run at least :data:`COMPILE_MIN_DECODE_STEPS` decode steps (where the compile pays for itself)."""
+    if setting is not None:
+        return bool(setting)
+    return device_type == "cuda" and decode_steps >= COMPILE_MIN_DECODE_STEPS
 
 
 # ---- engine --------------------------------------------------------------------------------------------------------
@@ -294,9 +306,10 @@ class GenerationEngine:
         max_batch_size: most slots decoding at once; more requests wait and refill finished slots.
         cuda_graphs: capture the decode step as a CUDA graph (default: on CUDA).
         compile_step: ``torch.compile`` the decode step (before it is captured): fused elementwise kernels, about
-            twice the tokens/s of the graphed eager step at batch 1 on an H200 (benchmarks/results). Default: on
-            CUDA. It costs a compile per new ``(slots, cache length, sampling mode)`` shape, tens of seconds the
-            first time, a few with Inductor's cache warm; ``False`` for short jobs.
+            twice the tokens/s of the uncompiled graphed step on an H200 (benchmarks/results). It costs a compile per
+            new ``(slots, cache length, sampling mode)`` shape, 20-25 s with a cold Inductor cache. ``None`` (default):
+            compile on CUDA when a call needs at least :data:`COMPILE_MIN_DECODE_STEPS` decode steps, where the
+            compile pays for itself; ``True`` / ``False`` always / never.
         prefill_tokens: token budget of one packed prefill forward (prompts beyond it run in further forwards).
         poll_every: decode steps between host checks for finished slots (a sync each; at most this many steps a
             finished slot idles before refill).
@@ -351,7 +364,7 @@ class GenerationEngine:
         first = next(self.model.parameters())
         return (first.device, first.dtype, first.data_ptr())
 
-    def _session(self, num_slots: int, cache_length: int, sampling: SamplingParams) -> _Session:
+    def _session(self, num_slots: int, cache_length: int, sampling: SamplingParams, *, decode_steps: int) -> _Session:
         fingerprint = self._weights_fingerprint()
         if fingerprint != self._fingerprint:  # moved or cast since the graphs were captured: they read old memory
             self._sessions.clear()
@@ -362,7 +375,7 @@ class GenerationEngine:
         if use_graph and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {device}")
         # Temperature and top-p are read from tensors; only what changes the kernels is part of the key.
-        compile_step = device.type == "cuda" if self._compile_step is None else bool(self._compile_step)
+        compile_step = should_compile_step(self._compile_step, device_type=device.type, decode_steps=decode_steps)
         mode = (sampling.do_sample, sampling.top_k, sampling.top_p is not None)
         key = (num_slots, cache_length, mode, use_graph, compile_step)
         if key in self._sessions:
@@ -426,7 +439,8 @@ class GenerationEngine:
         # The last new token is never fed back: positions 0 .. len + max_new - 2. Rounded up so nearby shapes share
         # a captured graph.
         cache_length = _round_up(max(map(len, prompts)) + max_new_tokens - 1, 128)
-        session = self._session(num_slots, cache_length, sampling)
+        decode_steps = math.ceil(len(prompts) / num_slots) * max_new_tokens  # about: refills overlap
+        session = self._session(num_slots, cache_length, sampling, decode_steps=decode_steps)
         session.configure(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                           bias=bias.to(session.device), sampling=sampling)  # fmt: skip
         return self._run(session, prompts, list(keys), max_new_tokens)
