@@ -75,6 +75,35 @@ def test_the_fp8_config_converts_the_blocks_with_bioscales_converter(monkeypatch
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16" and "ACCELERATE_FP8_BACKEND" not in os.environ
 
 
+def test_the_fp8_recipe_trains_and_exports_through_accelerates_prepare(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The whole fp8.yaml path in one process, as ``accelerate launch`` would start it (its environment variables),
+    with emulated FP8 GEMMs (CPU): Trainer's accelerator prepares the converted model without its torchao path (the
+    step the H200 failed at), trains, and the export loads as stock ``EsmForMaskedLM`` with the trained logits."""
+    pytest.importorskip("torchao")
+    import functools
+    import importlib.util
+
+    from transformers import AutoModelForMaskedLM, EsmForMaskedLM
+
+    import bioscale.precision
+
+    spec = importlib.util.spec_from_file_location("train_mlm_fp8", REPO / "examples" / "hf_trainer" / "train_mlm.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setattr(bioscale.precision, "apply_fp8", functools.partial(bioscale.precision.apply_fp8, emulate=True))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    monkeypatch.setenv("ACCELERATE_FP8_BACKEND", "AO")
+    monkeypatch.setattr(sys, "argv", ["train_mlm.py", "--model", "esm2", "--max-steps", "3", "--batch-size", "4",
+                                      "--pad-to-multiple-of", "16", "--output-dir", str(tmp_path)])  # fmt: skip
+    recipe.main()
+    assert "after 3 steps on 1 processes (FP8 block linears)" in capsys.readouterr().out
+    trained = AutoModelForMaskedLM.from_pretrained(tmp_path / "final_model").eval()
+    stock = EsmForMaskedLM.from_pretrained(tmp_path / "final_model_hf").eval()
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 10, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_trainer_recipe_runs_on_two_processes(tmp_path: Path) -> None:
     from transformers import AutoModelForMaskedLM, EsmForMaskedLM
 
