@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from bioscale.models.attention import AttentionInputs, packed_attention_inputs, padded_attention_inputs
-from bioscale.models.batch import Batch, input_validation_enabled
+from bioscale.models.batch import Batch, input_validation_enabled, prepare_batch
 from bioscale.models.layers import RMSNorm, RotaryEmbedding
 
 try:
@@ -357,3 +357,71 @@ class BioscalePreTrainedModel(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Module | None:
         # None keeps transformers' tying machinery away: bioscale ties by reading the embedding weight in the head.
         return None
+
+
+class EncoderInputsMixin:
+    """``prepare_batch`` of a bidirectional base model (ESM-2, AMPLIFY, EnCodon, Geneformer): the forward inputs,
+    padded or packed, validated into a :class:`~bioscale.models.batch.Batch` (every packed form of
+    ``DataCollatorWithFlattening`` is accepted: position ids that restart per sequence are turned into
+    ``cu_seq_lens``). A family with more to check overrides it and calls ``super()``."""
+
+    config: Any
+
+    def prepare_batch(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> Batch:
+        return prepare_batch(
+            input_ids,
+            vocab_size=self.config.vocab_size,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            seq_idx=seq_idx,
+            derive_packing=True,
+        )
+
+
+class EncoderHeadsMixin:
+    """What every head class of an encoder family shares: its base model (``base_model``, the attribute named by
+    ``base_model_prefix``) supplies the transformer blocks (``layers``, for FSDP / activation checkpointing /
+    compile), the input embeddings, and the validated batch with its final hidden states."""
+
+    base_model: Any
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base_model.layers
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.set_input_embeddings(value)
+
+    def _batch_and_hidden(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cu_seq_lens_q: torch.Tensor | None,
+        cu_seq_lens_k: torch.Tensor | None,
+        max_length_q: int | None,
+        max_length_k: int | None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> tuple[Batch, torch.Tensor]:
+        """The validated batch and the base model's final hidden states for it."""
+        batch = self.base_model.prepare_batch(
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
+        )
+        return batch, self.base_model.encode(batch)

@@ -38,9 +38,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from bioscale.models.amplify.config import AmplifyConfig
 from bioscale.models.attention import AttentionInputs, attention_forward
-from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, unbatch
+from bioscale.models.batch import Batch, labels_like, mean_pool, unbatch
 from bioscale.models.common import (
     BioscalePreTrainedModel,
+    EncoderHeadsMixin,
+    EncoderInputsMixin,
     attention_inputs_for_batch,
     init_in_place,
     keep_as_is,
@@ -167,7 +169,7 @@ class AmplifyPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
             super()._init_module(module, only_missing)  # RMSNorm, RoPE tables
 
 
-class AmplifyModel(AmplifyPreTrainedModel):
+class AmplifyModel(EncoderInputsMixin, AmplifyPreTrainedModel):
     """The AMPLIFY encoder; ``forward`` returns ``BaseModelOutput(last_hidden_state)`` after the final RMSNorm."""
 
     def __init__(self, config: AmplifyConfig) -> None:
@@ -183,32 +185,6 @@ class AmplifyModel(AmplifyPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def prepare_batch(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
-        ``DataCollatorWithFlattening`` is accepted)."""
-        return prepare_batch(
-            input_ids,
-            vocab_size=self.config.vocab_size,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cu_seq_lens_q=cu_seq_lens_q,
-            cu_seq_lens_k=cu_seq_lens_k,
-            max_length_q=max_length_q,
-            max_length_k=max_length_k,
-            seq_idx=seq_idx,
-            derive_packing=True,
-        )
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """Hidden states ``[B, S, D]`` (packed: ``[1, T, D]``) after the final RMSNorm."""
@@ -245,38 +221,10 @@ class AmplifyModel(AmplifyPreTrainedModel):
         return BaseModelOutput(last_hidden_state=unbatch(hidden_states, batch))
 
 
-class _AmplifyWithBase(AmplifyPreTrainedModel):
+class _AmplifyWithBase(EncoderHeadsMixin, AmplifyPreTrainedModel):
     """Shared plumbing of the heads: the ``amplify`` base model and ``layers``."""
 
     amplify: AmplifyModel
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        """The transformer blocks of the base model (for FSDP / activation checkpointing / compile)."""
-        return self.amplify.layers
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.amplify.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.amplify.set_input_embeddings(value)
-
-    def _batch_and_hidden(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cu_seq_lens_q: torch.Tensor | None,
-        cu_seq_lens_k: torch.Tensor | None,
-        max_length_q: int | None,
-        max_length_k: int | None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> tuple[Batch, torch.Tensor]:
-        """The validated batch and the encoder's final hidden states for it."""
-        batch = self.amplify.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
-        )
-        return batch, self.amplify.encode(batch)
 
 
 class AmplifyForMaskedLM(_AmplifyWithBase):

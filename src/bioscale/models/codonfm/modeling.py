@@ -45,10 +45,12 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from bioscale.models.attention import AttentionInputs, attention_forward
-from bioscale.models.batch import Batch, mean_pool, prepare_batch, unbatch
+from bioscale.models.batch import Batch, mean_pool, unbatch
 from bioscale.models.codonfm.config import EnCodonConfig
 from bioscale.models.common import (
     BioscalePreTrainedModel,
+    EncoderHeadsMixin,
+    EncoderInputsMixin,
     attention_inputs_for_batch,
     init_in_place,
     keep_as_is,
@@ -222,7 +224,7 @@ class EnCodonPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
             super()._init_module(module, only_missing)  # LayerNorm, RoPE tables
 
 
-class EnCodonModel(EnCodonPreTrainedModel):
+class EnCodonModel(EncoderInputsMixin, EnCodonPreTrainedModel):
     """The EnCodon encoder; ``forward`` returns ``BaseModelOutput(last_hidden_state)``, the last layer's output (EnCodon
     has no final LayerNorm: the reference's ``last_hidden_state``)."""
 
@@ -240,32 +242,6 @@ class EnCodonModel(EnCodonPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def prepare_batch(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
-        ``DataCollatorWithFlattening`` is accepted)."""
-        return prepare_batch(
-            input_ids,
-            vocab_size=self.config.vocab_size,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cu_seq_lens_q=cu_seq_lens_q,
-            cu_seq_lens_k=cu_seq_lens_k,
-            max_length_q=max_length_q,
-            max_length_k=max_length_k,
-            seq_idx=seq_idx,
-            derive_packing=True,
-        )
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """Hidden states ``[B, S, D]`` (packed: ``[1, T, D]``) after the last layer."""
@@ -300,37 +276,10 @@ class EnCodonModel(EnCodonPreTrainedModel):
         return BaseModelOutput(last_hidden_state=unbatch(self.encode(batch), batch))
 
 
-class _EnCodonWithBase(EnCodonPreTrainedModel):
+class _EnCodonWithBase(EncoderHeadsMixin, EnCodonPreTrainedModel):
     """Shared plumbing of the heads: the ``encodon`` base model and ``layers``."""
 
     encodon: EnCodonModel
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        """The transformer blocks of the base model (for FSDP / activation checkpointing / compile)."""
-        return self.encodon.layers
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.encodon.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.encodon.set_input_embeddings(value)
-
-    def _batch_and_hidden(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cu_seq_lens_q: torch.Tensor | None,
-        cu_seq_lens_k: torch.Tensor | None,
-        max_length_q: int | None,
-        max_length_k: int | None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> tuple[Batch, torch.Tensor]:
-        batch = self.encodon.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
-        )
-        return batch, self.encodon.encode(batch)
 
 
 class EnCodonForMaskedLM(_EnCodonWithBase):

@@ -26,8 +26,15 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from bioscale.models.attention import AttentionInputs, attention_forward
-from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, unbatch
-from bioscale.models.common import BioscalePreTrainedModel, attention_inputs_for_batch, keep_as_is, reject_unknown_kwargs
+from bioscale.models.batch import Batch, labels_like, mean_pool, unbatch
+from bioscale.models.common import (
+    BioscalePreTrainedModel,
+    EncoderHeadsMixin,
+    EncoderInputsMixin,
+    attention_inputs_for_batch,
+    keep_as_is,
+    reject_unknown_kwargs,
+)
 from bioscale.models.esm2.config import Esm2Config
 from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.loss import (
@@ -196,7 +203,7 @@ class Esm2PreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
             module.bias.zero_()
 
 
-class Esm2Model(Esm2PreTrainedModel):
+class Esm2Model(EncoderInputsMixin, Esm2PreTrainedModel):
     """The ESM-2 encoder; ``forward`` returns ``BaseModelOutput(last_hidden_state)`` after the final LayerNorm."""
 
     def __init__(self, config: Esm2Config) -> None:
@@ -213,32 +220,6 @@ class Esm2Model(Esm2PreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.word_embeddings = value
-
-    def prepare_batch(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
-        ``DataCollatorWithFlattening`` is accepted)."""
-        return prepare_batch(
-            input_ids,
-            vocab_size=self.config.vocab_size,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cu_seq_lens_q=cu_seq_lens_q,
-            cu_seq_lens_k=cu_seq_lens_k,
-            max_length_q=max_length_q,
-            max_length_k=max_length_k,
-            seq_idx=seq_idx,
-            derive_packing=True,
-        )
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """Hidden states ``[B, S, D]`` (packed: ``[1, T, D]``) after the final LayerNorm."""
@@ -292,21 +273,10 @@ class Esm2LMHead(nn.Module):
         return logits
 
 
-class _Esm2WithBase(Esm2PreTrainedModel):
+class _Esm2WithBase(EncoderHeadsMixin, Esm2PreTrainedModel):
     """Shared plumbing of the heads: the ``esm`` base model and ``layers``."""
 
     esm: Esm2Model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        """The transformer blocks of the base model (for FSDP / activation checkpointing / compile)."""
-        return self.esm.layers
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.esm.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.esm.set_input_embeddings(value)
 
 
 class Esm2ForMaskedLM(_Esm2WithBase):

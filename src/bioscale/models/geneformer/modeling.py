@@ -45,6 +45,8 @@ from bioscale.models.attention import AttentionInputs, attention_forward
 from bioscale.models.batch import Batch, labels_like, mean_pool, prepare_batch, unbatch
 from bioscale.models.common import (
     BioscalePreTrainedModel,
+    EncoderHeadsMixin,
+    EncoderInputsMixin,
     attention_inputs_for_batch,
     init_in_place,
     keep_as_is,
@@ -206,7 +208,7 @@ class GeneformerPreTrainedModel(HFContractMixin, BioscalePreTrainedModel):
             module.bias.zero_()
 
 
-class GeneformerModel(GeneformerPreTrainedModel):
+class GeneformerModel(EncoderInputsMixin, GeneformerPreTrainedModel):
     """The Geneformer encoder (``BertModel`` without its pooler); ``forward`` returns
     ``BaseModelOutput(last_hidden_state)``, the output of the last block's LayerNorm."""
 
@@ -233,20 +235,10 @@ class GeneformerModel(GeneformerPreTrainedModel):
         max_length_k: int | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> Batch:
-        """Validate the forward inputs (see :func:`bioscale.models.batch.prepare_batch`; every packed form of
-        ``DataCollatorWithFlattening`` is accepted), and that every cell fits the learned positions (an
+        """:meth:`EncoderInputsMixin.prepare_batch`, and a check that every cell fits the learned positions (an
         ``nn.Embedding`` would otherwise fail with an index error deep in the kernel)."""
-        batch = prepare_batch(
-            input_ids,
-            vocab_size=self.config.vocab_size,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cu_seq_lens_q=cu_seq_lens_q,
-            cu_seq_lens_k=cu_seq_lens_k,
-            max_length_q=max_length_q,
-            max_length_k=max_length_k,
-            seq_idx=seq_idx,
-            derive_packing=True,
+        batch = super().prepare_batch(
+            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
         )
         longest = batch.max_seqlen if batch.is_packed else batch.input_ids.shape[1]
         limit = self.config.max_position_embeddings
@@ -289,37 +281,10 @@ class GeneformerModel(GeneformerPreTrainedModel):
         return BaseModelOutput(last_hidden_state=unbatch(self.encode(batch), batch))
 
 
-class _GeneformerWithBase(GeneformerPreTrainedModel):
+class _GeneformerWithBase(EncoderHeadsMixin, GeneformerPreTrainedModel):
     """Shared plumbing of the heads: the ``bert`` base model and ``layers``."""
 
     bert: GeneformerModel
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        """The transformer blocks of the base model (for FSDP / activation checkpointing / compile)."""
-        return self.bert.layers
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.bert.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.bert.set_input_embeddings(value)
-
-    def _batch_and_hidden(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cu_seq_lens_q: torch.Tensor | None,
-        cu_seq_lens_k: torch.Tensor | None,
-        max_length_q: int | None,
-        max_length_k: int | None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> tuple[Batch, torch.Tensor]:
-        batch = self.bert.prepare_batch(
-            input_ids, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx
-        )
-        return batch, self.bert.encode(batch)
 
 
 class GeneformerForMaskedLM(_GeneformerWithBase):
