@@ -22,6 +22,10 @@
    tokens/s and how many samples equal ``transformers``' greedy output token for token (bf16: near-ties may break
    differently).
 
+3. ``--profile-decode``: what one decode step launches, per batch size — the step the engine captures (compiled on
+   CUDA), run without the graph under ``torch.profiler``; a prefill-only call is subtracted, so the row is the decode
+   step's own kernels, device time and costliest kernels (on CPU: operators and their self time).
+
 Prints a markdown table and writes ``<out-dir>/<date>-<device>-use.md`` with the command, versions and hardware.
 """
 
@@ -249,6 +253,70 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     return rows
 
 
+def _kernel_totals(prof, device: torch.device) -> dict[str, tuple[int, float]]:
+    """name -> (calls, microseconds) of the trace's device kernels (CPU: its operators' self time)."""
+    totals = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            micros = event.self_device_time_total
+        else:
+            micros = event.self_cpu_time_total
+        totals[event.key] = (event.count, micros)
+    return totals
+
+
+def profile_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
+    """What one decode step launches: the step the engine captures as a CUDA graph (compiled on CUDA, the fast path),
+    run without the graph under ``torch.profiler``. A call of ``1 + steps`` new tokens minus a prefill-only call of
+    the same prompts leaves exactly ``steps`` decode steps; per step: kernels, device time, the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bioscale.data.tokenizers import nucleotide_tokenizer
+    from bioscale.models import build_config, build_model
+    from bioscale.use.generation_engine import GenerationEngine
+
+    size = "debug" if args.quick else "1B"
+    tokenizer = nucleotide_tokenizer()
+    torch.manual_seed(0)
+    config = build_config("llama3", size, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model = build_model(config, task="causal_lm", device=device).to(dtype).eval()
+    steps = 4 if args.quick else 32
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    rows = []
+    for batch_size in args.gen_batch_sizes:
+        prompts = _dna_prompts(args.data, batch_size, args.quick)
+        ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        keys = [(0, i) for i in range(len(ids))]
+        engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=False,
+                                  compile_step=device.type == "cuda", poll_every=10**6)  # fmt: skip
+        totals = []
+        for new_tokens in (1, 1 + steps):
+            engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)  # warm-up (compile)
+            _sync(device)
+            with profile(activities=[activity]) as prof:
+                engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)
+                _sync(device)
+            totals.append(_kernel_totals(prof, device))
+        prefill, full = totals
+        per_step = {}
+        for name, (count, micros) in full.items():
+            base_count, base_micros = prefill.get(name, (0, 0.0))
+            if count > base_count:
+                per_step[name] = ((count - base_count) / steps, (micros - base_micros) / steps)
+        top = sorted(per_step.items(), key=lambda item: -item[1][1])[:6]
+        rows.append({
+            "batch": batch_size, "model": f"Llama 3 {size}",
+            "kernels_per_step": sum(c for c, _ in per_step.values()),
+            "device_ms_per_step": sum(t for _, t in per_step.values()) / 1e3,
+            "top": "; ".join(f"{name[:60]} ×{c:.0f} {t:.0f} µs" for name, (c, t) in top),
+        })  # fmt: skip
+    del model
+    return rows
+
+
 def _table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -274,6 +342,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--skip-embed", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="also profile one decode step per batch size: kernels, device time, the costliest")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -302,6 +372,15 @@ def main(argv: list[str] | None = None) -> Path:
             ("seconds", "s", ".2f"), ("tokens_per_s", "new tokens/s", ",.0f"),
             ("first_call_s", "first call s (compile, capture)", ".1f"),
             ("agree", "samples = transformers greedy", "")]))  # fmt: skip
+
+    if args.profile_decode:
+        rows = profile_decode(args, device, dtype)
+        what = "kernels" if device.type == "cuda" else "operators (CPU: self time)"
+        sections.append(f"## One decode step's {what} (the captured step, compiled on CUDA, profiled unrolled)\n\n"
+                        + _table(rows, [("model", "model", ""), ("batch", "batch", ""),
+                                        ("kernels_per_step", "per step", ".0f"),
+                                        ("device_ms_per_step", "ms per step", ".3f"),
+                                        ("top", "costliest (calls and µs per step)", "")]))  # fmt: skip
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     command = "python benchmarks/bench_use.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,8 @@ def test_bench_use_quick_cpu(shared_data: Path, tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--quick", "--device", "cpu", "--data", str(shared_data), "--out-dir", str(tmp_path)])
+    out = bench.main(["--quick", "--device", "cpu", "--data", str(shared_data), "--out-dir", str(tmp_path),
+                      "--profile-decode"])  # fmt: skip
     report = out.read_text()
     assert out.name.endswith("-cpu-use.md")
     lines = report.splitlines()
@@ -41,6 +42,10 @@ def test_bench_use_quick_cpu(shared_data: Path, tmp_path: Path) -> None:
     for row in generation:  # every implementation's greedy samples equal transformers' in float32
         done, total = row[-1].split("/")
         assert done == total, row
+    # --profile-decode: one row per batch size, the decode step's own work (the prefill-only call subtracted).
+    profiled = [_cells(line) for line in lines if line.startswith("| Llama 3 debug |")]
+    assert [row[1] for row in profiled] == ["1", "4"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in profiled), profiled
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
