@@ -194,10 +194,11 @@ def _dna_prompts(data_dir: Path, batch_size: int, quick: bool) -> list[str]:
     return [sources[i % len(sources)][i * 97 : i * 97 + n] for i, n in enumerate(lengths)]
 
 
-def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
+def _dna_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The generation rows' model (Llama 3 1B, or debug with --quick; random init, seed 0), its nucleotide tokenizer
+    and the size's name."""
     from bioscale.data.tokenizers import nucleotide_tokenizer
-    from bioscale.models import build_config, build_model, to_hf
-    from bioscale.use import generate_dna
+    from bioscale.models import build_config, build_model
 
     size = "debug" if args.quick else "1B"
     tokenizer = nucleotide_tokenizer()
@@ -205,6 +206,14 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     config = build_config("llama3", size, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     model = build_model(config, task="causal_lm", device=device).to(dtype).eval()
+    return model, tokenizer, size
+
+
+def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
+    from bioscale.models import to_hf
+    from bioscale.use import generate_dna
+
+    model, tokenizer, size = _dna_model(args, device, dtype)
     hf_model = to_hf(model).eval()
     new_tokens = 8 if args.quick else args.new_tokens
     graphs = device.type == "cuda"
@@ -273,16 +282,9 @@ def profile_decode(args: argparse.Namespace, device: torch.device, dtype: torch.
     the same prompts leaves exactly ``steps`` decode steps; per step: kernels, device time, the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bioscale.data.tokenizers import nucleotide_tokenizer
-    from bioscale.models import build_config, build_model
     from bioscale.use.generation_engine import GenerationEngine
 
-    size = "debug" if args.quick else "1B"
-    tokenizer = nucleotide_tokenizer()
-    torch.manual_seed(0)
-    config = build_config("llama3", size, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    model = build_model(config, task="causal_lm", device=device).to(dtype).eval()
+    model, tokenizer, size = _dna_model(args, device, dtype)
     steps = 4 if args.quick else 32
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     rows = []
