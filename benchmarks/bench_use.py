@@ -305,9 +305,10 @@ def profile_decode(args: argparse.Namespace, device: torch.device, dtype: torch.
         prefill, full = totals
         per_step = {}
         for name, (count, micros) in full.items():
-            base_count, base_micros = prefill.get(name, (0, 0.0))
-            if count > base_count:
-                per_step[name] = ((count - base_count) / steps, (micros - base_micros) / steps)
+            extra = count - prefill.get(name, (0, 0.0))[0]
+            if extra > 0:  # the decode steps' calls, at this kernel's mean time per call (a difference of two
+                # timed runs would carry their noise, and can go negative on a busy CPU)
+                per_step[name] = (extra / steps, extra * micros / count / steps)
         top = sorted(per_step.items(), key=lambda item: -item[1][1])[:6]
         rows.append({
             "batch": batch_size, "model": f"Llama 3 {size}",
