@@ -61,7 +61,8 @@ _MASK32 = 0xFFFFFFFF
 _DENSE_PREFILL_TOKENS = 2048
 # Compiling the decode step took 20-25 s on an H200 (Llama 3 1B, a cold Inductor cache) and then saved 1.1-1.5 ms per
 # step (batch 1: 2.26 -> 1.13 ms, batch 32: 3.07 -> 1.62 ms;
-# benchmarks/results/2026-12-03-h200-use-compiled-trainer.md): it pays from ~20,000 decode steps on. compile_step=None compiles a call expected to take at least that many.
+# benchmarks/results/2026-12-03-h200-use-compiled-trainer.md): it pays from ~20,000 decode steps on.
+# compile_step=None compiles a call expected to take at least that many.
 COMPILE_MIN_DECODE_STEPS = 20_000
 
 
