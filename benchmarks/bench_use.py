@@ -26,6 +26,10 @@
    CUDA), run without the graph under ``torch.profiler``; a prefill-only call is subtracted, so the row is the decode
    step's own kernels, device time and costliest kernels (on CPU: operators and their self time).
 
+4. ``--decode-variants [NAME ...]``: the engine's compiled, graphed decode step under each ``torch.compile`` setting
+   of ``DECODE_VARIANTS`` (Inductor defaults, coordinate-descent tuning, max-autotune): tokens/s, the first call's
+   compile time, and whether the greedy tokens equal the first variant's.
+
 Prints a markdown table and writes ``<out-dir>/<date>-<device>-use.md`` with the command, versions and hardware.
 """
 
@@ -262,6 +266,52 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     return rows
 
 
+# torch.compile settings of the decode step that --decode-variants compares (the engine's default is the first).
+DECODE_VARIANTS = {
+    "default": {},
+    "coordinate descent": {"options": {"coordinate_descent_tuning": True}},
+    "max-autotune-no-cudagraphs": {"mode": "max-autotune-no-cudagraphs"},
+    "max-autotune + coordinate descent": {"options": {"max_autotune": True, "coordinate_descent_tuning": True}},
+}
+
+
+def bench_decode_variants(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
+    """The engine's compiled, graphed step under each of :data:`DECODE_VARIANTS`: new tokens/s of the second call,
+    the first call's time (compile + capture), and whether the greedy tokens equal the first variant's."""
+    from bioscale.use.generation_engine import GenerationEngine
+
+    model, tokenizer, size = _dna_model(args, device, dtype)
+    new_tokens = 8 if args.quick else args.new_tokens
+    names = args.decode_variants or list(DECODE_VARIANTS)
+    rows = []
+    for batch_size in args.gen_batch_sizes:
+        prompts = _dna_prompts(args.data, batch_size, args.quick)
+        ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        keys = [(0, i) for i in range(len(ids))]
+        reference = None
+        for name in names:
+            engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=device.type == "cuda",
+                                      compile_step=True, compile_options=DECODE_VARIANTS[name])  # fmt: skip
+            times = []
+            for _ in range(3):  # the first: compile and capture; then the best of two
+                _sync(device)
+                start = time.perf_counter()
+                outputs = engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            tokens = [o.token_ids for o in outputs]
+            reference = reference if reference is not None else tokens
+            seconds = min(times[1:])
+            rows.append({"variant": name, "model": f"Llama 3 {size}", "batch": batch_size, "new_tokens": new_tokens,
+                         "seconds": seconds, "tokens_per_s": batch_size * new_tokens / seconds,
+                         "first_call_s": times[0],
+                         "agree": f"{sum(t == r for t, r in zip(tokens, reference))}/{len(tokens)}"})  # fmt: skip
+            print(rows[-1], file=sys.stderr, flush=True)
+            del engine
+    del model
+    return rows
+
+
 def _kernel_totals(prof, device: torch.device) -> dict[str, tuple[int, float]]:
     """name -> (calls, microseconds) of the trace's device kernels (CPU: its operators' self time)."""
     totals = {}
@@ -345,6 +395,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--skip-embed", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--decode-variants", nargs="*", default=None, choices=list(DECODE_VARIANTS),
+                        help="compare torch.compile settings of the decode step (all when given without names)")
     parser.add_argument("--profile-decode", action="store_true",
                         help="also profile one decode step per batch size: kernels, device time, the costliest")  # fmt: skip
     args = parser.parse_args(argv)
@@ -375,6 +427,13 @@ def main(argv: list[str] | None = None) -> Path:
             ("seconds", "s", ".2f"), ("tokens_per_s", "new tokens/s", ",.0f"),
             ("first_call_s", "first call s (compile, capture)", ".1f"),
             ("agree", "samples = transformers greedy", "")]))  # fmt: skip
+
+    if args.decode_variants is not None:
+        rows = bench_decode_variants(args, device, dtype)
+        sections.append("## Decode step compile settings (engine, compiled step, CUDA graph on CUDA)\n\n" + _table(rows, [
+            ("variant", "torch.compile of the step", ""), ("model", "model", ""), ("batch", "batch", ""),
+            ("new_tokens", "new tokens / sample", ""), ("seconds", "s", ".3f"), ("tokens_per_s", "new tokens/s", ",.0f"),
+            ("first_call_s", "first call s", ".1f"), ("agree", "tokens = first variant", "")]))  # fmt: skip
 
     if args.profile_decode:
         rows = profile_decode(args, device, dtype)

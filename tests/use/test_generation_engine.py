@@ -215,6 +215,19 @@ def test_the_decode_step_is_compiled_only_where_it_pays() -> None:
     assert not should_compile_step(False, device_type="cuda", decode_steps=10 * steps)
 
 
+def test_compile_options_reach_the_decode_step_compile(models) -> None:
+    """``compile_options`` are torch.compile's own arguments: the eager backend gives the uncompiled tokens, and a mode
+    torch does not know fails at the compile, so they are not dropped on the way."""
+    model, _hf, tok = models
+    ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    kwargs = dict(max_new_tokens=6, keys=[(0, 0)] * len(ids), eos_token_id=None)
+    plain = GenerationEngine(model, compile_step=False).generate(ids, **kwargs)
+    eager = GenerationEngine(model, compile_step=True, compile_options={"backend": "eager"}).generate(ids, **kwargs)
+    assert [o.token_ids for o in eager] == [o.token_ids for o in plain]
+    with pytest.raises(RuntimeError, match="not-a-mode"):
+        GenerationEngine(model, compile_step=True, compile_options={"mode": "not-a-mode"}).generate(ids, **kwargs)
+
+
 def test_static_cache_writes_prefill_and_decode_positions(models) -> None:
     model, _, _ = models
     parts = decoder_parts(model)

@@ -44,8 +44,9 @@ import collections
 import logging
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -204,6 +205,7 @@ class _Session:
         cuda_graph: bool,
         graph_pool: object | None,
         compile_step: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.parts = parts
         self.num_slots = num_slots
@@ -233,7 +235,8 @@ class _Session:
         # sampling) is fused into a few kernels per layer; the graph then replays those instead of ~35 eager kernels
         # per layer, each of which costs a few microseconds even inside a CUDA graph (compile happens in the warm-up
         # runs of the capture, once per session shape; Inductor's cache makes later processes fast).
-        self._run_step = torch.compile(self.step, dynamic=False) if compile_step else self.step
+        compile_kwargs = {"dynamic": False, **(compile_options or {})}
+        self._run_step = torch.compile(self.step, **compile_kwargs) if compile_step else self.step
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph:
             self.graph = self._capture(graph_pool)
@@ -328,6 +331,7 @@ class GenerationEngine:
         max_batch_size: int = 64,
         cuda_graphs: bool | None = None,
         compile_step: bool | None = None,
+        compile_options: Mapping[str, Any] | None = None,
         prefill_tokens: int = 32768,
         poll_every: int = 16,
         hold_model: bool = True,
@@ -347,6 +351,7 @@ class GenerationEngine:
         self.poll_every = poll_every
         self._cuda_graphs = cuda_graphs
         self._compile_step = compile_step
+        self._compile_options = dict(compile_options or {})
         self._sessions: collections.OrderedDict[tuple, _Session] = collections.OrderedDict()
         self._graph_pool: object | None = None
         self._fingerprint: tuple | None = None
@@ -390,7 +395,7 @@ class GenerationEngine:
         session = _Session(
             self.parts, num_layers=len(self.parts.layers), num_slots=num_slots, cache_length=cache_length,
             sampling=sampling, dtype=dtype, device=device, cuda_graph=use_graph, graph_pool=self._graph_pool,
-            compile_step=compile_step,
+            compile_step=compile_step, compile_options=self._compile_options,
         )  # fmt: skip
         self._sessions[key] = session
         return session
