@@ -266,7 +266,8 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     return rows
 
 
-# torch.compile settings of the decode step that --decode-variants compares (the engine's default is the first).
+# torch.compile settings of the decode step that --decode-variants compares ("default": Inductor's defaults; the
+# engine picks max-autotune for sessions of at most AUTOTUNE_MAX_SLOTS slots, the defaults for larger ones).
 DECODE_VARIANTS = {
     "default": {},
     "coordinate descent": {"options": {"coordinate_descent_tuning": True}},

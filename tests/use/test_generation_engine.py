@@ -206,13 +206,27 @@ def test_kv_decode_attention_ignores_stale_cache_positions(monkeypatch, compilin
 
 
 def test_the_decode_step_is_compiled_only_where_it_pays() -> None:
+    from bioscale.use.generation_engine import AUTOTUNE_MAX_SLOTS, AUTOTUNE_MIN_DECODE_STEPS
     from bioscale.use.generation_engine import COMPILE_MIN_DECODE_STEPS as steps
 
-    assert not should_compile_step(None, device_type="cuda", decode_steps=256)
-    assert should_compile_step(None, device_type="cuda", decode_steps=steps)
-    assert not should_compile_step(None, device_type="cpu", decode_steps=10 * steps)
+    large = AUTOTUNE_MAX_SLOTS + 1
+    assert not should_compile_step(None, device_type="cuda", decode_steps=256, num_slots=large)
+    assert should_compile_step(None, device_type="cuda", decode_steps=steps, num_slots=large)
+    assert not should_compile_step(None, device_type="cpu", decode_steps=10 * steps, num_slots=large)
     assert should_compile_step(True, device_type="cpu", decode_steps=1)
     assert not should_compile_step(False, device_type="cuda", decode_steps=10 * steps)
+    # Few slots: the autotuned compile is longer, so it needs a longer call to pay.
+    assert not should_compile_step(None, device_type="cuda", decode_steps=steps, num_slots=1)
+    assert should_compile_step(None, device_type="cuda", decode_steps=AUTOTUNE_MIN_DECODE_STEPS, num_slots=1)
+
+
+def test_decode_compile_options_autotune_only_matrix_vector_steps_on_cuda() -> None:
+    from bioscale.use.generation_engine import AUTOTUNE_MAX_SLOTS, decode_compile_options
+
+    assert decode_compile_options(1, "cuda") == {"mode": "max-autotune-no-cudagraphs"}
+    assert decode_compile_options(AUTOTUNE_MAX_SLOTS, "cuda") == {"mode": "max-autotune-no-cudagraphs"}
+    assert decode_compile_options(AUTOTUNE_MAX_SLOTS + 1, "cuda") == {}
+    assert decode_compile_options(1, "cpu") == {}
 
 
 def test_compile_options_reach_the_decode_step_compile(models) -> None:

@@ -97,8 +97,10 @@ def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, d
         agree += c.token_ids == p.token_ids
         _assert_equal_up_to_near_ties(c.token_ids, hf, prompt_ids, 48, tolerance)
         steps = next((i for i, (a, b) in enumerate(zip(c.token_ids, p.token_ids)) if a != b), len(c.token_ids))
+        # bf16: the two steps write K/V rows that differ in the last bit, and that compounds over 48 tokens (0.062 at
+        # token 13 on an H200); the stale-cache fault this guards against was off by up to 3.3.
         torch.testing.assert_close(torch.tensor(c.log_probs[:steps]), torch.tensor(p.log_probs[:steps]),
-                                   rtol=0, atol=0.05 if dtype == torch.bfloat16 else 1e-4)  # fmt: skip
+                                   rtol=0, atol=0.15 if dtype == torch.bfloat16 else 1e-4)  # fmt: skip
     assert agree >= len(ids) - 2, f"compiled and uncompiled steps agree on only {agree} of {len(ids)} prompts"
 
 

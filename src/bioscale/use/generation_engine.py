@@ -65,6 +65,13 @@ _DENSE_PREFILL_TOKENS = 2048
 # benchmarks/results/2026-12-03-h200-use-compiled-trainer.md): it pays from ~20,000 decode steps on.
 # compile_step=None compiles a call expected to take at least that many.
 COMPILE_MIN_DECODE_STEPS = 20_000
+# With few slots every GEMM of the step is a matrix-vector product, where max-autotune's Triton templates beat
+# cuBLAS: on an H200 (Llama 3 1B, 2026-12-03, benchmarks/bench_use.py --decode-variants) batch 1 went from 896 to
+# 1,032 tokens/s, for a compile of 57 s instead of 25 s; at 32 slots they lost (19,986 -> 17,348), so larger
+# sessions keep Inductor's defaults. The longer compile pays from ~45,000 decode steps (compile_step=None).
+AUTOTUNE_MAX_SLOTS = 8
+AUTOTUNE_COMPILE_OPTIONS = {"mode": "max-autotune-no-cudagraphs"}
+AUTOTUNE_MIN_DECODE_STEPS = 45_000
 
 
 @dataclass(frozen=True)
@@ -177,12 +184,24 @@ def sample_tokens(
     return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]
 
 
-def should_compile_step(setting: bool | None, *, device_type: str, decode_steps: int) -> bool:
+def should_compile_step(setting: bool | None, *, device_type: str, decode_steps: int, num_slots: int = 1) -> bool:
     """``compile_step``'s decision: ``True`` / ``False`` as given; ``None`` compiles on CUDA for a call expected to
-    run at least :data:`COMPILE_MIN_DECODE_STEPS` decode steps (where the compile pays for itself)."""
+    run long enough for the compile to pay for itself: :data:`COMPILE_MIN_DECODE_STEPS` decode steps, or
+    :data:`AUTOTUNE_MIN_DECODE_STEPS` for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots (their longer
+    autotuned compile, :func:`decode_compile_options`)."""
     if setting is not None:
         return bool(setting)
-    return device_type == "cuda" and decode_steps >= COMPILE_MIN_DECODE_STEPS
+    min_steps = AUTOTUNE_MIN_DECODE_STEPS if num_slots <= AUTOTUNE_MAX_SLOTS else COMPILE_MIN_DECODE_STEPS
+    return device_type == "cuda" and decode_steps >= min_steps
+
+
+def decode_compile_options(num_slots: int, device_type: str) -> dict[str, Any]:
+    """The ``torch.compile`` arguments of a compiled decode step of ``num_slots`` slots when the caller gives none:
+    max-autotune for matrix-vector-shaped steps on CUDA (:data:`AUTOTUNE_MAX_SLOTS`), Inductor's defaults
+    otherwise."""
+    if device_type == "cuda" and num_slots <= AUTOTUNE_MAX_SLOTS:
+        return dict(AUTOTUNE_COMPILE_OPTIONS)
+    return {}
 
 
 # ---- engine --------------------------------------------------------------------------------------------------------
@@ -311,9 +330,14 @@ class GenerationEngine:
         cuda_graphs: capture the decode step as a CUDA graph (default: on CUDA).
         compile_step: ``torch.compile`` the decode step (before it is captured): fused elementwise kernels, about
             twice the tokens/s of the uncompiled graphed step on an H200 (benchmarks/results). It costs a compile per
-            new ``(slots, cache length, sampling mode)`` shape, 20-25 s with a cold Inductor cache. ``None`` (default):
-            compile on CUDA when a call needs at least :data:`COMPILE_MIN_DECODE_STEPS` decode steps, where the
-            compile pays for itself; ``True`` / ``False`` always / never.
+            new ``(slots, cache length, sampling mode)`` shape, 20-25 s with a cold Inductor cache (57 s autotuned, at
+            most :data:`AUTOTUNE_MAX_SLOTS` slots). ``None`` (default): compile on CUDA when a call needs enough
+            decode steps for the compile to pay for itself (:func:`should_compile_step`); ``True`` / ``False``
+            always / never.
+        compile_options: the keyword arguments of that ``torch.compile`` call (``mode`` or ``options``, as
+            ``benchmarks/bench_use.py --decode-variants`` compares them). ``None`` (default):
+            :func:`decode_compile_options` (max-autotune for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots on
+            CUDA, where it is faster); ``{}``: Inductor's defaults at every size.
         prefill_tokens: token budget of one packed prefill forward (prompts beyond it run in further forwards).
         poll_every: decode steps between host checks for finished slots (a sync each; at most this many steps a
             finished slot idles before refill).
@@ -351,7 +375,7 @@ class GenerationEngine:
         self.poll_every = poll_every
         self._cuda_graphs = cuda_graphs
         self._compile_step = compile_step
-        self._compile_options = dict(compile_options or {})
+        self._compile_options = None if compile_options is None else dict(compile_options)
         self._sessions: collections.OrderedDict[tuple, _Session] = collections.OrderedDict()
         self._graph_pool: object | None = None
         self._fingerprint: tuple | None = None
@@ -381,7 +405,8 @@ class GenerationEngine:
         if use_graph and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {device}")
         # Temperature and top-p are read from tensors; only what changes the kernels is part of the key.
-        compile_step = should_compile_step(self._compile_step, device_type=device.type, decode_steps=decode_steps)
+        compile_step = should_compile_step(self._compile_step, device_type=device.type, decode_steps=decode_steps,
+                                           num_slots=num_slots)  # fmt: skip
         mode = (sampling.do_sample, sampling.top_k, sampling.top_p is not None)
         key = (num_slots, cache_length, mode, use_graph, compile_step)
         if key in self._sessions:
@@ -395,7 +420,9 @@ class GenerationEngine:
         session = _Session(
             self.parts, num_layers=len(self.parts.layers), num_slots=num_slots, cache_length=cache_length,
             sampling=sampling, dtype=dtype, device=device, cuda_graph=use_graph, graph_pool=self._graph_pool,
-            compile_step=compile_step, compile_options=self._compile_options,
+            compile_step=compile_step,
+            compile_options=self._compile_options if self._compile_options is not None
+            else decode_compile_options(num_slots, device.type),
         )  # fmt: skip
         self._sessions[key] = session
         return session
