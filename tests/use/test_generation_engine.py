@@ -220,7 +220,7 @@ def test_the_decode_step_is_compiled_only_where_it_pays() -> None:
     assert should_compile_step(None, device_type="cuda", decode_steps=AUTOTUNE_MIN_DECODE_STEPS, num_slots=1)
 
 
-def test_decode_compile_options_autotune_only_matrix_vector_steps_on_cuda() -> None:
+def test_decode_compile_options_autotune_only_single_slot_steps_on_cuda() -> None:
     from bioscale.use.generation_engine import AUTOTUNE_MAX_SLOTS, decode_compile_options
 
     assert decode_compile_options(1, "cuda") == {"mode": "max-autotune-no-cudagraphs"}
@@ -277,3 +277,30 @@ def test_cached_engine_dies_with_its_model() -> None:
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_a_no_op_cast_keeps_every_tensor_the_captured_graph_reads(models) -> None:
+    """generate_dna calls ``model.to(device, dtype)`` every time; when that changes nothing, no parameter or buffer may
+    move (a captured CUDA graph reads them by address: RotaryEmbedding used to rebuild its float32 ``inv_freq`` on
+    every cast, so a second call on the GPU read freed memory and sampled other tokens)."""
+    model = build_model(models[0].config, task="causal_lm", device="cpu").to(torch.bfloat16)
+    before = {name: t.data_ptr() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    model.to(device="cpu", dtype=torch.bfloat16)
+    after = {name: t.data_ptr() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert after == before
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith("inv_freq"))
+
+
+def test_engine_discards_its_sessions_when_any_buffer_moves(models) -> None:
+    model, _hf, tok = models
+    engine = GenerationEngine(model, max_batch_size=2)
+    ids = [[tok.bos_token_id] + tok("ACGT", add_special_tokens=False)["input_ids"]]
+    kwargs = dict(max_new_tokens=3, keys=[(0, 0)], eos_token_id=None)
+    engine.generate(ids, **kwargs)
+    session = next(iter(engine._sessions.values()))
+    engine.generate(ids, **kwargs)
+    assert next(iter(engine._sessions.values())) is session  # nothing moved: the session is reused
+    rotary = decoder_parts(model).rotary
+    rotary.inv_freq = rotary.inv_freq.clone()  # a buffer at a new address (the parameters stay where they were)
+    engine.generate(ids, **kwargs)
+    assert next(iter(engine._sessions.values())) is not session

@@ -117,12 +117,18 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq.copy_(compute_inv_freq(self.head_dim, self.base, self.rope_scaling, device=self.inv_freq.device))
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        before = self.inv_freq
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
             # model.to(torch.bfloat16) would round the frequencies, and the angle at position p would drift by about
             # p * 2**-8 radians: keep the table in float32 whatever dtype the model is cast to.
-            self.inv_freq = torch.empty(self.inv_freq.shape, dtype=torch.float32, device=self.inv_freq.device)
-            self.reset_parameters()
+            if before.dtype == torch.float32 and before.device == self.inv_freq.device:
+                # A cast on the same device keeps the very tensor: a no-op model.to(dtype) (generate_dna makes one per
+                # call) must not move a buffer that a captured CUDA graph reads (it would read freed memory).
+                self.inv_freq = before
+            else:
+                self.inv_freq = torch.empty(self.inv_freq.shape, dtype=torch.float32, device=self.inv_freq.device)
+                self.reset_parameters()
         return self
 
     @torch.no_grad()

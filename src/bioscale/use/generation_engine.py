@@ -65,11 +65,12 @@ _DENSE_PREFILL_TOKENS = 2048
 # benchmarks/results/2026-12-03-h200-use-compiled-trainer.md): it pays from ~20,000 decode steps on.
 # compile_step=None compiles a call expected to take at least that many.
 COMPILE_MIN_DECODE_STEPS = 20_000
-# With few slots every GEMM of the step is a matrix-vector product, where max-autotune's Triton templates beat
+# With one slot every GEMM of the step is a matrix-vector product, where max-autotune's Triton templates beat
 # cuBLAS: on an H200 (Llama 3 1B, 2026-12-03, benchmarks/bench_use.py --decode-variants) batch 1 went from 896 to
-# 1,032 tokens/s, for a compile of 57 s instead of 25 s; at 32 slots they lost (19,986 -> 17,348), so larger
-# sessions keep Inductor's defaults. The longer compile pays from ~45,000 decode steps (compile_step=None).
-AUTOTUNE_MAX_SLOTS = 8
+# 1,032 tokens/s, for a compile of 57 s instead of 25 s. With more slots they lost: 8 slots 6,776 -> 5,100, 32 slots
+# 19,986 -> 17,348, so larger sessions keep Inductor's defaults. The longer compile pays from ~45,000 decode steps
+# (compile_step=None).
+AUTOTUNE_MAX_SLOTS = 1
 AUTOTUNE_COMPILE_OPTIONS = {"mode": "max-autotune-no-cudagraphs"}
 AUTOTUNE_MIN_DECODE_STEPS = 45_000
 
@@ -197,7 +198,7 @@ def should_compile_step(setting: bool | None, *, device_type: str, decode_steps:
 
 def decode_compile_options(num_slots: int, device_type: str) -> dict[str, Any]:
     """The ``torch.compile`` arguments of a compiled decode step of ``num_slots`` slots when the caller gives none:
-    max-autotune for matrix-vector-shaped steps on CUDA (:data:`AUTOTUNE_MAX_SLOTS`), Inductor's defaults
+    max-autotune for single-slot (matrix-vector) steps on CUDA (:data:`AUTOTUNE_MAX_SLOTS`), Inductor's defaults
     otherwise."""
     if device_type == "cuda" and num_slots <= AUTOTUNE_MAX_SLOTS:
         return dict(AUTOTUNE_COMPILE_OPTIONS)
@@ -391,12 +392,15 @@ class GenerationEngine:
         return next(self.model.parameters()).device
 
     def _weights_fingerprint(self) -> tuple:
-        first = next(self.model.parameters())
-        return (first.device, first.dtype, first.data_ptr())
+        """Where every parameter and buffer lives: a captured graph reads them by address, so any move (a cast, a
+        device change, a module replacing a buffer) must discard it."""
+        model = self.model
+        tensors = [*model.parameters(), *model.buffers()]
+        return (tensors[0].device, tensors[0].dtype, tuple(t.data_ptr() for t in tensors))
 
     def _session(self, num_slots: int, cache_length: int, sampling: SamplingParams, *, decode_steps: int) -> _Session:
         fingerprint = self._weights_fingerprint()
-        if fingerprint != self._fingerprint:  # moved or cast since the graphs were captured: they read old memory
+        if fingerprint != self._fingerprint:  # moved or cast since the graphs were captured: they would read old memory
             self._sessions.clear()
             self._graph_pool = None
             self._fingerprint = fingerprint

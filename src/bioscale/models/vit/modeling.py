@@ -201,10 +201,14 @@ class VitBlock(nn.Module):
             self.drop_path_prob.fill_(self.drop_path_rate)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        before = self.drop_path_prob
         super()._apply(fn, recurse)
         if self.drop_path_prob.dtype != torch.float32:  # model.to(bf16): 0.1 would become 0.10009765625
-            self.drop_path_prob = torch.empty((), dtype=torch.float32, device=self.drop_path_prob.device)
-            self.reset_drop_path_prob()
+            if before.dtype == torch.float32 and before.device == self.drop_path_prob.device:
+                self.drop_path_prob = before  # same device: keep the tensor (as RotaryEmbedding._apply, which says why)
+            else:
+                self.drop_path_prob = torch.empty((), dtype=torch.float32, device=self.drop_path_prob.device)
+                self.reset_drop_path_prob()
         return self
 
     def forward(self, hidden_states: torch.Tensor, attn_inputs: AttentionInputs) -> torch.Tensor:
