@@ -14,8 +14,13 @@
 #   bash benchmarks/gpu_session.sh compile      # ESM-2 650M: max-autotune (GEMM epilogue fusion) and CUDA graphs
 #                                               # (cu_seq_lens padded to a multiple of 64 so graphs replay)
 #   bash benchmarks/gpu_session.sh fp8modules   # ESM-2 650M, Llama 3 1B: FP8 on the MLP only / on QKV + MLP
-#   bash benchmarks/gpu_session.sh fa4libs      # call 1 of 2, carry [".fa4a"]: unpack the CUTLASS DSL CUDA 13
-#                                               # libraries (.fa4a/cu13.tar.xz, 63.5 MB) to /tmp/fa4x of the machine
+#   bash benchmarks/gpu_session.sh fa4libs      # carry [".fa4a"] alone: unpack the CUTLASS DSL CUDA 13 libraries
+#                                               # (cu13.tar.xz, 63.5 MB) to /tmp/fa4x of the machine. The tracked tree
+#                                               # travels too and the two no longer fit 64 MiB, so the archive goes in
+#                                               # parts, one folder each (.fa4a1/cu13.tar.xz.part-aa, .fa4a2/...-ab,
+#                                               # from split -b 32M, and NPARTS in each), one folder carried per
+#                                               # fa4libs call, back to back on one warm machine (/tmp survives);
+#                                               # the call that brings the last part unpacks
 #   bash benchmarks/gpu_session.sh fa4          # call 2, at once on the same warm machine, carry [".fa4b", ".whl",
 #                                               # ".data"]: ESM-2 650M with FA4 vs FA2 (.fa4b: flash-attn-4 and the
 #                                               # rest of its wheels). 92 MB of libraries do not fit one call.
@@ -37,7 +42,12 @@ cd "$(dirname "$0")/.."
 job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4libs|fa4|fa4tests}
 out=${OUT:-benchmarks/results}
 if [ "$job" = fa4libs ]; then  # nothing else travels with this call: the libraries alone fill it
-  mkdir -p /tmp/fa4x && tar -xJf .fa4a/cu13.tar.xz -C /tmp/fa4x && du -sh /tmp/fa4x
+  mkdir -p /tmp/fa4x /tmp/fa4parts
+  if [ -f .fa4a/cu13.tar.xz ]; then tar -xJf .fa4a/cu13.tar.xz -C /tmp/fa4x; du -sh /tmp/fa4x; exit 0; fi
+  cp .fa4a*/cu13.tar.xz.part-* /tmp/fa4parts/
+  have=$(ls /tmp/fa4parts | wc -l); want=$(cat .fa4a*/NPARTS | head -1)
+  if [ "$have" -lt "$want" ]; then echo "fa4libs: $have of $want parts on this machine; carry the next"; exit 0; fi
+  cat /tmp/fa4parts/cu13.tar.xz.part-* | tar -xJ -C /tmp/fa4x && du -sh /tmp/fa4x
   exit 0
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
