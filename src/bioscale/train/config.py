@@ -269,6 +269,10 @@ class TrainConfig:
     num_train_steps: int = 100
     # Micro-batches per optimizer step; the global batch is micro-batch x grad_acc_steps x data-parallel ranks.
     grad_acc_steps: int = 1
+    # fixed: the micro-batch and grad_acc_steps as given. auto (on CUDA): keep their product (the tokens of one
+    # optimizer step) and split it into the fewest micro-batches whose predicted peak fits this GPU, without
+    # activation checkpointing where possible (bioscale.train.memory.plan_micro_batches; logged, in summary.json).
+    micro_batching: str = choice("fixed", ("fixed", "auto"))
     # None: ``checkpoint.ckpt_dir`` when that is set, else ``outputs/<config name>`` relative to the working directory.
     run_dir: Optional[str] = None
     seed: int = 42

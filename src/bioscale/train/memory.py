@@ -87,3 +87,88 @@ def device_memory_bytes(device: torch.device) -> float | None:
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return float(free)
+
+
+# ---- micro-batch planning (micro_batching=auto) ----------------------------------------------------------------------
+# A recipe fixes the tokens of one optimizer step (micro-batch x grad_acc_steps): that is the optimisation. How many
+# micro-batches carry them is only a matter of speed and memory, so ``micro_batching=auto`` chooses it on the GPU the
+# run finds: the fewest (largest) micro-batches whose predicted peak fits, keeping activations where possible —
+# recomputing whole blocks costs about a third more compute, splitting a step in two costs a few percent
+# (ESM-2 3B on one H200: 23,323 tokens/s with full checkpointing, 28,237 without; ESM-2 650M 16k -> 32k-token
+# micro-batches +5%, Geneformer 104M 32k -> 64k +10%, all measured through `bioscale train`).
+MAX_MICRO_BATCHES = 64
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """How ``micro_batching=auto`` splits a step: ``grad_acc_steps`` micro-batches of ``items_per_micro_batch`` items
+    (tokens for packed batches, sequences or images otherwise), the activation-checkpointing mode, and the numbers it
+    chose by (logged, and kept in ``summary.json``)."""
+
+    items_per_micro_batch: int
+    grad_acc_steps: int
+    activation_checkpointing: str
+    tokens_per_micro_batch: int
+    predicted_peak_gb: float
+    device_memory_gb: float
+    fits: bool
+
+    def describe(self) -> str:
+        fit = "fits" if self.fits else "does NOT fit (nothing smaller can be planned; the prediction is conservative)"
+        return (
+            f"micro_batching=auto: {self.grad_acc_steps} micro-batch(es) of {self.items_per_micro_batch} per step "
+            f"({self.tokens_per_micro_batch} tokens each), activation_checkpointing={self.activation_checkpointing}: "
+            f"predicted peak {self.predicted_peak_gb:.1f} GB of {self.device_memory_gb:.1f} GB, {fit} "
+            f"({HEADROOM:.0%} kept free)"
+        )
+
+
+def plan_micro_batches(
+    *,
+    num_params: int,
+    num_layers: int,
+    hidden_size: int,
+    items_per_step: int,
+    tokens_per_item: int,
+    min_items_per_micro_batch: int,
+    device_memory_bytes: float,
+    shard_ranks: int = 1,
+    activation_checkpointing: str = "auto",
+    item_multiple: int = 1,
+) -> MicroBatchPlan:
+    """The fewest micro-batches per step whose predicted peak (:func:`predicted_peak_bytes`) fits the device.
+
+    ``items_per_step`` items (tokens, sequences or images; ``tokens_per_item`` tokens each) are split into ``k``
+    equal micro-batches, ``k`` dividing ``items_per_step``, each at least ``min_items_per_micro_batch`` items and a
+    multiple of ``item_multiple``, ``k`` at most :data:`MAX_MICRO_BATCHES`. ``activation_checkpointing="auto"`` tries
+    every split without checkpointing before any with full checkpointing; ``none`` / ``full`` plan for that mode only
+    (``selective`` is planned as ``none``, an upper bound). When nothing fits, the most split plan of the last mode
+    tried is returned with ``fits=False``.
+    """
+    if min(items_per_step, tokens_per_item, min_items_per_micro_batch, item_multiple) <= 0:
+        raise ValueError("plan_micro_batches needs positive sizes")
+    if activation_checkpointing not in ("auto", "none", "full", "selective"):
+        raise ValueError(f"unknown activation_checkpointing mode {activation_checkpointing!r}")
+    splits = [
+        k for k in range(1, MAX_MICRO_BATCHES + 1)
+        if items_per_step % k == 0 and items_per_step // k >= min_items_per_micro_batch
+        and (items_per_step // k) % item_multiple == 0
+    ]  # fmt: skip
+    if not splits:  # the step itself is the only micro-batch the constraints allow
+        splits = [1]
+    modes = ["none", "full"] if activation_checkpointing == "auto" else [activation_checkpointing]
+    budget = (1.0 - HEADROOM) * device_memory_bytes
+    plan = None
+    for mode in modes:
+        for k in splits:
+            items = items_per_step // k
+            peaks = predicted_peak_bytes(num_params=num_params, num_layers=num_layers, hidden_size=hidden_size,
+                                         tokens_per_micro_batch=items * tokens_per_item,
+                                         shard_ranks=shard_ranks)  # fmt: skip
+            peak = peaks["full" if mode == "full" else "none"]
+            plan = MicroBatchPlan(items, k, mode, items * tokens_per_item, peak / 1e9, device_memory_bytes / 1e9,
+                                  fits=peak <= budget)  # fmt: skip
+            if plan.fits:
+                return plan
+    assert plan is not None
+    return plan

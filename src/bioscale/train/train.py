@@ -83,7 +83,12 @@ from bioscale.train.config import (
 )
 from bioscale.train.compile_cache import compile_counters, use_compile_cache
 from bioscale.train.export import export_final_model
-from bioscale.train.memory import choose_activation_checkpointing, device_memory_bytes
+from bioscale.train.memory import (
+    MicroBatchPlan,
+    choose_activation_checkpointing,
+    device_memory_bytes,
+    plan_micro_batches,
+)
 from bioscale.train.metrics import (
     MetricsLogger,
     compute_mfu,
@@ -156,7 +161,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if not cfg.checkpoint.resume_from_checkpoint:
             on_rank0(rank, partial(checkpointer.start_fresh, move_aside=cfg.checkpoint.move_aside_other_runs,
                                    run_files=[run_dir / name for name in RUN_FILES]))  # fmt: skip
-        run_config = OmegaConf.to_container(OmegaConf.structured(cfg))
         # The ranks as (dp_replicate, dp_shard, cp): each group of cp_size consecutive ranks splits the sequences of
         # one data stream; data parallelism runs across the groups, and FSDP2 shards over dp_shard x cp.
         cp = ContextParallel(
@@ -194,8 +198,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ---- 4. Parallelize, in torchtitan's order: (TP) → CP → activation checkpointing → compile → FSDP2 -----------
         # Packed micro-batches keep their shape stable enough for automatic dynamic shapes (see _to_device); padded
         # ones change [B, S] every step, so their blocks compile for dynamic shapes from the start; images have one.
-        ac_mode = _activation_checkpointing_mode(cfg, model_config, num_params, device=device, plan=plan,
-                                                 is_main=dist_info.is_main)  # fmt: skip
+        # micro_batching=auto re-splits the step's tokens for this GPU (the resolved values are the run's config:
+        # checkpoints record them and a resume compares them); then activation checkpointing, planned with it.
+        cfg, micro_plan = _micro_batching(cfg, model_config, num_params, device=device, plan=plan,
+                                          is_main=dist_info.is_main)  # fmt: skip
+        run_config = OmegaConf.to_container(OmegaConf.structured(cfg))
+        if micro_plan is not None and cfg.activation_checkpointing.mode == "auto":
+            ac_mode = micro_plan.activation_checkpointing
+        else:
+            ac_mode = _activation_checkpointing_mode(cfg, model_config, num_params, device=device, plan=plan,
+                                                     is_main=dist_info.is_main)  # fmt: skip
         compile_cache = use_compile_cache(cfg.compile.cache_dir) if cfg.compile.enabled else None
         if compile_cache is not None and dist_info.is_main:
             logger.info("torch.compile cache: %s (a second run of this recipe reuses its graphs)", compile_cache)
@@ -358,6 +370,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            last_record=last_record, wall_time=wall_time, loader=loader,
                            plot_path=plot_path, run_id=checkpointer.run_id)  # fmt: skip
         summary.update(timing.summary(), activation_checkpointing=ac_mode)
+        if micro_plan is not None:
+            summary.update(micro_batching=dataclasses.asdict(micro_plan))
         if cfg.compile.enabled:
             summary.update(compile_cache_dir=str(compile_cache) if compile_cache else None, compile=compile_counters())
         wrong_modality = (summary["data_policy"] or {}).get("wrong_modality", 0)
@@ -439,6 +453,51 @@ def _forward_context(
         yield
 
 
+def _micro_batch_items(cfg: TrainConfig, model_config: Any) -> tuple[int, int, int, int]:
+    """The micro-batch as ``(items, tokens per item, fewest items, item multiple)``: packed batches count tokens (at
+    least one whole sequence, a multiple of 16 so the token budget stays aligned), padded ones sequences, images
+    images (``(image_size / patch_size)^2`` patches plus the class and register tokens each)."""
+    data = cfg.data
+    if data.objective == IMAGE_OBJECTIVE:
+        patches = (model_config.image_size // model_config.patch_size) ** 2
+        return data.micro_batch_size, patches + 1 + getattr(model_config, "num_register_tokens", 0), 1, 1
+    if data.use_sequence_packing:
+        return data.max_tokens_per_batch, 1, data.max_seq_length, 16
+    return data.micro_batch_size, data.max_seq_length, 1, 1
+
+
+def _micro_batching(
+    cfg: TrainConfig, model_config: Any, num_params: int, *, device: torch.device, plan: ParallelPlan, is_main: bool
+) -> tuple[TrainConfig, MicroBatchPlan | None]:
+    """``micro_batching=auto``: the config with the step's items (micro-batch x ``grad_acc_steps``) split into the
+    fewest micro-batches whose predicted peak fits this GPU (:func:`bioscale.train.memory.plan_micro_batches`), and
+    the plan; ``fixed``, or no CUDA device to plan for: the config as given and ``None``."""
+    if cfg.micro_batching != "auto":
+        return cfg, None
+    memory = device_memory_bytes(device)
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    hidden_size = getattr(model_config, "hidden_size", None)
+    if memory is None or not num_layers or not hidden_size:
+        if is_main:
+            logger.info("micro_batching=auto keeps the recipe's micro-batches off CUDA (no GPU memory to plan for)")
+        return cfg, None
+    items, tokens_per_item, fewest, multiple = _micro_batch_items(cfg, model_config)
+    shard_ranks = plan.world_size // plan.dp_replicate if (plan.use_fsdp or plan.use_mfsdp) else 1
+    micro_plan = plan_micro_batches(
+        num_params=num_params, num_layers=num_layers, hidden_size=hidden_size,
+        items_per_step=items * cfg.grad_acc_steps, tokens_per_item=tokens_per_item,
+        min_items_per_micro_batch=min(fewest, items), device_memory_bytes=memory, shard_ranks=shard_ranks,
+        activation_checkpointing=cfg.activation_checkpointing.mode,
+        item_multiple=multiple if items % multiple == 0 else 1,
+    )  # fmt: skip
+    if is_main:
+        logger.info("%s", micro_plan.describe())
+    key = "max_tokens_per_batch" if cfg.data.use_sequence_packing and cfg.data.objective != IMAGE_OBJECTIVE else (
+        "micro_batch_size")  # fmt: skip
+    data = dataclasses.replace(cfg.data, **{key: micro_plan.items_per_micro_batch})
+    return dataclasses.replace(cfg, data=data, grad_acc_steps=micro_plan.grad_acc_steps), micro_plan
+
+
 def _activation_checkpointing_mode(
     cfg: TrainConfig, model_config: Any, num_params: int, *, device: torch.device, plan: ParallelPlan, is_main: bool
 ) -> str:
@@ -453,14 +512,8 @@ def _activation_checkpointing_mode(
     hidden_size = getattr(model_config, "hidden_size", None)
     if memory is None or not num_layers or not hidden_size:
         return "none"
-    data = cfg.data
-    if cfg.data.objective == IMAGE_OBJECTIVE:  # a ViT: each image is (image_size / patch_size)^2 patches + prefix tokens
-        patches = (model_config.image_size // model_config.patch_size) ** 2
-        tokens = data.micro_batch_size * (patches + 1 + getattr(model_config, "num_register_tokens", 0))
-    elif data.use_sequence_packing:
-        tokens = data.max_tokens_per_batch
-    else:
-        tokens = data.micro_batch_size * data.max_seq_length
+    items, tokens_per_item, _fewest, _multiple = _micro_batch_items(cfg, model_config)
+    tokens = items * tokens_per_item
     shard_ranks = plan.world_size // plan.dp_replicate if (plan.use_fsdp or plan.use_mfsdp) else 1
     memory_plan = choose_activation_checkpointing(num_params=num_params, num_layers=num_layers,
                                                   hidden_size=hidden_size, tokens_per_micro_batch=tokens,
