@@ -172,14 +172,21 @@ def test_sampled_frequencies_follow_the_distribution() -> None:
     assert abs(float(gumbel_noise(keys, steps, 4).mean()) - 0.5772) < 0.03  # the Euler-Mascheroni constant
 
 
-def test_kv_decode_attention_equals_repeated_kv_sdpa() -> None:
-    """Folding the query-head groups into the query length is the same attention as repeat_kv + sdpa."""
-    torch.manual_seed(0)
-    batch, heads, kv_heads, length, dim = 3, 8, 2, 10, 16
+def _decode_attention_case(*, seed: int, length: int):
+    """One decode query per row (3 rows at positions 0, 4, 9; 8 query heads over 2 KV heads) against a float64 cache
+    of ``length`` positions, and the mask of each row's valid positions."""
+    torch.manual_seed(seed)
+    batch, heads, kv_heads, dim = 3, 8, 2, 16
     q = torch.randn(batch, 1, heads, dim, dtype=torch.float64)
     k, v = (torch.randn(batch, length, kv_heads, dim, dtype=torch.float64) for _ in range(2))
     positions = torch.tensor([0, 4, 9])
     mask = (torch.arange(length)[None] <= positions[:, None])[:, None, None, :]
+    return q, k, v, mask
+
+
+def test_kv_decode_attention_equals_repeated_kv_sdpa() -> None:
+    """Folding the query-head groups into the query length is the same attention as repeat_kv + sdpa."""
+    q, k, v, mask = _decode_attention_case(seed=0, length=10)
     ours = kv_decode_attention(q, k, v, AttentionInputs(backend="kv_decode", causal=True, attention_mask=mask), 0.25)
     reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), 0.25)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
@@ -189,16 +196,11 @@ def test_kv_decode_attention_equals_repeated_kv_sdpa() -> None:
 def test_kv_decode_attention_ignores_stale_cache_positions(monkeypatch, compiling) -> None:
     """Both formulations (SDPA eagerly; the spelled-out one torch.compile traces, since the compiled masked SDPA
     leaked stale cache rows on an H200) read only positions <= each row's own: huge values beyond change nothing."""
-    torch.manual_seed(1)
-    batch, heads, kv_heads, length, dim = 3, 8, 2, 12, 16
-    q = torch.randn(batch, 1, heads, dim, dtype=torch.float64)
-    k, v = (torch.randn(batch, length, kv_heads, dim, dtype=torch.float64) for _ in range(2))
-    positions = torch.tensor([0, 4, 9])
-    mask = (torch.arange(length)[None] <= positions[:, None])[:, None, None, :]
+    q, k, v, mask = _decode_attention_case(seed=1, length=12)
     inputs = AttentionInputs(backend="kv_decode", causal=True, attention_mask=mask)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     clean = kv_decode_attention(q, k, v, inputs, None)
-    stale = ~mask[:, 0, 0, :, None, None].expand(batch, length, kv_heads, dim)
+    stale = ~mask[:, 0, 0, :, None, None].expand_as(k)
     ours = kv_decode_attention(q, k.masked_fill(stale, 1e4), v.masked_fill(stale, -1e4), inputs, None)
     torch.testing.assert_close(ours, clean, rtol=0, atol=0)
     reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), None)
