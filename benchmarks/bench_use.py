@@ -36,6 +36,7 @@ Prints a markdown table and writes ``<out-dir>/<date>-<device>-use.md`` with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import os
@@ -266,14 +267,39 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
     return rows
 
 
-# torch.compile settings of the decode step that --decode-variants compares ("default": Inductor's defaults; the
-# engine picks max-autotune for sessions of at most AUTOTUNE_MAX_SLOTS slots, the defaults for larger ones).
+# Decode-step settings that --decode-variants compares: GenerationEngine keyword arguments (compile_options: the
+# torch.compile arguments, {} = Inductor's defaults; decode_attention: "dense" masked matmuls over the whole cache or
+# "flex", FlexAttention over each slot's own blocks), plus "blas": the cuBLAS flavour preferred while the step is
+# compiled and captured (torch.backends.cuda.preferred_blas_library; the graph keeps the kernels it captured).
 DECODE_VARIANTS = {
-    "default": {},
-    "coordinate descent": {"options": {"coordinate_descent_tuning": True}},
-    "max-autotune-no-cudagraphs": {"mode": "max-autotune-no-cudagraphs"},
-    "max-autotune + coordinate descent": {"options": {"max_autotune": True, "coordinate_descent_tuning": True}},
-}
+    "default": {"compile_options": {}, "decode_attention": "dense"},
+    "coordinate descent": {"compile_options": {"options": {"coordinate_descent_tuning": True}},
+                           "decode_attention": "dense"},
+    "max-autotune-no-cudagraphs": {"compile_options": {"mode": "max-autotune-no-cudagraphs"},
+                                   "decode_attention": "dense"},
+    "max-autotune + coordinate descent": {
+        "compile_options": {"options": {"max_autotune": True, "coordinate_descent_tuning": True}},
+        "decode_attention": "dense"},
+    "cublaslt": {"compile_options": {}, "decode_attention": "dense", "blas": "cublaslt"},
+    "flex": {"compile_options": {}, "decode_attention": "flex"},
+    "flex + cublaslt": {"compile_options": {}, "decode_attention": "flex", "blas": "cublaslt"},
+    "flex + max-autotune": {"compile_options": {"mode": "max-autotune-no-cudagraphs"}, "decode_attention": "flex"},
+    "engine defaults": {},  # what GenerationEngine(compile_step=True) picks for the session (decode_compile_options,
+    # decode_attention_mode)
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _preferred_blas(name: str | None, device: torch.device):
+    if name is None or device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def bench_decode_variants(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, object]]:
@@ -291,14 +317,17 @@ def bench_decode_variants(args: argparse.Namespace, device: torch.device, dtype:
         keys = [(0, i) for i in range(len(ids))]
         reference = None
         for name in names:
+            settings = dict(DECODE_VARIANTS[name])
+            blas = settings.pop("blas", None)
             engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=device.type == "cuda",
-                                      compile_step=True, compile_options=DECODE_VARIANTS[name])  # fmt: skip
+                                      compile_step=True, **settings)  # fmt: skip
             times = []
             for _ in range(3):  # the first: compile and capture; then the best of two
-                _sync(device)
-                start = time.perf_counter()
-                outputs = engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)
-                _sync(device)
+                with _preferred_blas(blas, device):
+                    _sync(device)
+                    start = time.perf_counter()
+                    outputs = engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)
+                    _sync(device)
                 times.append(time.perf_counter() - start)
             tokens = [o.token_ids for o in outputs]
             reference = reference if reference is not None else tokens

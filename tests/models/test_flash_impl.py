@@ -49,6 +49,29 @@ def test_installed_package_without_a_gpu_is_refused(monkeypatch) -> None:
     assert flash_impl.active_flash_impl() == "FA2"
 
 
+def test_auto_picks_fa4_only_where_it_can_run(monkeypatch) -> None:
+    """``auto`` is FA2 (with the reason) without the package, without a GPU of the right generation, or for causal
+    training; FA4 when nothing stands against it."""
+    monkeypatch.setattr(flash_impl, "_find_spec", lambda module: None)
+    chosen, why = flash_impl.fastest_flash_impl(causal_training=False)
+    assert chosen == "FA2" and ("flash_attn.cute" in why or "cannot switch" in why)
+    monkeypatch.setattr(flash_impl, "flash_impl_problem", lambda name: None)
+    assert flash_impl.fastest_flash_impl(causal_training=False)[0] == "FA4"
+    chosen, why = flash_impl.fastest_flash_impl(causal_training=True)
+    assert chosen == "FA2" and "causal" in why
+
+
+def test_auto_in_a_cpu_run_changes_nothing(tmp_path) -> None:
+    from bioscale.train.config import load_config
+    from bioscale.train.train import _flash_impl_to_activate
+
+    cfg = load_config("L0_sanity", ["device=cpu", "model.flash_impl=auto", f"run_dir={tmp_path}"])
+    assert _flash_impl_to_activate(cfg, torch.device("cpu")) is None
+    cfg = load_config("L0_sanity", ["device=cpu", "model.flash_impl=FA4", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        _flash_impl_to_activate(cfg, torch.device("cpu"))
+
+
 def test_forward_bridge_returns_out_and_lse_once() -> None:
     calls = []
 

@@ -12,12 +12,13 @@ import torch
 
 from bioscale.data.tokenizers import nucleotide_tokenizer
 from bioscale.models import build_config, build_model, to_hf
-from bioscale.models.decoding import StaticKVCache, decoder_parts, kv_decode_attention
+from bioscale.models.decoding import DECODE_KV_BLOCK, StaticKVCache, decoder_parts, kv_decode_attention
 from bioscale.models.attention import AttentionInputs, sdpa_attention
 from bioscale.use import generate_dna
 from bioscale.use.generation_engine import (
     GenerationEngine,
     SamplingParams,
+    decode_attention_mode,
     gumbel_noise,
     sample_key,
     sample_tokens,
@@ -205,6 +206,62 @@ def test_kv_decode_attention_ignores_stale_cache_positions(monkeypatch, compilin
     torch.testing.assert_close(ours, clean, rtol=0, atol=0)
     reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), None)
     torch.testing.assert_close(clean, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_reference", "compiled_block_sparse"])
+def test_flex_decode_attention_reads_each_slot_up_to_its_own_position(compiled) -> None:
+    """The "flex" decode attention (FlexAttention over the cache's blocks) equals SDPA with the dense mask, for slots in
+    the first block, on a block boundary and in the last block, with huge stale values beyond each position. Compiled,
+    FlexAttention visits only the counted blocks (eagerly it applies the mask densely), so a wrong block count fails
+    the compiled case."""
+    torch.manual_seed(2)
+    batch, heads, kv_heads, dim, length = 4, 8, 2, 16, 3 * DECODE_KV_BLOCK
+    cache = StaticKVCache(num_layers=1, num_slots=batch, max_length=length, num_kv_heads=kv_heads, head_dim=dim,
+                          dtype=torch.float32, device=torch.device("cpu"), flex_decode=True)  # fmt: skip
+    positions = torch.tensor([3, DECODE_KV_BLOCK - 1, DECODE_KV_BLOCK, length - 1])
+    q = torch.randn(batch, 1, heads, dim)
+    k, v = (torch.randn(batch, length, kv_heads, dim) for _ in range(2))
+    valid = torch.arange(length)[None] <= positions[:, None]
+    stale = ~valid[:, :, None, None].expand_as(k)
+    k_stale, v_stale = k.masked_fill(stale, 1e4), v.masked_fill(stale, -1e4)
+
+    def attend(q, k, v, positions):
+        inputs = AttentionInputs(backend="kv_decode", causal=True, block_mask=cache.decode_block_mask(positions))
+        return kv_decode_attention(q, k, v, inputs, 0.25)
+
+    ours = (torch.compile(attend, dynamic=False) if compiled else attend)(q, k_stale, v_stale, positions)
+    reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True,
+                                                        attention_mask=valid[:, None, None, :]), 0.25)  # fmt: skip
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_decode_needs_a_whole_number_of_blocks() -> None:
+    with pytest.raises(ValueError, match="multiple of"):
+        StaticKVCache(num_layers=1, num_slots=1, max_length=DECODE_KV_BLOCK + 1, num_kv_heads=1, head_dim=16,
+                      dtype=torch.float32, device=torch.device("cpu"), flex_decode=True)  # fmt: skip
+
+
+def test_decode_attention_is_flex_in_compiled_steps_unless_given(models) -> None:
+    assert decode_attention_mode(None, compiled=True) == "flex"
+    assert decode_attention_mode(None, compiled=False) == "dense"
+    assert decode_attention_mode("dense", compiled=True) == "dense"
+    assert decode_attention_mode("flex", compiled=False) == "flex"
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        GenerationEngine(models[0], decode_attention="paged")
+
+
+def test_compiled_flex_step_equals_the_dense_step(models) -> None:
+    """The compiled step (FlexAttention, block-sparse) gives the uncompiled dense step's tokens and log-probabilities
+    in float32, with one prompt long enough that its positions cross a block boundary while it decodes."""
+    model, _hf, tok = models
+    long_prompt = "ACGTTGCAGT" * 12  # 121 tokens with <bos>: positions 121 .. 136 cross the first block's end
+    ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in [long_prompt, *PROMPTS[:2]]]
+    kwargs = dict(max_new_tokens=16, keys=[(0, 0)] * len(ids), eos_token_id=None)
+    dense = GenerationEngine(model, compile_step=False).generate(ids, **kwargs)
+    flex = GenerationEngine(model, compile_step=True).generate(ids, **kwargs)
+    assert [o.token_ids for o in flex] == [o.token_ids for o in dense]
+    for f, d in zip(flex, dense):
+        torch.testing.assert_close(torch.tensor(f.log_probs), torch.tensor(d.log_probs), rtol=0, atol=1e-4)
 
 
 def test_the_decode_step_is_compiled_only_where_it_pays() -> None:

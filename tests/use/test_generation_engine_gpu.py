@@ -77,16 +77,19 @@ def test_cuda_graph_step_equals_eager_step(cuda_models, dtype) -> None:
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
 
 
+@pytest.mark.parametrize("attention", ["flex", "dense"])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, BF16_TIE_TOLERANCE),
                                                   (torch.float32, FP32_TIE_TOLERANCE)], ids=["bf16", "fp32"])  # fmt: skip
-def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, dtype, tolerance) -> None:
-    """The default CUDA path compiles the step (fused kernels round differently): greedy tokens equal the uncompiled
-    graphed step's, except where a near-tie (checked against transformers' logits) sends them apart."""
+def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, dtype, tolerance, attention) -> None:
+    """The default CUDA path compiles the step (fused kernels round differently; FlexAttention's block-sparse decode
+    kernel by default, the dense masked matmuls as the alternative): greedy tokens equal the uncompiled graphed
+    step's, except where a near-tie (checked against transformers' logits) sends them apart. The longest prompt (145
+    tokens) decodes in the second 128-position block, the others in the first."""
     model, hf, tok = cuda_models
     model, hf = model.to(dtype), hf.to(dtype)
     ids = _ids(tok, PROMPTS)
     kwargs = dict(max_new_tokens=48, keys=[(0, 0)] * len(ids), eos_token_id=None)
-    engine = GenerationEngine(model, max_batch_size=8, compile_step=True)
+    engine = GenerationEngine(model, max_batch_size=8, compile_step=True, decode_attention=attention)
     compiled = engine.generate(ids, **kwargs)
     # A second call over the same (now stale) cache gives the same tokens: the compiled masked SDPA did not.
     assert [o.token_ids for o in engine.generate(ids, **kwargs)] == [o.token_ids for o in compiled]

@@ -25,6 +25,15 @@ Decode attention and grouped-query heads: with one query per slot, the ``H / H_k
 are folded into the *query-length* dimension (``[B, H_kv, G, D]`` against ``[B, H_kv, S, D]``) instead of repeating
 K/V ``G`` times (``repeat_kv``). The same dot products and softmax rows, but the cache is read once per step rather
 than materialised ``G`` times (Llama 3 1B: G = 4, at batch 32 and 768 positions 1.6 GB of copies per step avoided).
+
+Two decode attentions (``decode_forward(..., attention=)``, :data:`DECODE_ATTENTION_MODES`). ``"dense"`` reads every
+cache position of every slot and masks those beyond the slot's own (SDPA eagerly; under ``torch.compile`` two batched
+GEMVs and a masked softmax). ``"flex"`` is FlexAttention with a block mask over :data:`DECODE_KV_BLOCK`-position
+blocks: each slot visits only the blocks up to its own position and masks the rest of the last one, so a step reads
+what the slots hold, not the whole cache (slots of different lengths, early steps of a long cache). Compiled, that is
+one fused split-KV decoding kernel per layer instead of three; eagerly it is FlexAttention's dense reference (same
+values, no speed). The block mask is built once per cache and updated in place each step, so a captured graph reads
+the step's counts (:meth:`StaticKVCache.decode_block_mask`).
 """
 
 from __future__ import annotations
@@ -32,16 +41,20 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs
+from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs, flex_attention_backend
 from bioscale.models.batch import prepare_batch
 from bioscale.models.common import attention_inputs_for_batch
 
 KV_DECODE_BACKEND = "kv_decode"
+DECODE_ATTENTION_MODES = ("dense", "flex")
+# Positions per FlexAttention KV block of the decode block mask (its default sparse block size).
+DECODE_KV_BLOCK = 128
 
 
 def kv_decode_attention(
@@ -51,10 +64,13 @@ def kv_decode_attention(
     ``inputs.attention_mask`` bool ``[B, 1, 1, S_max]`` (True = a key of this row); returns ``[B, 1, H, D]``.
 
     Query head ``h`` uses KV head ``h // G`` (``G = H / H_kv``, the ``repeat_kv`` grouping), folded into the query
-    length (module docstring).
+    length (module docstring). With ``inputs.block_mask`` (the ``"flex"`` decode attention) instead: FlexAttention over
+    each row's blocks up to its position (:meth:`StaticKVCache.decode_block_mask`); ``attention_mask`` is unused.
     """
     batch, seq_len, num_heads, head_dim = q.shape
     assert seq_len == 1, f"kv_decode attention takes one query per row, got {seq_len}"
+    if inputs.block_mask is not None:
+        return flex_attention_backend(q, k, v, inputs, scale)
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_kv_heads, groups, head_dim)  # [B, 1, H, D] -> [B, H_kv, G, D]: head h = kv * G + g
@@ -138,7 +154,8 @@ class StaticKVCache:
     ``k[layer]`` / ``v[layer]``: ``[num_slots, H_kv, max_length, D]``. Use :meth:`prefilling` around a packed
     prefill forward and :meth:`decoding` around a decode step (module docstring); ``update`` is what the blocks call.
     Positions of a slot beyond its current length hold stale values of an earlier occupant: the decode mask never
-    reads them.
+    reads them. ``flex_decode=True`` also builds the decode block mask of the ``"flex"`` decode attention
+    (:meth:`decode_block_mask`; ``max_length`` a multiple of :data:`DECODE_KV_BLOCK`).
     """
 
     def __init__(
@@ -151,6 +168,7 @@ class StaticKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        flex_decode: bool = False,
     ) -> None:
         shape = (num_slots, num_kv_heads, max_length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -160,6 +178,38 @@ class StaticKVCache:
         self._slots = torch.arange(num_slots, device=device)
         self._prefill: tuple[torch.Tensor, torch.Tensor] | None = None  # (slot [T], position [T]) per packed token
         self._decode_positions: torch.Tensor | None = None  # [num_slots]
+        self._block_mask = self._build_decode_block_mask(device) if flex_decode else None
+
+    def _build_decode_block_mask(self, device: torch.device) -> Any:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if self.max_length % DECODE_KV_BLOCK:
+            raise ValueError(f"the flex decode attention needs a cache length that is a multiple of {DECODE_KV_BLOCK}, "
+                             f"got {self.max_length}")  # fmt: skip
+        num_blocks = self.max_length // DECODE_KV_BLOCK
+        # The tensors the mask reads: updated in place by decode_block_mask, never reallocated (graph-safe).
+        self._mask_positions = torch.zeros(self.num_slots, dtype=torch.long, device=device)
+        self._visited_blocks = torch.ones(self.num_slots, 1, 1, dtype=torch.int32, device=device)
+        block_order = torch.arange(num_blocks, dtype=torch.int32, device=device)
+        block_order = block_order.expand(self.num_slots, 1, 1, num_blocks).contiguous()
+        positions = self._mask_positions
+
+        def up_to_own_position(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
+            return kv_idx <= positions[b]
+
+        return BlockMask.from_kv_blocks(
+            self._visited_blocks, block_order, BLOCK_SIZE=(DECODE_KV_BLOCK, DECODE_KV_BLOCK),
+            mask_mod=up_to_own_position, seq_lengths=(1, self.max_length), compute_q_blocks=False,
+        )  # fmt: skip
+
+    def decode_block_mask(self, positions: torch.Tensor) -> Any:
+        """The FlexAttention ``BlockMask`` of a decode step at ``positions`` ``[num_slots]``: slot ``b`` visits
+        blocks ``0 .. positions[b] // DECODE_KV_BLOCK`` and, inside the last, positions ``<= positions[b]``. The
+        same object every step (its count and position tensors are overwritten in place)."""
+        assert self._block_mask is not None, "StaticKVCache(flex_decode=True) builds the decode block mask"
+        self._mask_positions.copy_(positions)
+        self._visited_blocks.copy_((positions // DECODE_KV_BLOCK + 1).to(torch.int32)[:, None, None])
+        return self._block_mask
 
     def prefilling(self, token_slots: torch.Tensor, token_positions: torch.Tensor) -> StaticKVCache:
         """Prefill mode: packed token ``t`` goes to slot ``token_slots[t]`` at ``token_positions[t]``."""
@@ -231,16 +281,24 @@ def prefill_forward(
 
 
 def decode_forward(
-    parts: DecoderParts, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
+    parts: DecoderParts, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, *,
+    attention: str = "dense",
+) -> torch.Tensor:  # fmt: skip
     """One decoding step for every slot: ``tokens`` ``[num_slots]`` at ``positions`` ``[num_slots]``; returns the
     logits ``[num_slots, vocab_size]`` (float32) of the next token. Writes the step's keys and values into the
-    cache. Fixed shapes and no host synchronisation: safe to capture in a CUDA graph."""
+    cache. Fixed shapes and no host synchronisation: safe to capture in a CUDA graph. ``attention``: one of
+    :data:`DECODE_ATTENTION_MODES` (module docstring; ``"flex"`` needs ``StaticKVCache(flex_decode=True)``)."""
+    if attention not in DECODE_ATTENTION_MODES:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION_MODES}, got {attention!r}")
     hidden = parts.embed_tokens(tokens[:, None])  # [B, 1, D]
     rotary = parts.rotary(positions[:, None], hidden.dtype)
-    key_positions = torch.arange(cache.max_length, device=positions.device)
-    mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S_max]
-    attn_inputs = AttentionInputs(backend=KV_DECODE_BACKEND, causal=True, attention_mask=mask)
+    if attention == "flex":
+        attn_inputs = AttentionInputs(backend=KV_DECODE_BACKEND, causal=True,
+                                      block_mask=cache.decode_block_mask(positions))  # fmt: skip
+    else:
+        key_positions = torch.arange(cache.max_length, device=positions.device)
+        mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S_max]
+        attn_inputs = AttentionInputs(backend=KV_DECODE_BACKEND, causal=True, attention_mask=mask)
     cache.decoding(positions)
     for block in parts.layers:
         hidden = block(hidden, rotary, attn_inputs, cache)

@@ -13,6 +13,10 @@ What each choice needs on the machine (none of it is a required dependency):
 - ``FA3``: FlashAttention 3's Hopper build (module ``flash_attn_interface``), compute capability 9.x.
 - ``FA2``: torch's built-in kernels (the default; selecting it undoes an earlier activation).
 
+``auto`` (:func:`fastest_flash_impl`, what the L1 recipes of bidirectional models ship): FA4 where it can run here —
+the package importable, a CUDA GPU of compute capability 9.x / 10.x, a torch with the switch — and FA2 otherwise, so
+the recipe needs no edit on a machine without it. Training a causal model keeps FA2 (below).
+
 Two mismatches between torch 2.11's FA4 glue and flash-attn-4 4.0.0b36 are bridged here, each only when detected:
 FA4's ``_flash_attn_fwd`` returns ``(out, lse, p, row_max, o_lo)`` where torch unpacks two values, and torch's
 backward support check refuses every window size that is not ``None`` while ``varlen_attn``'s backward passes ``-1``
@@ -32,12 +36,40 @@ from typing import Any
 import torch
 
 FLASH_IMPLS = ("FA2", "FA3", "FA4")
+AUTO = "auto"
 # The module torch imports for each external implementation, and what to install for it.
 _REQUIREMENTS = {
     "FA3": ("flash_attn_interface", "FlashAttention 3's Hopper build (flash_attn_interface)", (9,)),
     "FA4": ("flash_attn.cute", "pip install 'bioscale[fa4]' (flash-attn-4)", (9, 10)),
 }
 _active: str = "FA2"
+
+
+def flash_impl_problem(name: str) -> str | None:
+    """Why ``name`` (``FA3`` / ``FA4``) cannot be activated in this process, or ``None`` when it can."""
+    from torch.nn import attention
+
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        return f"flash implementation {name}: torch {torch.__version__} cannot switch kernels (needs 2.11+)"
+    module, install, majors = _REQUIREMENTS[name]
+    if _find_spec(module) is None:
+        return f"flash implementation {name} needs the module {module!r}: {install}"
+    if not torch.cuda.is_available():
+        return f"flash implementation {name} needs a CUDA GPU"
+    major = torch.cuda.get_device_capability()[0]
+    if major not in majors:
+        return (f"flash implementation {name} needs compute capability {' or '.join(f'{m}.x' for m in majors)}, "
+                f"this GPU has {major}.x")  # fmt: skip
+    return None
+
+
+def fastest_flash_impl(*, causal_training: bool) -> tuple[str, str]:
+    """``auto``: ``(implementation, why)`` — ``FA4`` where :func:`flash_impl_problem` finds nothing against it,
+    else ``FA2``. Training a causal model gives ``FA2``: torch 2.11's FA4 backward refuses causal windows."""
+    if causal_training:
+        return "FA2", "causal training: torch 2.11's FA4 backward refuses causal attention"
+    problem = flash_impl_problem("FA4")
+    return ("FA2", problem) if problem is not None else ("FA4", "flash-attn-4 importable on this GPU")
 
 
 def active_flash_impl() -> str:
@@ -61,19 +93,9 @@ def activate_flash_impl(name: str) -> None:
             attention.restore_flash_attention_impl()
             _active = "FA2"
         return
-    if not hasattr(attention, "activate_flash_attention_impl"):
-        raise ValueError(f"flash implementation {name}: torch {torch.__version__} cannot switch kernels (needs 2.11+)")
-    module, install, majors = _REQUIREMENTS[name]
-    if _find_spec(module) is None:
-        raise ValueError(f"flash implementation {name} needs the module {module!r}: {install}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"flash implementation {name} needs a CUDA GPU")
-    major = torch.cuda.get_device_capability()[0]
-    if major not in majors:
-        raise ValueError(
-            f"flash implementation {name} needs compute capability {' or '.join(f'{m}.x' for m in majors)}, "
-            f"this GPU has {major}.x"
-        )
+    problem = flash_impl_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
     if name == "FA4":
         _bridge_fa4_forward(importlib.import_module("flash_attn.cute.interface"))
         with contextlib.suppress(ImportError):

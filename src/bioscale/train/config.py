@@ -24,6 +24,7 @@ from bioscale.data.config import DataConfig
 from bioscale.data.images import ignored_image_settings
 from bioscale.distributed.parallelize import AC_MODES, COMPILE_PRESETS, RESHARD_POLICIES
 from bioscale.models.attention import ATTENTION_BACKENDS
+from bioscale.models.flash_impl import AUTO as FLASH_AUTO
 from bioscale.models.flash_impl import FLASH_IMPLS
 from bioscale.precision.fp8 import FP8_RECIPES
 
@@ -103,8 +104,10 @@ class ModelConfig:
     # config's default.
     attn_backend: Optional[str] = field(default=None, metadata={"choices": tuple(ATTENTION_BACKENDS)})
     # Which flash kernels torch's varlen / SDPA-flash ops run: FA2 (built in), FA3 or FA4 when installed (CUDA
-    # only; bioscale.models.flash_impl). None leaves torch's choice (FA2). A process setting, not stored with the model.
-    flash_impl: Optional[str] = field(default=None, metadata={"choices": tuple(FLASH_IMPLS)})
+    # only; bioscale.models.flash_impl). None leaves torch's choice (FA2). ``auto``: FA4 where it is installed and runs
+    # on this GPU (not for causal models), else FA2 (nothing to install; CPU runs ignore it). A process setting, not
+    # stored with the model; summary.json records what ran.
+    flash_impl: Optional[str] = field(default=None, metadata={"choices": (*FLASH_IMPLS, FLASH_AUTO)})
     # Start from these weights (a ``save_pretrained`` directory, e.g. an earlier run's ``final_model``) instead of a
     # random init. The architecture still comes from name/size/overrides and must match the stored weights.
     init_from: Optional[str] = None

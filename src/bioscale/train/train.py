@@ -60,7 +60,8 @@ from bioscale.distributed import (
 )
 from bioscale.distributed.megatron_fsdp import MegatronFSDPState, shard_optimizer
 from bioscale.models import build_config, build_model, get_model_spec, input_validation
-from bioscale.models.flash_impl import flash_impl
+from bioscale.models.flash_impl import AUTO as FLASH_AUTO
+from bioscale.models.flash_impl import active_flash_impl, fastest_flash_impl, flash_impl
 from bioscale.precision import apply_fp8, attach_quant_stats, check_fp8_hardware
 from bioscale.train.checkpoint import (
     CheckpointInfo,
@@ -143,13 +144,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dist_info = init_distributed(cfg.device, single_gpu_group=one_rank_group)
         rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
         run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.checkpoint.ckpt_dir)
-        if cfg.model.flash_impl is not None:
-            if device.type != "cuda":
-                raise ValueError(
-                    f"model.flash_impl={cfg.model.flash_impl} needs a CUDA device; this run is on {device}"
-                )
-            # Before any model code runs: compiled graphs keep the kernel they traced.
-            resources.enter_context(flash_impl(cfg.model.flash_impl))
+        attention_impl = _flash_impl_to_activate(cfg, device)
+        if attention_impl is not None:  # before any model code runs: compiled graphs keep the kernel they traced
+            resources.enter_context(flash_impl(attention_impl))
         # The run directory is this run's: one process at a time (a lock with its PID and host), and a fresh run
         # refuses, or moves aside, another run's checkpoints instead of overwriting them. Rank 0 decides for all.
         run_lock = RunLock(run_dir, ckpt_dir)
@@ -629,6 +626,23 @@ def _metrics_logger(cfg: TrainConfig, run_dir: Path, *, enabled: bool, start_ste
     )
 
 
+def _flash_impl_to_activate(cfg: TrainConfig, device: torch.device) -> str | None:
+    """``model.flash_impl`` resolved for this run: the implementation to activate, or ``None`` for torch's own (FA2).
+    ``auto`` picks on CUDA only (:func:`bioscale.models.flash_impl.fastest_flash_impl`) and says what it chose."""
+    name = cfg.model.flash_impl
+    if name is None:
+        return None
+    if name == FLASH_AUTO:
+        if device.type != "cuda":
+            return None
+        chosen, why = fastest_flash_impl(causal_training=TASK_FOR_OBJECTIVE[cfg.data.objective] == "causal_lm")
+        logger.info("model.flash_impl=auto: %s (%s)", chosen, why)
+        return None if chosen == "FA2" else chosen
+    if device.type != "cuda":
+        raise ValueError(f"model.flash_impl={name} needs a CUDA device; this run is on {device}")
+    return name
+
+
 def _summary(
     cfg: TrainConfig,
     plan: ParallelPlan,
@@ -653,6 +667,7 @@ def _summary(
         "device": str(device),
         "strategy": plan.name,
         "cp_size": cfg.parallelism.cp_size,
+        "flash_impl": active_flash_impl() if device.type == "cuda" else None,  # what model.flash_impl resolved to
         "num_train_steps": cfg.num_train_steps,
         "final_step": state.step,
         "resumed_from_step": resumed_from,

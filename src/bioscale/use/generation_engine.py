@@ -52,7 +52,14 @@ import torch
 from torch import nn
 
 from bioscale.models.attention import varlen_available
-from bioscale.models.decoding import DecoderParts, StaticKVCache, decode_forward, decoder_parts, prefill_forward
+from bioscale.models.decoding import (
+    DECODE_ATTENTION_MODES,
+    DecoderParts,
+    StaticKVCache,
+    decode_forward,
+    decoder_parts,
+    prefill_forward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +203,17 @@ def should_compile_step(setting: bool | None, *, device_type: str, decode_steps:
     return device_type == "cuda" and decode_steps >= min_steps
 
 
+def decode_attention_mode(setting: str | None, *, compiled: bool) -> str:
+    """``decode_attention``'s decision (:data:`bioscale.models.decoding.DECODE_ATTENTION_MODES`): as given, or for
+    ``None`` ``"flex"`` in a compiled step (one fused kernel per layer that reads only each slot's own blocks) and
+    ``"dense"`` otherwise (uncompiled, FlexAttention is a dense reference: the masked SDPA is faster there)."""
+    if setting is None:
+        return "flex" if compiled else "dense"
+    if setting not in DECODE_ATTENTION_MODES:
+        raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_MODES} or None, got {setting!r}")
+    return setting
+
+
 def decode_compile_options(num_slots: int, device_type: str) -> dict[str, Any]:
     """The ``torch.compile`` arguments of a compiled decode step of ``num_slots`` slots when the caller gives none:
     max-autotune for single-slot (matrix-vector) steps on CUDA (:data:`AUTOTUNE_MAX_SLOTS`), Inductor's defaults
@@ -226,15 +244,17 @@ class _Session:
         graph_pool: object | None,
         compile_step: bool = False,
         compile_options: Mapping[str, Any] | None = None,
+        decode_attention: str = "dense",
     ) -> None:
         self.parts = parts
+        self.decode_attention = decode_attention
         self.num_slots = num_slots
         self.cache_length = cache_length
         self.sampling = sampling
         self.device = device
         self.cache = StaticKVCache(
             num_layers=num_layers, num_slots=num_slots, max_length=cache_length, num_kv_heads=parts.num_kv_heads,
-            head_dim=parts.head_dim, dtype=dtype, device=device,
+            head_dim=parts.head_dim, dtype=dtype, device=device, flex_decode=decode_attention == "flex",
         )  # fmt: skip
         long = {"dtype": torch.long, "device": device}
         self.slots = torch.arange(num_slots, device=device)
@@ -272,7 +292,7 @@ class _Session:
 
     def step(self) -> None:
         """One decode step for every slot (the graph's body): inactive slots change nothing that is read."""
-        logits = decode_forward(self.parts, self.cache, self.tokens, self.positions)
+        logits = decode_forward(self.parts, self.cache, self.tokens, self.positions, attention=self.decode_attention)
         tokens, log_probs = sample_tokens(logits, self.bias, self.keys, self.counts, self.sampling,
                                           temperature=self.temperature, top_p=self.top_p)  # fmt: skip
         active = ~self.done
@@ -335,6 +355,9 @@ class GenerationEngine:
             most :data:`AUTOTUNE_MAX_SLOTS` slots). ``None`` (default): compile on CUDA when a call needs enough
             decode steps for the compile to pay for itself (:func:`should_compile_step`); ``True`` / ``False``
             always / never.
+        decode_attention: ``"dense"`` (every cache position, masked) or ``"flex"`` (FlexAttention over each slot's
+            blocks up to its position; :mod:`bioscale.models.decoding`). ``None`` (default):
+            :func:`decode_attention_mode` (``"flex"`` in a compiled step).
         compile_options: the keyword arguments of that ``torch.compile`` call (``mode`` or ``options``, as
             ``benchmarks/bench_use.py --decode-variants`` compares them). ``None`` (default):
             :func:`decode_compile_options` (max-autotune for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots on
@@ -357,6 +380,7 @@ class GenerationEngine:
         cuda_graphs: bool | None = None,
         compile_step: bool | None = None,
         compile_options: Mapping[str, Any] | None = None,
+        decode_attention: str | None = None,
         prefill_tokens: int = 32768,
         poll_every: int = 16,
         hold_model: bool = True,
@@ -377,6 +401,8 @@ class GenerationEngine:
         self._cuda_graphs = cuda_graphs
         self._compile_step = compile_step
         self._compile_options = None if compile_options is None else dict(compile_options)
+        decode_attention_mode(decode_attention, compiled=False)  # a bad name fails here, not at the first call
+        self._decode_attention = decode_attention
         self._sessions: collections.OrderedDict[tuple, _Session] = collections.OrderedDict()
         self._graph_pool: object | None = None
         self._fingerprint: tuple | None = None
@@ -412,7 +438,8 @@ class GenerationEngine:
         compile_step = should_compile_step(self._compile_step, device_type=device.type, decode_steps=decode_steps,
                                            num_slots=num_slots)  # fmt: skip
         mode = (sampling.do_sample, sampling.top_k, sampling.top_p is not None)
-        key = (num_slots, cache_length, mode, use_graph, compile_step)
+        attention = decode_attention_mode(self._decode_attention, compiled=compile_step)
+        key = (num_slots, cache_length, mode, use_graph, compile_step, attention)
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key]
@@ -424,7 +451,7 @@ class GenerationEngine:
         session = _Session(
             self.parts, num_layers=len(self.parts.layers), num_slots=num_slots, cache_length=cache_length,
             sampling=sampling, dtype=dtype, device=device, cuda_graph=use_graph, graph_pool=self._graph_pool,
-            compile_step=compile_step,
+            compile_step=compile_step, decode_attention=attention,
             compile_options=self._compile_options if self._compile_options is not None
             else decode_compile_options(num_slots, device.type),
         )  # fmt: skip
