@@ -1345,10 +1345,15 @@ def profile_kernels(
 
     # CPU activity off CUDA only so that the function runs (and is tested) there: it records no device time.
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    # BENCH_PROFILE_CPU=1: also the host's costliest operators (what the GPU waits for when "GPU idle" is large).
+    host = os.environ.get("BENCH_PROFILE_CPU") == "1" and device.type == "cuda"
+    with profile(activities=[activity, ProfilerActivity.CPU] if host else [activity]) as prof:
         for step in steps:
             run_step(step)
         _synchronize(device)
+    if host:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70),
+              file=sys.stderr, flush=True)  # fmt: skip
     events = [e for e in prof.key_averages() if _device_time(e) > 0]
     total = sum(_device_time(e) for e in events)
     events.sort(key=_device_time, reverse=True)

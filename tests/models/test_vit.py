@@ -220,6 +220,16 @@ def test_round_trips_through_transformers_are_tensor_identical() -> None:
                                    atol=ATOL, rtol=0)  # fmt: skip
 
 
+def test_converted_models_hold_no_meta_tensors_and_move() -> None:
+    """Conversion builds on the meta device and loads the weights; the non-persistent stochastic-depth rate (in no
+    state dict) must be computed too, or ``.to(device)`` fails ("Cannot copy out of meta tensor", seen on the GPU)."""
+    torch.manual_seed(0)
+    model = from_hf(ViTForImageClassification(_hf_config()).eval())
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    model = model.to("cpu", torch.float64)  # a real copy of every tensor: fails on a meta buffer
+    assert all(float(block.drop_path_prob) == block.drop_path_rate for block in model.vit.layers)
+
+
 def test_configs_transformers_cannot_express_are_refused_by_name() -> None:
     recipe = build_config("vit", "debug")
     reason = hf_unsupported(recipe)

@@ -241,11 +241,9 @@ def test_flex_decode_needs_a_whole_number_of_blocks() -> None:
                       dtype=torch.float32, device=torch.device("cpu"), flex_decode=True)  # fmt: skip
 
 
-def test_decode_attention_is_flex_in_compiled_steps_unless_given(models) -> None:
-    assert decode_attention_mode(None, compiled=True) == "flex"
-    assert decode_attention_mode(None, compiled=False) == "dense"
-    assert decode_attention_mode("dense", compiled=True) == "dense"
-    assert decode_attention_mode("flex", compiled=False) == "flex"
+def test_decode_attention_is_dense_unless_given(models) -> None:
+    assert decode_attention_mode(None) == "dense"
+    assert decode_attention_mode("flex") == "flex"
     with pytest.raises(ValueError, match="decode_attention must be one of"):
         GenerationEngine(models[0], decode_attention="paged")
 
@@ -258,7 +256,7 @@ def test_compiled_flex_step_equals_the_dense_step(models) -> None:
     ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in [long_prompt, *PROMPTS[:2]]]
     kwargs = dict(max_new_tokens=16, keys=[(0, 0)] * len(ids), eos_token_id=None)
     dense = GenerationEngine(model, compile_step=False).generate(ids, **kwargs)
-    flex = GenerationEngine(model, compile_step=True).generate(ids, **kwargs)
+    flex = GenerationEngine(model, compile_step=True, decode_attention="flex").generate(ids, **kwargs)
     assert [o.token_ids for o in flex] == [o.token_ids for o in dense]
     for f, d in zip(flex, dense):
         torch.testing.assert_close(torch.tensor(f.log_probs), torch.tensor(d.log_probs), rtol=0, atol=1e-4)

@@ -24,7 +24,8 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 def build_bioscale_from_state_dict(
     model_cls: type[ModelT], config: PretrainedConfig, state_dict: Mapping[str, torch.Tensor]
 ) -> ModelT:
-    """A bioscale model whose parameters and buffers are exactly ``state_dict`` (copied), RoPE tables filled."""
+    """A bioscale model whose parameters and buffers are exactly ``state_dict`` (copied); the buffers no state dict
+    holds (RoPE tables, the ViT's stochastic-depth rate) are computed, so nothing is left on the meta device."""
     with torch.device("meta"):
         model = model_cls(config)
     load_exact(model, state_dict, what=model_cls.__name__)
@@ -33,6 +34,10 @@ def build_bioscale_from_state_dict(
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = torch.empty(module.inv_freq.shape, dtype=torch.float32, device=device)
             module.reset_parameters()
+        elif hasattr(module, "reset_drop_path_prob") and module.drop_path_prob.is_meta:
+            # The ViT block's non-persistent stochastic-depth rate: derived from the config, never in a state dict.
+            module.drop_path_prob = torch.empty((), dtype=torch.float32, device=device)
+            module.reset_drop_path_prob()
     return model
 
 

@@ -203,12 +203,15 @@ def should_compile_step(setting: bool | None, *, device_type: str, decode_steps:
     return device_type == "cuda" and decode_steps >= min_steps
 
 
-def decode_attention_mode(setting: str | None, *, compiled: bool) -> str:
-    """``decode_attention``'s decision (:data:`bioscale.models.decoding.DECODE_ATTENTION_MODES`): as given, or for
-    ``None`` ``"flex"`` in a compiled step (one fused kernel per layer that reads only each slot's own blocks) and
-    ``"dense"`` otherwise (uncompiled, FlexAttention is a dense reference: the masked SDPA is faster there)."""
+def decode_attention_mode(setting: str | None) -> str:
+    """``decode_attention``'s decision (:data:`bioscale.models.decoding.DECODE_ATTENTION_MODES`): as given, or
+    ``"dense"`` for ``None``. On an H200 (Llama 3 1B, batch 32, prompts of 256-512 bases, 256 new tokens, compiled
+    step; benchmarks/results/2026-12-04-h200-attention-cudnn.md) the block-sparse FlexAttention step ran 18,932
+    tokens/s against the dense step's 19,928: at these cache lengths its split-KV kernel costs more than the blocks
+    it skips save. ``"flex"`` stays for long caches of unequal lengths (uncompiled it is FlexAttention's dense
+    reference: correct, not fast)."""
     if setting is None:
-        return "flex" if compiled else "dense"
+        return "dense"
     if setting not in DECODE_ATTENTION_MODES:
         raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_MODES} or None, got {setting!r}")
     return setting
@@ -357,7 +360,7 @@ class GenerationEngine:
             always / never.
         decode_attention: ``"dense"`` (every cache position, masked) or ``"flex"`` (FlexAttention over each slot's
             blocks up to its position; :mod:`bioscale.models.decoding`). ``None`` (default):
-            :func:`decode_attention_mode` (``"flex"`` in a compiled step).
+            :func:`decode_attention_mode` (``"dense"``, the faster one measured).
         compile_options: the keyword arguments of that ``torch.compile`` call (``mode`` or ``options``, as
             ``benchmarks/bench_use.py --decode-variants`` compares them). ``None`` (default):
             :func:`decode_compile_options` (max-autotune for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots on
@@ -401,7 +404,7 @@ class GenerationEngine:
         self._cuda_graphs = cuda_graphs
         self._compile_step = compile_step
         self._compile_options = None if compile_options is None else dict(compile_options)
-        decode_attention_mode(decode_attention, compiled=False)  # a bad name fails here, not at the first call
+        decode_attention_mode(decode_attention)  # a bad name fails here, not at the first call
         self._decode_attention = decode_attention
         self._sessions: collections.OrderedDict[tuple, _Session] = collections.OrderedDict()
         self._graph_pool: object | None = None
@@ -438,7 +441,7 @@ class GenerationEngine:
         compile_step = should_compile_step(self._compile_step, device_type=device.type, decode_steps=decode_steps,
                                            num_slots=num_slots)  # fmt: skip
         mode = (sampling.do_sample, sampling.top_k, sampling.top_p is not None)
-        attention = decode_attention_mode(self._decode_attention, compiled=compile_step)
+        attention = decode_attention_mode(self._decode_attention)
         key = (num_slots, cache_length, mode, use_graph, compile_step, attention)
         if key in self._sessions:
             self._sessions.move_to_end(key)
