@@ -36,7 +36,8 @@
 #
 # benchmarks/NOTES.md says what each job is expected to show.
 # Needs: the repository's .whl folder carried (torchao and friends are not installed there) and the shared data
-# (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data.
+# (uniref90_sample.parquet, opengenome2_metagenomics_sample.fasta) in $BIOSCALE_SHARED_DATA, default ../shared/data
+# (a carried .data is linked there). benchmarks/stage_device.sh stages .whl, .data, .ref (and --fa4 the FA4 folders).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job=${1:?usage: gpu_session.sh tests|small|large|fp8sweep|loss3b|qstats|llama|params|tokens|compile|fp8modules|fa4libs|fa4|fa4tests}
@@ -51,6 +52,10 @@ if [ "$job" = fa4libs ]; then  # nothing else travels with this call: the librar
   exit 0
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# A carried copy of the shared data (benchmarks/stage_device.sh): where the recipes look for it (../shared/data/...).
+if [ -d "$PWD/.data" ] && [ ! -e "$PWD/../shared/data" ]; then
+  mkdir -p "$PWD/../shared" && ln -s "$PWD/.data" "$PWD/../shared/data"
+fi
 export BIOSCALE_SHARED_DATA=${BIOSCALE_SHARED_DATA:-$PWD/../shared/data}
 # The reference implementations (test oracles and the ref_padded rows): a carried copy (.ref) or ../shared/reference.
 if [ -d "$PWD/.ref" ]; then export BIOSCALE_REFERENCE_DIR=${BIOSCALE_REFERENCE_DIR:-$PWD/.ref}; fi
