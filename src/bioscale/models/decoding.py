@@ -31,8 +31,9 @@ cache position of every slot and masks those beyond the slot's own (SDPA eagerly
 GEMVs and a masked softmax). ``"flex"`` is FlexAttention with a block mask over :data:`DECODE_KV_BLOCK`-position
 blocks: each slot visits only the blocks up to its own position and masks the rest of the last one, so a step reads
 what the slots hold, not the whole cache (slots of different lengths, early steps of a long cache). Compiled, that is
-one fused split-KV decoding kernel per layer instead of three; eagerly it is FlexAttention's dense reference (same
-values, no speed). The block mask is built once per cache and updated in place each step, so a captured graph reads
+FlexAttention's split-KV decoding kernel and its reduction instead of two GEMVs and a softmax (on an H200 at batch 32
+and 768 positions the slower of the two, so the engine's default is dense); eagerly it is FlexAttention's dense
+reference (same values, no speed). The block mask is built once per cache and updated in place each step, so a captured graph reads
 the step's counts (:meth:`StaticKVCache.decode_block_mask`).
 """
 
