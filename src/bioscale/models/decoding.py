@@ -33,8 +33,8 @@ blocks: each slot visits only the blocks up to its own position and masks the re
 what the slots hold, not the whole cache (slots of different lengths, early steps of a long cache). Compiled, that is
 FlexAttention's split-KV decoding kernel and its reduction instead of two GEMVs and a softmax (on an H200 at batch 32
 and 768 positions the slower of the two, so the engine's default is dense); eagerly it is FlexAttention's dense
-reference (same values, no speed). The block mask is built once per cache and updated in place each step, so a captured graph reads
-the step's counts (:meth:`StaticKVCache.decode_block_mask`).
+reference (same values, no speed). The block mask is built once per cache and updated in place each step, so a
+captured graph reads the step's counts (:meth:`StaticKVCache.decode_block_mask`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from bioscale.models.rotary import RotaryEmbedding
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -30,14 +29,13 @@ def build_bioscale_from_state_dict(
         model = model_cls(config)
     load_exact(model, state_dict, what=model_cls.__name__)
     device = next(iter(state_dict.values())).device
+    # Non-persistent buffers are in no state dict: each module that owns one derives it (materialize_buffers).
     for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.inv_freq = torch.empty(module.inv_freq.shape, dtype=torch.float32, device=device)
-            module.reset_parameters()
-        elif hasattr(module, "reset_drop_path_prob") and module.drop_path_prob.is_meta:
-            # The ViT block's non-persistent stochastic-depth rate: derived from the config, never in a state dict.
-            module.drop_path_prob = torch.empty((), dtype=torch.float32, device=device)
-            module.reset_drop_path_prob()
+        if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            assert hasattr(module, "materialize_buffers"), (
+                f"{type(module).__name__} holds a buffer no state dict carries and defines no materialize_buffers"
+            )
+            module.materialize_buffers(device)
     return model
 
 

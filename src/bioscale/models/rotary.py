@@ -116,6 +116,12 @@ class RotaryEmbedding(nn.Module):
             return
         self.inv_freq.copy_(compute_inv_freq(self.head_dim, self.base, self.rope_scaling, device=self.inv_freq.device))
 
+    def materialize_buffers(self, device: torch.device) -> None:
+        """Allocate and fill ``inv_freq`` on ``device`` (a model built on ``meta`` whose weights were loaded: the
+        table is in no state dict; ``bioscale.models.hf_utils.build_bioscale_from_state_dict``)."""
+        self.inv_freq = torch.empty(self.inv_freq.shape, dtype=torch.float32, device=device)
+        self.reset_parameters()
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         before = self.inv_freq
         super()._apply(fn, recurse)

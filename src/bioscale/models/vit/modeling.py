@@ -200,6 +200,11 @@ class VitBlock(nn.Module):
         if self.drop_path_prob.device.type != "meta":
             self.drop_path_prob.fill_(self.drop_path_rate)
 
+    def materialize_buffers(self, device: torch.device) -> None:
+        """Allocate and fill ``drop_path_prob`` on ``device`` (as ``RotaryEmbedding.materialize_buffers``)."""
+        self.drop_path_prob = torch.empty((), dtype=torch.float32, device=device)
+        self.reset_drop_path_prob()
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         before = self.drop_path_prob
         super()._apply(fn, recurse)
