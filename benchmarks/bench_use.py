@@ -284,6 +284,11 @@ DECODE_VARIANTS = {
     "flex": {"compile_options": {}, "decode_attention": "flex"},
     "flex + cublaslt": {"compile_options": {}, "decode_attention": "flex", "blas": "cublaslt"},
     "flex + max-autotune": {"compile_options": {"mode": "max-autotune-no-cudagraphs"}, "decode_attention": "flex"},
+    # FlashAttention-2 varlen over each (slot, KV head)'s keys up to its position: one kernel instead of two GEMVs
+    # and a softmax over the whole cache (~32% of the batch-32 step's device time, 2026-12-03).
+    "varlen": {"compile_options": {}, "decode_attention": "varlen"},
+    "varlen + max-autotune": {"compile_options": {"mode": "max-autotune-no-cudagraphs"}, "decode_attention": "varlen"},
+    "varlen + combo kernels": {"compile_options": {"options": {"combo_kernels": True}}, "decode_attention": "varlen"},
     # Inductor's horizontal fusion of independent kernels (e.g. a layer's K and V cache writes): fewer launches
     # per step, each of which costs ~1 us of graph gap (223 kernels per step at batch 32, 2026-12-03).
     "combo kernels": {"compile_options": {"options": {"combo_kernels": True}}, "decode_attention": "dense"},
@@ -375,30 +380,35 @@ def profile_decode(args: argparse.Namespace, device: torch.device, dtype: torch.
         prompts = _dna_prompts(args.data, batch_size, args.quick)
         ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         keys = [(0, i) for i in range(len(ids))]
-        engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=False,
-                                  compile_step=device.type == "cuda", poll_every=10**6)  # fmt: skip
-        totals = []
-        for new_tokens in (1, 1 + steps):
-            engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)  # warm-up (compile)
-            _sync(device)
-            with profile(activities=[activity]) as prof:
-                engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)
-                _sync(device)
-            totals.append(_kernel_totals(prof, device))
-        prefill, full = totals
-        per_step = {}
-        for name, (count, micros) in full.items():
-            extra = count - prefill.get(name, (0, 0.0))[0]
-            if extra > 0:  # the decode steps' calls, at this kernel's mean time per call (a difference of two
-                # timed runs would carry their noise, and can go negative on a busy CPU)
-                per_step[name] = (extra / steps, extra * micros / count / steps)
-        top = sorted(per_step.items(), key=lambda item: -item[1][1])[:6]
-        rows.append({
-            "batch": batch_size, "model": f"Llama 3 {size}",
-            "kernels_per_step": sum(c for c, _ in per_step.values()),
-            "device_ms_per_step": sum(t for _, t in per_step.values()) / 1e3,
-            "top": "; ".join(f"{name[:60]} ×{c:.0f} {t:.0f} µs" for name, (c, t) in top),
-        })  # fmt: skip
+        for variant in args.profile_variants:
+            settings = dict(DECODE_VARIANTS[variant])
+            blas = settings.pop("blas", None)
+            engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=False,
+                                      compile_step=device.type == "cuda", poll_every=10**6, **settings)  # fmt: skip
+            totals = []
+            for new_tokens in (1, 1 + steps):
+                with _preferred_blas(blas, device):
+                    engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)  # warm-up (compile)
+                    _sync(device)
+                    with profile(activities=[activity]) as prof:
+                        engine.generate(ids, max_new_tokens=new_tokens, keys=keys, eos_token_id=None)
+                        _sync(device)
+                totals.append(_kernel_totals(prof, device))
+            prefill, full = totals
+            per_step = {}
+            for name, (count, micros) in full.items():
+                extra = count - prefill.get(name, (0, 0.0))[0]
+                if extra > 0:  # the decode steps' calls, at this kernel's mean time per call (a difference of two
+                    # timed runs would carry their noise, and can go negative on a busy CPU)
+                    per_step[name] = (extra / steps, extra * micros / count / steps)
+            top = sorted(per_step.items(), key=lambda item: -item[1][1])[:6]
+            rows.append({
+                "batch": batch_size, "model": f"Llama 3 {size}", "variant": variant,
+                "kernels_per_step": sum(c for c, _ in per_step.values()),
+                "device_ms_per_step": sum(t for _, t in per_step.values()) / 1e3,
+                "top": "; ".join(f"{name[:60]} ×{c:.0f} {t:.0f} µs" for name, (c, t) in top),
+            })  # fmt: skip
+            del engine
     del model
     return rows
 
@@ -431,7 +441,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--decode-variants", nargs="*", default=None, choices=list(DECODE_VARIANTS),
                         help="compare torch.compile settings of the decode step (all when given without names)")
     parser.add_argument("--profile-decode", action="store_true",
-                        help="also profile one decode step per batch size: kernels, device time, the costliest")  # fmt: skip
+                        help="also profile one decode step per batch size: kernels, device time, the costliest")
+    parser.add_argument("--profile-variants", nargs="+", default=["engine defaults"], choices=list(DECODE_VARIANTS),
+                        help="the decode-step settings --profile-decode profiles")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -472,7 +484,7 @@ def main(argv: list[str] | None = None) -> Path:
         rows = profile_decode(args, device, dtype)
         what = "kernels" if device.type == "cuda" else "operators (CPU: self time)"
         sections.append(f"## One decode step's {what} (the captured step, compiled on CUDA, profiled unrolled)\n\n"
-                        + _table(rows, [("model", "model", ""), ("batch", "batch", ""),
+                        + _table(rows, [("model", "model", ""), ("variant", "decode step", ""), ("batch", "batch", ""),
                                         ("kernels_per_step", "per step", ".0f"),
                                         ("device_ms_per_step", "ms per step", ".3f"),
                                         ("top", "costliest (calls and µs per step)", "")]))  # fmt: skip

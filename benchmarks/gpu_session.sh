@@ -31,6 +31,7 @@
 #   bash benchmarks/gpu_session.sh ab DIR ARGS  # bench_train.py ARGS with the code in DIR (an older tree: DIR/src,
 #                                               # DIR/benchmarks), then with this tree, in one call (A/B rows)
 #   bash benchmarks/gpu_session.sh gputests FILES  # the GPU tests of FILES (e.g. tests/models/test_amplify_gpu.py)
+#   bash benchmarks/gpu_session.sh use ARGS     # benchmarks/bench_use.py ARGS (e.g. --skip-embed --decode-variants)
 #   bash benchmarks/gpu_session.sh train NAME ARGS # one `bioscale train ARGS` run in /tmp/runs/NAME, then its
 #                                               # steady-state throughput (benchmarks/train_throughput.py) into $OUT
 #
@@ -117,6 +118,8 @@ case "$job" in
   suite)
     python -m pytest -q -p no:cacheprovider -m "not gpu and not multi_gpu" -n 8 tests 2>&1 | tail -8
     python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
+  use)  # bench_use.py ARGS (inference: embeddings, generation, decode-step variants and profiles)
+    python benchmarks/bench_use.py --data "$BIOSCALE_SHARED_DATA" --out-dir "$out" "${@:2}" ;;
   gputests)
     python -m pytest -q -p no:cacheprovider -m gpu "${@:2}" 2>&1 | tail -25 ;;
   train)

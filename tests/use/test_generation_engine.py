@@ -12,6 +12,7 @@ import torch
 
 from bioscale.data.tokenizers import nucleotide_tokenizer
 from bioscale.models import build_config, build_model, to_hf
+from bioscale.models import decoding
 from bioscale.models.decoding import DECODE_KV_BLOCK, StaticKVCache, decoder_parts, kv_decode_attention
 from bioscale.models.attention import AttentionInputs, sdpa_attention
 from bioscale.use import generate_dna
@@ -233,6 +234,72 @@ def test_flex_decode_attention_reads_each_slot_up_to_its_own_position(compiled) 
     reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True,
                                                         attention_mask=valid[:, None, None, :]), 0.25)  # fmt: skip
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def _reference_flash_varlen(q, k, v, inputs, scale):
+    """What FlashAttention-2's varlen forward computes, written out: sequence ``i`` is rows ``cu_q[i]:cu_q[i+1]`` of
+    ``q`` against rows ``cu_k[i] : cu_k[i] + seqused_k[i]`` of ``k``/``v`` (bidirectional; query head ``h`` reads KV
+    head ``h // G``)."""
+    out = torch.zeros_like(q)
+    cu_q, cu_k, used = inputs.cu_seqlens_q.tolist(), inputs.cu_seqlens_k.tolist(), inputs.seqused_k.tolist()
+    groups = q.shape[1] // k.shape[1]
+    assert inputs.max_seqlen_q == max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    assert inputs.max_seqlen_k == max(b - a for a, b in zip(cu_k, cu_k[1:])) and max(used) <= inputs.max_seqlen_k
+    for i in range(len(cu_q) - 1):
+        for h in range(q.shape[1]):
+            keys = k[cu_k[i] : cu_k[i] + used[i], h // groups]
+            values = v[cu_k[i] : cu_k[i] + used[i], h // groups]
+            weights = (q[cu_q[i] : cu_q[i + 1], h] @ keys.T * scale).softmax(-1)
+            out[cu_q[i] : cu_q[i + 1], h] = weights @ values
+    return out
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch):
+    """The ``"varlen"`` decode attention with the kernel replaced by :func:`_reference_flash_varlen`, so the CPU
+    tests check what bioscale arranges around the kernel (the GPU tests run the kernel itself)."""
+    import bioscale.use.generation_engine as engine_module
+
+    monkeypatch.setattr(decoding, "_flash_varlen_forward", _reference_flash_varlen)
+    monkeypatch.setattr(decoding, "varlen_available", lambda device, dtype: True)
+    monkeypatch.setattr(engine_module, "varlen_available", lambda device, dtype: True)
+
+
+def test_varlen_decode_attention_reads_each_slot_and_kv_head_up_to_its_position(varlen_on_cpu) -> None:
+    """Every (slot, KV head) is one varlen sequence over that head's cache row, as the cache lays it out
+    ``[B, H_kv, S, D]``: equal to SDPA with the dense mask, with huge stale values beyond each position."""
+    q, k, v, mask = _decode_attention_case(seed=4, length=12)
+    positions = torch.tensor([0, 4, 9])
+    stale = ~mask[:, 0, 0, :, None, None].expand_as(k)
+    # The cache's own layout, seen [B, S, H_kv, D] as the blocks hand it over.
+    k_cache = k.masked_fill(stale, 1e4).transpose(1, 2).contiguous().transpose(1, 2)
+    v_cache = v.masked_fill(stale, -1e4).transpose(1, 2).contiguous().transpose(1, 2)
+    inputs = decoding.varlen_decode_inputs(positions, num_kv_heads=2, groups=4, max_length=12)
+    ours = kv_decode_attention(q, k_cache, v_cache, inputs, 0.25)
+    reference = sdpa_attention(q, k, v, AttentionInputs(backend="sdpa", causal=True, attention_mask=mask), 0.25)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_varlen_decode_step_equals_the_dense_step(models, varlen_on_cpu) -> None:
+    """The whole engine with the ``"varlen"`` decode attention (refill included: 5 prompts, 2 slots) gives the dense
+    step's tokens and log-probabilities."""
+    model, _hf, tok = models
+    ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    kwargs = dict(max_new_tokens=16, keys=[(0, 0)] * len(ids), eos_token_id=None)
+    dense = GenerationEngine(model, max_batch_size=2, compile_step=False).generate(ids, **kwargs)
+    varlen = GenerationEngine(model, max_batch_size=2, compile_step=False, decode_attention="varlen").generate(
+        ids, **kwargs)  # fmt: skip
+    assert [o.token_ids for o in varlen] == [o.token_ids for o in dense]
+    for a, b in zip(varlen, dense):
+        torch.testing.assert_close(torch.tensor(a.log_probs), torch.tensor(b.log_probs), rtol=0, atol=1e-5)
+
+
+def test_varlen_decode_attention_needs_cuda_and_half_precision(models) -> None:
+    with pytest.raises(ValueError, match="needs a CUDA model in fp16 / bf16"):
+        decode_attention_mode("varlen", device=torch.device("cpu"), dtype=torch.float32)
+    ids = [[models[2].bos_token_id, 5]]
+    with pytest.raises(ValueError, match="needs a CUDA model in fp16 / bf16"):
+        GenerationEngine(models[0], decode_attention="varlen").generate(ids, max_new_tokens=2, keys=[(0, 0)])
 
 
 def test_flex_decode_needs_a_whole_number_of_blocks() -> None:

@@ -77,14 +77,43 @@ def test_cuda_graph_step_equals_eager_step(cuda_models, dtype) -> None:
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
 
 
-@pytest.mark.parametrize("attention", ["flex", "dense"])
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, BF16_TIE_TOLERANCE),
-                                                  (torch.float32, FP32_TIE_TOLERANCE)], ids=["bf16", "fp32"])  # fmt: skip
+def test_varlen_decode_kernel_reads_each_slot_up_to_its_position() -> None:
+    """torch's FlashAttention-2 varlen kernel, as the ``"varlen"`` decode attention calls it on the cache's own
+    layout, equals a float64 masked softmax, with huge stale values beyond each slot's position (``seqused_k``)."""
+    from bioscale.models.attention import AttentionInputs, sdpa_attention
+    from bioscale.models.decoding import kv_decode_attention, varlen_decode_inputs
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, length = 5, 32, 8, 64, 768
+    positions = torch.tensor([0, 1, 300, 640, length - 1], device="cuda")
+    q = torch.randn(batch, 1, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(batch, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16)
+                        for _ in range(2))  # fmt: skip
+    valid = torch.arange(length, device="cuda")[None] <= positions[:, None]
+    reference = sdpa_attention(q.double(), k_cache.transpose(1, 2).double(), v_cache.transpose(1, 2).double(),
+                               AttentionInputs(backend="sdpa", causal=True, attention_mask=valid[:, None, None, :]),
+                               0.125)  # fmt: skip
+    stale = ~valid[:, None, :, None]
+    k_cache.masked_fill_(stale, 1e4)
+    v_cache.masked_fill_(stale, -1e4)
+    inputs = varlen_decode_inputs(positions, num_kv_heads=kv_heads, groups=heads // kv_heads, max_length=length)
+    ours = kv_decode_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), inputs, 0.125)
+    torch.testing.assert_close(ours.double(), reference, rtol=0, atol=2e-2)
+
+
+# FlashAttention-2 has no float32 kernel: "varlen" runs in bf16 only (its float32 refusal is CPU-tested).
+@pytest.mark.parametrize(("attention", "dtype", "tolerance"), [
+    pytest.param(attention, dtype, tolerance, id=f"{attention}-{name}")
+    for attention in ("flex", "dense", "varlen")
+    for dtype, tolerance, name in ((torch.bfloat16, BF16_TIE_TOLERANCE, "bf16"),
+                                   (torch.float32, FP32_TIE_TOLERANCE, "fp32"))
+    if not (attention == "varlen" and dtype == torch.float32)
+])  # fmt: skip
 def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, dtype, tolerance, attention) -> None:
-    """The default CUDA path compiles the step (fused kernels round differently; FlexAttention's block-sparse decode
-    kernel by default, the dense masked matmuls as the alternative): greedy tokens equal the uncompiled graphed
-    step's, except where a near-tie (checked against transformers' logits) sends them apart. The longest prompt (145
-    tokens) decodes in the second 128-position block, the others in the first."""
+    """The default CUDA path compiles the step (fused kernels round differently; the dense masked matmuls,
+    FlexAttention's block-sparse decode kernel or FlashAttention-2 varlen): greedy tokens equal the uncompiled graphed
+    dense step's, except where a near-tie (checked against transformers' logits) sends them apart. The longest
+    prompt (145 tokens) decodes in the second 128-position block, the others in the first."""
     model, hf, tok = cuda_models
     model, hf = model.to(dtype), hf.to(dtype)
     ids = _ids(tok, PROMPTS)

@@ -26,7 +26,8 @@ CUDA with compute capability >= 9.0, fp16 / bf16, head size a multiple of 8 up t
 Routing rule (applied by the builders, from ``config.attn_backend``): a *packed* batch uses ``varlen`` unless the
 config asks for ``flex``; where the varlen kernel cannot run (CPU, float32, torch without ``varlen_attn``) it falls
 back to ``sdpa`` with a block-diagonal mask. A *padded* batch uses ``sdpa`` unless the config asks for ``flex``.
-KV-cache decoding always uses ``sdpa``. In every case no query attends to a key of another sequence.
+KV-cache decoding has its own backend (``kv_decode``, :mod:`bioscale.models.decoding`). In every case no query
+attends to a key of another sequence.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class AttentionInputs:
         cu_seqlens_q / cu_seqlens_k: ``varlen`` only: int32 ``[N + 1]`` sequence boundaries.
         max_seqlen_q / max_seqlen_k: ``varlen`` only: longest sequence, as a Python int.
         block_mask: ``flex`` only: a FlexAttention ``BlockMask``.
+        seqused_k: ``varlen`` decode only: int32 ``[N]``, how many leading keys of each sequence are read (the rest of
+            its ``cu_seqlens_k`` span is unused cache).
         dropout_p: attention-probability dropout (training only; ``sdpa`` only).
     """
 
@@ -70,6 +73,7 @@ class AttentionInputs:
     max_seqlen_q: int | None = None
     max_seqlen_k: int | None = None
     block_mask: Any = None
+    seqused_k: torch.Tensor | None = None
     dropout_p: float = 0.0
 
 

@@ -26,7 +26,7 @@ are folded into the *query-length* dimension (``[B, H_kv, G, D]`` against ``[B, 
 K/V ``G`` times (``repeat_kv``). The same dot products and softmax rows, but the cache is read once per step rather
 than materialised ``G`` times (Llama 3 1B: G = 4, at batch 32 and 768 positions 1.6 GB of copies per step avoided).
 
-Two decode attentions (``decode_forward(..., attention=)``, :data:`DECODE_ATTENTION_MODES`). ``"dense"`` reads every
+Decode attentions (``decode_forward(..., attention=)``, :data:`DECODE_ATTENTION_MODES`). ``"dense"`` reads every
 cache position of every slot and masks those beyond the slot's own (SDPA eagerly; under ``torch.compile`` two batched
 GEMVs and a masked softmax). ``"flex"`` is FlexAttention with a block mask over :data:`DECODE_KV_BLOCK`-position
 blocks: each slot visits only the blocks up to its own position and masks the rest of the last one, so a step reads
@@ -35,6 +35,13 @@ FlexAttention's split-KV decoding kernel and its reduction instead of two GEMVs 
 and 768 positions the slower of the two, so the engine's default is dense); eagerly it is FlexAttention's dense
 reference (same values, no speed). The block mask is built once per cache and updated in place each step, so a
 captured graph reads the step's counts (:meth:`StaticKVCache.decode_block_mask`).
+
+The third, ``"varlen"`` (CUDA, fp16 / bf16), is torch's FlashAttention-2 varlen kernel
+(``aten._flash_attention_forward``) with ``seqused_k``: every (slot, KV head) pair is one "sequence" whose queries
+are the ``G`` query heads of the group and whose keys are that head's cache row — the cache's own ``[B, H_kv, S, D]``
+layout flattened, no copy — of which only the first ``position + 1`` are read. One fused kernel per layer (scores,
+softmax and values in registers) instead of two GEMVs and a softmax over the whole cache, reading only what each
+slot holds (:func:`varlen_decode_inputs`).
 """
 
 from __future__ import annotations
@@ -48,12 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs, flex_attention_backend
+from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs, flex_attention_backend, varlen_available
 from bioscale.models.batch import prepare_batch
 from bioscale.models.common import attention_inputs_for_batch
 
 KV_DECODE_BACKEND = "kv_decode"
-DECODE_ATTENTION_MODES = ("dense", "flex")
+DECODE_ATTENTION_MODES = ("dense", "flex", "varlen")
 # Positions per FlexAttention KV block of the decode block mask (its default sparse block size).
 DECODE_KV_BLOCK = 128
 
@@ -72,6 +79,8 @@ def kv_decode_attention(
     assert seq_len == 1, f"kv_decode attention takes one query per row, got {seq_len}"
     if inputs.block_mask is not None:
         return flex_attention_backend(q, k, v, inputs, scale)
+    if inputs.seqused_k is not None:
+        return _varlen_decode_attention(q, k, v, inputs, scale)
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, num_kv_heads, groups, head_dim)  # [B, 1, H, D] -> [B, H_kv, G, D]: head h = kv * G + g
@@ -92,6 +101,51 @@ def kv_decode_attention(
     return out.reshape(batch, 1, num_heads, head_dim)
 
 
+def varlen_decode_inputs(
+    positions: torch.Tensor, *, num_kv_heads: int, groups: int, max_length: int
+) -> AttentionInputs:
+    """The ``"varlen"`` decode attention's inputs at ``positions`` ``[num_slots]`` (module docstring): sequence
+    ``slot * H_kv + kv_head`` has the ``groups`` query heads of that KV head as its queries and keys
+    ``[0, position]`` of that head's cache row (``max_length`` rows apart)."""
+    rows = positions.shape[0] * num_kv_heads
+    boundaries = torch.arange(rows + 1, dtype=torch.int32, device=positions.device)
+    return AttentionInputs(
+        backend=KV_DECODE_BACKEND, causal=True, cu_seqlens_q=boundaries * groups, cu_seqlens_k=boundaries * max_length,
+        max_seqlen_q=groups, max_seqlen_k=max_length,
+        seqused_k=(positions + 1).to(torch.int32).repeat_interleave(num_kv_heads),
+    )  # fmt: skip
+
+
+def _flash_varlen_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None
+) -> torch.Tensor:
+    """torch's FlashAttention-2 varlen forward over ``[T, H, D]`` rows (bidirectional within each sequence)."""
+    out, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.max_seqlen_q, inputs.max_seqlen_k, 0.0, False, False,
+        scale=scale, seqused_k=inputs.seqused_k,
+    )  # fmt: skip
+    return out
+
+
+def _varlen_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None
+) -> torch.Tensor:
+    if not varlen_available(q.device, q.dtype):
+        raise ValueError(f"the varlen decode attention needs CUDA and fp16/bf16 activations (got {q.device}, "
+                         f"{q.dtype}); use decode_attention='dense'")  # fmt: skip
+    batch, _, num_heads, head_dim = q.shape
+    # k / v arrive as the cache's [B, H_kv, S, D] buffers viewed [B, S, H_kv, D]: back to the buffer, each (slot, KV
+    # head) row of S keys is contiguous, so [B * H_kv * S, 1, D] is a view; q [B, 1, H, D] -> [B * H, 1, D] puts the
+    # G query heads of (slot, KV head) together (head h = kv * G + g), i.e. sequence slot * H_kv + kv.
+    keys, values = k.transpose(1, 2), v.transpose(1, 2)
+    assert keys.is_contiguous() and values.is_contiguous(), "the varlen decode attention reads the cache as it is"
+    out = _flash_varlen_forward(
+        q.reshape(batch * num_heads, 1, head_dim), keys.reshape(-1, 1, head_dim), values.reshape(-1, 1, head_dim),
+        inputs, scale,
+    )  # fmt: skip
+    return out.reshape(batch, 1, num_heads, head_dim)
+
+
 # Registered by name like every backend; only decode_forward builds inputs for it (no config selects it).
 ATTENTION_BACKENDS[KV_DECODE_BACKEND] = kv_decode_attention
 
@@ -106,6 +160,7 @@ class DecoderParts:
     norm: nn.Module
     compute_logits: Callable[[torch.Tensor], torch.Tensor]
     attn_backend: str  # the config's backend: packed prefill routes through it (varlen on GPU, sdpa on CPU)
+    num_heads: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int
@@ -128,6 +183,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
         norm=inner.norm,
         compute_logits=_weakly(model.compute_logits),
         attn_backend=str(getattr(config, "attn_backend", "sdpa")),
+        num_heads=int(config.num_attention_heads),
         num_kv_heads=int(config.num_key_value_heads),
         head_dim=int(config.head_dim),
         vocab_size=int(config.vocab_size),
@@ -296,6 +352,9 @@ def decode_forward(
     if attention == "flex":
         attn_inputs = AttentionInputs(backend=KV_DECODE_BACKEND, causal=True,
                                       block_mask=cache.decode_block_mask(positions))  # fmt: skip
+    elif attention == "varlen":
+        attn_inputs = varlen_decode_inputs(positions, num_kv_heads=parts.num_kv_heads,
+                                           groups=parts.num_heads // parts.num_kv_heads, max_length=cache.max_length)
     else:
         key_positions = torch.arange(cache.max_length, device=positions.device)
         mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S_max]

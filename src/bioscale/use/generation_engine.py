@@ -203,17 +203,22 @@ def should_compile_step(setting: bool | None, *, device_type: str, decode_steps:
     return device_type == "cuda" and decode_steps >= min_steps
 
 
-def decode_attention_mode(setting: str | None) -> str:
+def decode_attention_mode(setting: str | None, *, device: torch.device | None = None,
+                          dtype: torch.dtype | None = None) -> str:  # fmt: skip
     """``decode_attention``'s decision (:data:`bioscale.models.decoding.DECODE_ATTENTION_MODES`): as given, or
     ``"dense"`` for ``None``. On an H200 (Llama 3 1B, batch 32, prompts of 256-512 bases, 256 new tokens, compiled
     step; benchmarks/results/2026-12-04-h200-attention-cudnn.md) the block-sparse FlexAttention step ran 18,932
     tokens/s against the dense step's 19,928: at these cache lengths its split-KV kernel costs more than the blocks
     it skips save. ``"flex"`` stays for long caches of unequal lengths (uncompiled it is FlexAttention's dense
-    reference: correct, not fast)."""
+    reference: correct, not fast). ``"varlen"`` needs a CUDA model in fp16 / bf16 (checked when ``device`` is
+    given)."""
     if setting is None:
         return "dense"
     if setting not in DECODE_ATTENTION_MODES:
         raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_MODES} or None, got {setting!r}")
+    if setting == "varlen" and device is not None and not varlen_available(device, dtype or torch.float32):
+        raise ValueError(f"decode_attention='varlen' (FlashAttention-2 varlen) needs a CUDA model in fp16 / bf16, "
+                         f"this one is {dtype} on {device}; use 'dense'")  # fmt: skip
     return setting
 
 
@@ -358,9 +363,9 @@ class GenerationEngine:
             most :data:`AUTOTUNE_MAX_SLOTS` slots). ``None`` (default): compile on CUDA when a call needs enough
             decode steps for the compile to pay for itself (:func:`should_compile_step`); ``True`` / ``False``
             always / never.
-        decode_attention: ``"dense"`` (every cache position, masked) or ``"flex"`` (FlexAttention over each slot's
-            blocks up to its position; :mod:`bioscale.models.decoding`). ``None`` (default):
-            :func:`decode_attention_mode` (``"dense"``, the faster one measured).
+        decode_attention: ``"dense"`` (every cache position, masked), ``"flex"`` (FlexAttention over each slot's
+            blocks up to its position) or ``"varlen"`` (FlashAttention-2 over each slot's keys up to its position;
+            CUDA, fp16 / bf16); :mod:`bioscale.models.decoding`. ``None`` (default): :func:`decode_attention_mode`.
         compile_options: the keyword arguments of that ``torch.compile`` call (``mode`` or ``options``, as
             ``benchmarks/bench_use.py --decode-variants`` compares them). ``None`` (default):
             :func:`decode_compile_options` (max-autotune for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots on
@@ -441,7 +446,8 @@ class GenerationEngine:
         compile_step = should_compile_step(self._compile_step, device_type=device.type, decode_steps=decode_steps,
                                            num_slots=num_slots)  # fmt: skip
         mode = (sampling.do_sample, sampling.top_k, sampling.top_p is not None)
-        attention = decode_attention_mode(self._decode_attention)
+        dtype = next(self.model.parameters()).dtype
+        attention = decode_attention_mode(self._decode_attention, device=device, dtype=dtype)
         key = (num_slots, cache_length, mode, use_graph, compile_step, attention)
         if key in self._sessions:
             self._sessions.move_to_end(key)
@@ -450,7 +456,6 @@ class GenerationEngine:
             self._sessions.popitem(last=False)
         if use_graph and self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        dtype = next(self.model.parameters()).dtype
         session = _Session(
             self.parts, num_layers=len(self.parts.layers), num_slots=num_slots, cache_length=cache_length,
             sampling=sampling, dtype=dtype, device=device, cuda_graph=use_graph, graph_pool=self._graph_pool,
