@@ -308,6 +308,27 @@ def test_flex_decode_needs_a_whole_number_of_blocks() -> None:
                       dtype=torch.float32, device=torch.device("cpu"), flex_decode=True)  # fmt: skip
 
 
+def test_decode_attention_default_is_varlen_only_with_a_slot_and_kv_head_per_multiprocessor(monkeypatch) -> None:
+    """The choice as a pure function of the machine and the session: FlashAttention-2 varlen where it can run and
+    (slots x KV heads) fill the GPU's multiprocessors, the dense step otherwise (and on CPU / in float32)."""
+    import types
+
+    import bioscale.use.generation_engine as engine_module
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(engine_module, "varlen_available",
+                        lambda device, dtype: device.type == "cuda" and dtype == torch.bfloat16)
+    assert decode_attention_mode(None, device=cuda, dtype=torch.bfloat16, num_slots=32, num_kv_heads=8) == "varlen"
+    assert decode_attention_mode(None, device=cuda, dtype=torch.bfloat16, num_slots=1, num_kv_heads=8) == "dense"
+    assert decode_attention_mode(None, device=cuda, dtype=torch.bfloat16, num_slots=16, num_kv_heads=8) == "dense"
+    assert decode_attention_mode(None, device=cuda, dtype=torch.float32, num_slots=32, num_kv_heads=8) == "dense"
+    cpu = torch.device("cpu")
+    assert decode_attention_mode(None, device=cpu, dtype=torch.bfloat16, num_slots=64, num_kv_heads=8) == "dense"
+    assert decode_attention_mode("dense", device=cuda, dtype=torch.bfloat16, num_slots=32, num_kv_heads=8) == "dense"
+
+
 def test_decode_attention_is_dense_unless_given(models) -> None:
     assert decode_attention_mode(None) == "dense"
     assert decode_attention_mode("flex") == "flex"

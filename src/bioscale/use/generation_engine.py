@@ -203,17 +203,25 @@ def should_compile_step(setting: bool | None, *, device_type: str, decode_steps:
     return device_type == "cuda" and decode_steps >= min_steps
 
 
-def decode_attention_mode(setting: str | None, *, device: torch.device | None = None,
-                          dtype: torch.dtype | None = None) -> str:  # fmt: skip
-    """``decode_attention``'s decision (:data:`bioscale.models.decoding.DECODE_ATTENTION_MODES`): as given, or
-    ``"dense"`` for ``None``. On an H200 (Llama 3 1B, batch 32, prompts of 256-512 bases, 256 new tokens, compiled
-    step; benchmarks/results/2026-12-04-h200-attention-cudnn.md) the block-sparse FlexAttention step ran 18,932
-    tokens/s against the dense step's 19,928: at these cache lengths its split-KV kernel costs more than the blocks
-    it skips save. ``"flex"`` stays for long caches of unequal lengths (uncompiled it is FlexAttention's dense
-    reference: correct, not fast). ``"varlen"`` needs a CUDA model in fp16 / bf16 (checked when ``device`` is
-    given)."""
+def decode_attention_mode(setting: str | None, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                          num_slots: int = 1, num_kv_heads: int = 1) -> str:  # fmt: skip
+    """``decode_attention``'s decision (:data:`bioscale.models.decoding.DECODE_ATTENTION_MODES`): as given, or for
+    ``None``: ``"varlen"`` where it runs (CUDA, fp16 / bf16) and the session has at least one (slot, KV head) pair
+    per multiprocessor, else ``"dense"``.
+
+    Why (Llama 3 1B, 256 new tokens, prompts of 256-512 bases, compiled graphed step;
+    benchmarks/results/2026-12-05-h100-decode-varlen.md). FlashAttention-2 runs one thread block per (slot, KV head)
+    here: at 32 slots x 8 KV heads (256 blocks on an H100's 132 multiprocessors) it beat the dense step, 17,837
+    against 17,176 tokens/s; at one slot (8 blocks) each block walks its whole row alone, 16 us per layer, and the
+    step lost (673 against 859). The block-sparse FlexAttention step lost at 32 slots on an H200 (18,932 against the
+    dense 19,928; benchmarks/results/2026-12-04-h200-attention-cudnn.md); it stays for long caches of unequal lengths
+    (uncompiled it is FlexAttention's dense reference: correct, not fast). An explicit ``"varlen"`` needs a CUDA
+    model in fp16 / bf16 (checked when ``device`` is given)."""
     if setting is None:
-        return "dense"
+        if device is None or device.type != "cuda" or not varlen_available(device, dtype or torch.float32):
+            return "dense"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return "varlen" if num_slots * num_kv_heads >= sms else "dense"
     if setting not in DECODE_ATTENTION_MODES:
         raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_MODES} or None, got {setting!r}")
     if setting == "varlen" and device is not None and not varlen_available(device, dtype or torch.float32):
@@ -365,7 +373,8 @@ class GenerationEngine:
             always / never.
         decode_attention: ``"dense"`` (every cache position, masked), ``"flex"`` (FlexAttention over each slot's
             blocks up to its position) or ``"varlen"`` (FlashAttention-2 over each slot's keys up to its position;
-            CUDA, fp16 / bf16); :mod:`bioscale.models.decoding`. ``None`` (default): :func:`decode_attention_mode`.
+            CUDA, fp16 / bf16); :mod:`bioscale.models.decoding`. ``None`` (default): :func:`decode_attention_mode`
+            (``"varlen"`` for sessions with a (slot, KV head) pair per multiprocessor, else ``"dense"``).
         compile_options: the keyword arguments of that ``torch.compile`` call (``mode`` or ``options``, as
             ``benchmarks/bench_use.py --decode-variants`` compares them). ``None`` (default):
             :func:`decode_compile_options` (max-autotune for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots on
@@ -447,7 +456,8 @@ class GenerationEngine:
                                            num_slots=num_slots)  # fmt: skip
         mode = (sampling.do_sample, sampling.top_k, sampling.top_p is not None)
         dtype = next(self.model.parameters()).dtype
-        attention = decode_attention_mode(self._decode_attention, device=device, dtype=dtype)
+        attention = decode_attention_mode(self._decode_attention, device=device, dtype=dtype, num_slots=num_slots,
+                                          num_kv_heads=self.parts.num_kv_heads)  # fmt: skip
         key = (num_slots, cache_length, mode, use_graph, compile_step, attention)
         if key in self._sessions:
             self._sessions.move_to_end(key)
