@@ -292,9 +292,27 @@ DECODE_VARIANTS = {
     # Inductor's horizontal fusion of independent kernels (e.g. a layer's K and V cache writes): fewer launches
     # per step, each of which costs ~1 us of graph gap (223 kernels per step at batch 32, 2026-12-03).
     "combo kernels": {"compile_options": {"options": {"combo_kernels": True}}, "decode_attention": "dense"},
+    # Every linear as a float32 multiply-and-sum that Inductor fuses with its neighbours (RMSNorm scaling, SwiGLU,
+    # residual adds) instead of a cuBLAS GEMV between elementwise kernels (decode_linear="reduction").
+    "reduction linears": {"compile_options": {}, "decode_attention": "dense", "decode_linear": "reduction"},
+    "reduction linears + coordinate descent": {
+        "compile_options": {"options": {"coordinate_descent_tuning": True}}, "decode_attention": "dense",
+        "decode_linear": "reduction"},
+    "reduction linears + max-autotune": {"compile_options": {"mode": "max-autotune-no-cudagraphs"},
+                                         "decode_attention": "dense", "decode_linear": "reduction"},
+    "reduction linears + varlen": {"compile_options": {}, "decode_attention": "varlen", "decode_linear": "reduction"},
     "engine defaults": {},  # what GenerationEngine(compile_step=True) picks for the session (decode_compile_options,
     # decode_attention_mode)
 }  # fmt: skip
+
+
+def _engine_settings(variant: str) -> dict[str, object]:
+    """The variant's GenerationEngine keyword arguments; a variant that names its attention but not its linears runs
+    them as GEMMs (so it keeps meaning the same thing when the engine's rule changes)."""
+    settings = dict(DECODE_VARIANTS[variant])
+    if "decode_attention" in settings:
+        settings.setdefault("decode_linear", "gemm")
+    return settings
 
 
 @contextlib.contextmanager
@@ -325,7 +343,7 @@ def bench_decode_variants(args: argparse.Namespace, device: torch.device, dtype:
         keys = [(0, i) for i in range(len(ids))]
         reference = None
         for name in names:
-            settings = dict(DECODE_VARIANTS[name])
+            settings = _engine_settings(name)
             blas = settings.pop("blas", None)
             engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=device.type == "cuda",
                                       compile_step=True, **settings)  # fmt: skip
@@ -381,7 +399,7 @@ def profile_decode(args: argparse.Namespace, device: torch.device, dtype: torch.
         ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         keys = [(0, i) for i in range(len(ids))]
         for variant in args.profile_variants:
-            settings = dict(DECODE_VARIANTS[variant])
+            settings = _engine_settings(variant)
             blas = settings.pop("blas", None)
             engine = GenerationEngine(model, max_batch_size=max(64, batch_size), cuda_graphs=False,
                                       compile_step=device.type == "cuda", poll_every=10**6, **settings)  # fmt: skip

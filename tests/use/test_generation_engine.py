@@ -20,6 +20,7 @@ from bioscale.use.generation_engine import (
     GenerationEngine,
     SamplingParams,
     decode_attention_mode,
+    decode_linear_mode,
     gumbel_noise,
     sample_key,
     sample_tokens,
@@ -348,6 +349,79 @@ def test_compiled_flex_step_equals_the_dense_step(models) -> None:
     assert [o.token_ids for o in flex] == [o.token_ids for o in dense]
     for f, d in zip(flex, dense):
         torch.testing.assert_close(torch.tensor(f.log_probs), torch.tensor(d.log_probs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linears_as_reductions_equal_f_linear(bias) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40, bias=bias)
+    x = torch.randn(3, 1, 24)
+    with decoding.LinearsAsReductions():
+        ours = layer(x)
+        untouched = torch.matmul(x, layer.weight.T)  # only F.linear is rewritten
+    torch.testing.assert_close(ours, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+    assert ours.shape == (3, 1, 40) and untouched.shape == (3, 1, 40)
+    # Half precision in, half precision out (the sum runs in float32).
+    with decoding.LinearsAsReductions():
+        half = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    exact = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0)
+    torch.testing.assert_close(half.double(), exact, rtol=0, atol=0.03)
+
+
+def _matmuls_in_one_step(engine: GenerationEngine, ids: list[list[int]] | None = None) -> int:
+    """aten linear / mm / addmm calls of one decode step of the engine's (only) session."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func in (torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    if ids is not None:
+        engine.generate(ids, max_new_tokens=2, keys=[(0, 0)] * len(ids), eos_token_id=None)
+    (session,) = engine._sessions.values()
+    with torch.inference_mode(), Count():  # as the engine runs its steps
+        session.step()
+    return Count.calls
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_reduction_linear_step_equals_the_gemm_step(models, compiled) -> None:
+    """The whole engine with every linear of the decode step spelled as a reduction (refill included: 5 prompts, 2
+    slots; compiled by Inductor, where it fuses with the norms and residuals) gives the GEMM step's tokens and
+    log-probabilities in float32."""
+    model, _hf, tok = models
+    ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    kwargs = dict(max_new_tokens=12, keys=[(0, 0)] * len(ids), eos_token_id=None)
+    gemm = GenerationEngine(model, max_batch_size=2, compile_step=False).generate(ids, **kwargs)
+    engine = GenerationEngine(model, max_batch_size=2, compile_step=compiled, decode_linear="reduction")
+    reduction = engine.generate(ids, **kwargs)
+    assert [key[-1] for key in engine._sessions] == ["reduction"]
+    if not compiled:  # the decode step itself runs no matrix multiply: every linear became a reduction
+        assert _matmuls_in_one_step(engine) == 0
+        assert _matmuls_in_one_step(GenerationEngine(model, max_batch_size=2, compile_step=False), ids) > 0
+    assert [o.token_ids for o in reduction] == [o.token_ids for o in gemm]
+    for a, b in zip(reduction, gemm):
+        torch.testing.assert_close(torch.tensor(a.log_probs), torch.tensor(b.log_probs), rtol=0, atol=1e-4)
+
+
+def test_decode_linear_default_is_reduction_only_for_compiled_small_steps(models, monkeypatch) -> None:
+    import bioscale.use.generation_engine as engine_module
+
+    monkeypatch.setattr(engine_module, "REDUCTION_LINEAR_MAX_SLOTS", 2)
+    assert decode_linear_mode(None, compiled=True, num_slots=1) == "reduction"
+    assert decode_linear_mode(None, compiled=True, num_slots=2) == "reduction"
+    assert decode_linear_mode(None, compiled=True, num_slots=4) == "gemm"
+    assert decode_linear_mode(None, compiled=False, num_slots=1) == "gemm"  # eager: it would materialise products
+    assert decode_linear_mode("reduction", compiled=False) == "reduction"
+    with pytest.raises(ValueError, match="decode_linear must be one of"):
+        GenerationEngine(models[0], decode_linear="int8")
+    with pytest.raises(ValueError, match="decode linear must be one of"):
+        decoding.decode_forward(decoder_parts(models[0]), None, torch.zeros(1, dtype=torch.long),
+                                torch.zeros(1, dtype=torch.long), linear="int8")  # fmt: skip
 
 
 def test_the_decode_step_is_compiled_only_where_it_pays() -> None:

@@ -102,23 +102,26 @@ def test_varlen_decode_kernel_reads_each_slot_up_to_its_position() -> None:
 
 
 # FlashAttention-2 has no float32 kernel: "varlen" runs in bf16 only (its float32 refusal is CPU-tested).
-@pytest.mark.parametrize(("attention", "dtype", "tolerance"), [
-    pytest.param(attention, dtype, tolerance, id=f"{attention}-{name}")
-    for attention in ("flex", "dense", "varlen")
+@pytest.mark.parametrize(("attention", "linear", "dtype", "tolerance"), [
+    pytest.param(attention, linear, dtype, tolerance, id=f"{attention}-{linear}-{name}")
+    for attention, linear in (("flex", "gemm"), ("dense", "gemm"), ("varlen", "gemm"), ("dense", "reduction"))
     for dtype, tolerance, name in ((torch.bfloat16, BF16_TIE_TOLERANCE, "bf16"),
                                    (torch.float32, FP32_TIE_TOLERANCE, "fp32"))
     if not (attention == "varlen" and dtype == torch.float32)
 ])  # fmt: skip
-def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, dtype, tolerance, attention) -> None:
+def test_compiled_step_equals_the_uncompiled_step_up_to_near_ties(cuda_models, dtype, tolerance, attention,
+                                                                  linear) -> None:  # fmt: skip
     """The default CUDA path compiles the step (fused kernels round differently; the dense masked matmuls,
-    FlexAttention's block-sparse decode kernel or FlashAttention-2 varlen): greedy tokens equal the uncompiled graphed
-    dense step's, except where a near-tie (checked against transformers' logits) sends them apart. The longest
-    prompt (145 tokens) decodes in the second 128-position block, the others in the first."""
+    FlexAttention's block-sparse decode kernel or FlashAttention-2 varlen; cuBLAS linears or Inductor reductions):
+    greedy tokens equal the uncompiled graphed dense step's, except where a near-tie (checked against transformers'
+    logits) sends them apart. The longest prompt (145 tokens) decodes in the second 128-position block, the others
+    in the first."""
     model, hf, tok = cuda_models
     model, hf = model.to(dtype), hf.to(dtype)
     ids = _ids(tok, PROMPTS)
     kwargs = dict(max_new_tokens=48, keys=[(0, 0)] * len(ids), eos_token_id=None)
-    engine = GenerationEngine(model, max_batch_size=8, compile_step=True, decode_attention=attention)
+    engine = GenerationEngine(model, max_batch_size=8, compile_step=True, decode_attention=attention,
+                              decode_linear=linear)  # fmt: skip
     compiled = engine.generate(ids, **kwargs)
     # A second call over the same (now stale) cache gives the same tokens: the compiled masked SDPA did not.
     assert [o.token_ids for o in engine.generate(ids, **kwargs)] == [o.token_ids for o in compiled]

@@ -42,10 +42,23 @@ are the ``G`` query heads of the group and whose keys are that head's cache row 
 layout flattened, no copy — of which only the first ``position + 1`` are read. One fused kernel per layer (scores,
 softmax and values in registers) instead of two GEMVs and a softmax over the whole cache, reading only what each
 slot holds (:func:`varlen_decode_inputs`).
+
+Decode linears (``decode_forward(..., linear=)``, :data:`DECODE_LINEAR_MODES`). ``"gemm"`` runs each projection as
+the model does (``F.linear``: cuBLAS, or max-autotune's templates when compiled so). ``"reduction"`` spells every
+``F.linear`` of the step as a multiply and a float32 sum over the input features (:class:`LinearsAsReductions`).
+The same products, and for a step of one or a few rows the same memory-bound matrix-vector work, but compiled it is
+an Inductor reduction kernel instead of an opaque GEMM call, so the elementwise work around it fuses into it: the
+RMSNorm scaling into the loads of the QKV and gate / up projections, SiLU x up into the loads of the down projection,
+the residual add into its output — fewer kernels per layer, each of which costs ~1 us of graph gap. Uncompiled it
+materialises the ``[rows, out, in]`` product: for compiled steps only (the engine's rule). Measured on an H100
+(2026-12-05, Llama 3 1B, one slot, 256 new tokens) it lost to the GEMMs: 825 tokens/s against 852 for max-autotune's
+GEMMs (816 with coordinate descent, 807 with max-autotune on top), so the engine's default stays ``"gemm"``
+(``benchmarks/results/2026-12-05-h100-decode-reductions.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +67,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bioscale.models.attention import ATTENTION_BACKENDS, AttentionInputs, flex_attention_backend, varlen_available
 from bioscale.models.batch import prepare_batch
@@ -61,6 +75,7 @@ from bioscale.models.common import attention_inputs_for_batch
 
 KV_DECODE_BACKEND = "kv_decode"
 DECODE_ATTENTION_MODES = ("dense", "flex", "varlen")
+DECODE_LINEAR_MODES = ("gemm", "reduction")
 # Positions per FlexAttention KV block of the decode block mask (its default sparse block size).
 DECODE_KV_BLOCK = 128
 
@@ -337,16 +352,37 @@ def prefill_forward(
     return parts.compute_logits(parts.norm(last)).float()
 
 
+class LinearsAsReductions(TorchFunctionMode):
+    """While active, ``F.linear(x, w, b)`` (every ``nn.Linear``) computes ``sum_k x[..., k] * w[:, k]`` in float32
+    plus ``b``, cast back to ``x``'s dtype: the decode ``"reduction"`` linears (module docstring). Other functions
+    run as they are."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - TorchFunctionMode's signature
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        # [..., 1, in] * [out, in] -> [..., out, in], summed over in: w is read along its rows, contiguous.
+        out = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+
+
 def decode_forward(
     parts: DecoderParts, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, *,
-    attention: str = "dense",
+    attention: str = "dense", linear: str = "gemm",
 ) -> torch.Tensor:  # fmt: skip
     """One decoding step for every slot: ``tokens`` ``[num_slots]`` at ``positions`` ``[num_slots]``; returns the
     logits ``[num_slots, vocab_size]`` (float32) of the next token. Writes the step's keys and values into the
     cache. Fixed shapes and no host synchronisation: safe to capture in a CUDA graph. ``attention``: one of
-    :data:`DECODE_ATTENTION_MODES` (module docstring; ``"flex"`` needs ``StaticKVCache(flex_decode=True)``)."""
+    :data:`DECODE_ATTENTION_MODES` (module docstring; ``"flex"`` needs ``StaticKVCache(flex_decode=True)``);
+    ``linear``: one of :data:`DECODE_LINEAR_MODES`."""
     if attention not in DECODE_ATTENTION_MODES:
         raise ValueError(f"decode attention must be one of {DECODE_ATTENTION_MODES}, got {attention!r}")
+    if linear not in DECODE_LINEAR_MODES:
+        raise ValueError(f"decode linear must be one of {DECODE_LINEAR_MODES}, got {linear!r}")
     hidden = parts.embed_tokens(tokens[:, None])  # [B, 1, D]
     rotary = parts.rotary(positions[:, None], hidden.dtype)
     if attention == "flex":
@@ -360,6 +396,8 @@ def decode_forward(
         mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S_max]
         attn_inputs = AttentionInputs(backend=KV_DECODE_BACKEND, causal=True, attention_mask=mask)
     cache.decoding(positions)
-    for block in parts.layers:
-        hidden = block(hidden, rotary, attn_inputs, cache)
-    return parts.compute_logits(parts.norm(hidden[:, 0])).float()
+    with LinearsAsReductions() if linear == "reduction" else contextlib.nullcontext():
+        for block in parts.layers:
+            hidden = block(hidden, rotary, attn_inputs, cache)
+        logits = parts.compute_logits(parts.norm(hidden[:, 0]))
+    return logits.float()

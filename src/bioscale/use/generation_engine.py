@@ -54,6 +54,7 @@ from torch import nn
 from bioscale.models.attention import varlen_available
 from bioscale.models.decoding import (
     DECODE_ATTENTION_MODES,
+    DECODE_LINEAR_MODES,
     DecoderParts,
     StaticKVCache,
     decode_forward,
@@ -80,6 +81,10 @@ COMPILE_MIN_DECODE_STEPS = 20_000
 AUTOTUNE_MAX_SLOTS = 1
 AUTOTUNE_COMPILE_OPTIONS = {"mode": "max-autotune-no-cudagraphs"}
 AUTOTUNE_MIN_DECODE_STEPS = 45_000
+# Compiled steps of at most this many slots spell their linears as reductions (decode_linear_mode). 0: none. On an
+# H100 (2026-12-05, Llama 3 1B, 1 slot) reductions gave 825 tokens/s (816 with coordinate descent, 807 with
+# max-autotune) against 852 for the autotuned GEMMs; the mode stays for GPUs and shapes where it may pay.
+REDUCTION_LINEAR_MAX_SLOTS = 0
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,17 @@ def decode_attention_mode(setting: str | None, *, device: torch.device | None = 
     return setting
 
 
+def decode_linear_mode(setting: str | None, *, compiled: bool = False, num_slots: int = 1) -> str:
+    """``decode_linear``'s decision (:data:`bioscale.models.decoding.DECODE_LINEAR_MODES`): as given, or for
+    ``None``: ``"reduction"`` for compiled steps of at most :data:`REDUCTION_LINEAR_MAX_SLOTS` slots, else ``"gemm"``.
+    ``"reduction"`` needs a compiled step: uncompiled it would materialise every ``[slots, out, in]`` product."""
+    if setting is None:
+        return "reduction" if compiled and num_slots <= REDUCTION_LINEAR_MAX_SLOTS else "gemm"
+    if setting not in DECODE_LINEAR_MODES:
+        raise ValueError(f"decode_linear must be one of {DECODE_LINEAR_MODES} or None, got {setting!r}")
+    return setting
+
+
 def decode_compile_options(num_slots: int, device_type: str) -> dict[str, Any]:
     """The ``torch.compile`` arguments of a compiled decode step of ``num_slots`` slots when the caller gives none:
     max-autotune for single-slot (matrix-vector) steps on CUDA (:data:`AUTOTUNE_MAX_SLOTS`), Inductor's defaults
@@ -261,9 +277,11 @@ class _Session:
         compile_step: bool = False,
         compile_options: Mapping[str, Any] | None = None,
         decode_attention: str = "dense",
+        decode_linear: str = "gemm",
     ) -> None:
         self.parts = parts
         self.decode_attention = decode_attention
+        self.decode_linear = decode_linear
         self.num_slots = num_slots
         self.cache_length = cache_length
         self.sampling = sampling
@@ -308,7 +326,8 @@ class _Session:
 
     def step(self) -> None:
         """One decode step for every slot (the graph's body): inactive slots change nothing that is read."""
-        logits = decode_forward(self.parts, self.cache, self.tokens, self.positions, attention=self.decode_attention)
+        logits = decode_forward(self.parts, self.cache, self.tokens, self.positions, attention=self.decode_attention,
+                                linear=self.decode_linear)  # fmt: skip
         tokens, log_probs = sample_tokens(logits, self.bias, self.keys, self.counts, self.sampling,
                                           temperature=self.temperature, top_p=self.top_p)  # fmt: skip
         active = ~self.done
@@ -375,6 +394,9 @@ class GenerationEngine:
             blocks up to its position) or ``"varlen"`` (FlashAttention-2 over each slot's keys up to its position;
             CUDA, fp16 / bf16); :mod:`bioscale.models.decoding`. ``None`` (default): :func:`decode_attention_mode`
             (``"varlen"`` for sessions with a (slot, KV head) pair per multiprocessor, else ``"dense"``).
+        decode_linear: ``"gemm"`` (each projection as the model runs it) or ``"reduction"`` (a float32 multiply-and-sum
+            that Inductor fuses with the elementwise work around it; compiled steps only);
+            :mod:`bioscale.models.decoding`. ``None`` (default): :func:`decode_linear_mode`.
         compile_options: the keyword arguments of that ``torch.compile`` call (``mode`` or ``options``, as
             ``benchmarks/bench_use.py --decode-variants`` compares them). ``None`` (default):
             :func:`decode_compile_options` (max-autotune for sessions of at most :data:`AUTOTUNE_MAX_SLOTS` slots on
@@ -398,6 +420,7 @@ class GenerationEngine:
         compile_step: bool | None = None,
         compile_options: Mapping[str, Any] | None = None,
         decode_attention: str | None = None,
+        decode_linear: str | None = None,
         prefill_tokens: int = 32768,
         poll_every: int = 16,
         hold_model: bool = True,
@@ -420,6 +443,8 @@ class GenerationEngine:
         self._compile_options = None if compile_options is None else dict(compile_options)
         decode_attention_mode(decode_attention)  # a bad name fails here, not at the first call
         self._decode_attention = decode_attention
+        decode_linear_mode(decode_linear)
+        self._decode_linear = decode_linear
         self._sessions: collections.OrderedDict[tuple, _Session] = collections.OrderedDict()
         self._graph_pool: object | None = None
         self._fingerprint: tuple | None = None
@@ -458,7 +483,8 @@ class GenerationEngine:
         dtype = next(self.model.parameters()).dtype
         attention = decode_attention_mode(self._decode_attention, device=device, dtype=dtype, num_slots=num_slots,
                                           num_kv_heads=self.parts.num_kv_heads)  # fmt: skip
-        key = (num_slots, cache_length, mode, use_graph, compile_step, attention)
+        linear = decode_linear_mode(self._decode_linear, compiled=compile_step, num_slots=num_slots)
+        key = (num_slots, cache_length, mode, use_graph, compile_step, attention, linear)
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key]
@@ -469,7 +495,7 @@ class GenerationEngine:
         session = _Session(
             self.parts, num_layers=len(self.parts.layers), num_slots=num_slots, cache_length=cache_length,
             sampling=sampling, dtype=dtype, device=device, cuda_graph=use_graph, graph_pool=self._graph_pool,
-            compile_step=compile_step, decode_attention=attention,
+            compile_step=compile_step, decode_attention=attention, decode_linear=linear,
             compile_options=self._compile_options if self._compile_options is not None
             else decode_compile_options(num_slots, device.type),
         )  # fmt: skip
