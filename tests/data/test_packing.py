@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from bioscale.constants import PAD_TOKEN_ID
 from bioscale.data import IGNORE_INDEX, buffered_pack, count_tokens, pack_sequences, pad_sequences
 
 
@@ -178,3 +179,71 @@ def test_empty_segments_give_a_fixed_cu_seqlens_length_and_change_no_output():
         reference, out = model(**plain), model(**padded)
     torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=0)
+
+
+def test_uniform_pack_becomes_rows_without_a_mask_and_other_packs_stay():
+    from bioscale.data import collate_packed, uniform_pack_as_padded
+
+    pieces = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    packed = collate_packed(pieces, pad_to_multiple_of=4)
+    packed["labels"][0, 1] = IGNORE_INDEX  # an objective's labels travel with their tokens
+    rows = uniform_pack_as_padded(packed)
+    assert set(rows) == {"input_ids", "position_ids", "labels"}  # no mask, no varlen metadata
+    assert rows["input_ids"].tolist() == pieces
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
+    assert rows["labels"][0].tolist() == [5, IGNORE_INDEX, 7, 8]
+    assert count_tokens(rows) == {**count_tokens(packed)}
+
+    # a padding segment as long as the sequences is a row of <pad> without targets (its own sequence either way)
+    with_pad_row = uniform_pack_as_padded(collate_packed(pieces, pad_to_multiple_of=16))
+    assert with_pad_row["input_ids"][3].eq(PAD_TOKEN_ID).all() and with_pad_row["labels"][3].eq(IGNORE_INDEX).all()
+    assert count_tokens(with_pad_row)["num_sequences"] == 3
+    # trailing empty segments (segments_multiple_of) do not count as sequences
+    assert uniform_pack_as_padded(collate_packed(pieces, segments_multiple_of=8))["input_ids"].shape == (3, 4)
+    # unequal lengths, a padding segment of another length, one sequence, a padded batch: unchanged
+    for batch in (
+        collate_packed([[5, 6, 7, 8], [9, 10]]),
+        collate_packed(pieces, pad_to_multiple_of=32),
+        collate_packed([[5, 6, 7, 8]]),
+        pad_sequences(pieces),
+    ):
+        assert uniform_pack_as_padded(batch) is batch
+    # a tensor of another shape riding along: unchanged rather than guessed at
+    odd = {**collate_packed(pieces), "extra": torch.zeros(3)}
+    assert uniform_pack_as_padded(odd) is odd
+
+
+@pytest.mark.parametrize("family", ["geneformer", "llama3"])
+def test_uniform_pack_as_rows_gives_the_packed_loss_and_gradients(family):
+    """The rows are the packed batch's sequences: loss and every gradient equal (float32, CPU), for a bidirectional
+    model with absolute positions and for a causal one (labels shifted within rows)."""
+    from bioscale.data import CLMCollator, MLMCollator, collate_packed, uniform_pack_as_padded
+    from bioscale.data.tokenizers import get_tokenizer
+    from bioscale.models import build_config, build_model
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = build_model(build_config(family, "debug"), device="cpu")
+    vocab = model.config.vocab_size
+    pieces = [rng.integers(5, min(vocab, 20), size=32) for _ in range(4)]
+    packed = collate_packed(pieces)
+    if family == "llama3":
+        packed = CLMCollator(get_tokenizer("nucleotide")).apply(packed)
+    else:
+        packed = MLMCollator(get_tokenizer("geneformer"), mlm_probability=0.3).apply(packed, np.random.default_rng(1))
+    rows = uniform_pack_as_padded(packed)
+    assert rows["input_ids"].shape == (4, 32)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.eval()  # no dropout: the two layouts draw their masks in another order
+    loss_packed, grads_packed = loss_and_grads(packed)
+    loss_rows, grads_rows = loss_and_grads(rows)
+    torch.testing.assert_close(loss_rows, loss_packed, rtol=1e-5, atol=1e-6)
+    assert grads_rows.keys() == grads_packed.keys()
+    for name, grad in grads_packed.items():
+        torch.testing.assert_close(grads_rows[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -241,3 +241,31 @@ def test_switches_this_machine_cannot_run_fail_clearly(tmp_path, override, named
     # A plain CPU process: FP8 needs an sm_89+ GPU, context parallelism several ranks. ValueError -> CLI exit 2.
     with pytest.raises(ValueError, match=named):
         run_in_process("L0_sanity", tmp_path, ["num_train_steps=1", override])
+
+
+def test_uniform_packs_run_as_rows_with_the_same_losses(tmp_path: Path, shared_data: Path, monkeypatch) -> None:
+    """Geneformer cells longer than the context pack into equal-length segments: with ``data.dense_uniform_packs``
+    the trainer runs them as rows without a mask; the per-step losses equal the packed run's (float32, CPU)."""
+    import bioscale.train.train as train_module
+
+    if not (shared_data / "genecorpus_500_samples.parquet").is_file():
+        pytest.skip("genecorpus_500_samples.parquet not in the shared data folder")
+    layouts: list[tuple[int, ...]] = []
+    convert = train_module.uniform_pack_as_padded
+
+    def recording(batch):
+        out = convert(batch)
+        layouts.append(tuple(out["input_ids"].shape))
+        return out
+
+    monkeypatch.setattr(train_module, "uniform_pack_as_padded", recording)
+    overrides = ["num_train_steps=4", "data.use_sequence_packing=true", "data.max_seq_length=32",
+                 "data.max_tokens_per_batch=128", "data.shuffle=false"]  # fmt: skip
+    run_in_process("L0_sanity_geneformer", tmp_path / "rows", overrides)
+    assert layouts == [(4, 32)] * 4  # every step: 4 whole cells of 32 genes, as rows
+    layouts.clear()
+    run_in_process("L0_sanity_geneformer", tmp_path / "packed", [*overrides, "data.dense_uniform_packs=false"])
+    assert layouts == []
+    rows, packed = losses(tmp_path / "rows"), losses(tmp_path / "packed")
+    assert len(rows) == 4
+    assert rows == pytest.approx(packed, rel=1e-5, abs=1e-6)

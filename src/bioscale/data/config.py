@@ -65,6 +65,10 @@ class DataConfig:
     # packed: sequences of lookahead for first-fit-decreasing packing; 0 or 1 = greedy, in stream order. Ignored with
     # split_overflow (which fills every micro-batch already). See docs/data.md for the default.
     packing_buffer_size: int = 0
+    # packed: a micro-batch of equal-length sequences that fills its budget exactly (Geneformer cells cut to the
+    # context, every step) runs as the padded [N, L] batch without a mask: dense attention kernels, one static shape,
+    # the same loss (bioscale.data.packing.uniform_pack_as_padded). Applied by the trainer without context parallelism.
+    dense_uniform_packs: bool = True
 
     # --- order and loading -----------------------------------------------------------------------------------------
     shuffle: bool = True  # reshuffle units and sequences every epoch (from seed + epoch)

@@ -49,7 +49,8 @@ from bioscale.data.tokenizers import CharTokenEncoder, canonical_token_ids, get_
 _STATE_VERSION = 1
 _DATASET_MARKER = "bioscale.SequenceDataset"
 # Config keys that do not change which batches are produced, so they may differ on resume.
-_RESUME_INDEPENDENT_KEYS = frozenset({"pin_memory", "num_workers"})  # num_workers is checked as part of the layout
+# num_workers is checked as part of the layout; dense_uniform_packs changes the trainer's layout, not the stream
+_RESUME_INDEPENDENT_KEYS = frozenset({"pin_memory", "num_workers", "dense_uniform_packs"})
 # Keys added after states were first saved: a saved config without one ran with this value (the old behaviour).
 _ADDED_KEY_OLD_VALUES = {"packing_buffer_size": 0, "codon_weights": None, "cds_checks": "keep", "keep_case": False,
                          "uppercase_labels": False, "ignore_ambiguous_labels": False,

@@ -13,6 +13,7 @@ entry — attention-isolated from real tokens — and label -100. ``T`` never ex
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -243,6 +244,45 @@ def pack_sequences(
         yield collate_packed(group, pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
 
 
+def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
+    """A packed micro-batch whose segments all have one length ``L`` and fill it exactly, as the padded ``[N, L]``
+    batch of the same sequences, with no ``attention_mask`` (no key is padding); any other batch unchanged.
+
+    Same tokens, same positions (``position_ids`` restart at 0 per segment, so each row is ``0 .. L-1``), same labels:
+    every loss term and gradient is the packed batch's (a CLM label at a segment start is -100 already, so shifting
+    within rows drops no target). What changes is the kernel: an unmasked dense batch of one shape runs attention
+    through SDPA's dense kernels (FlashAttention-2, or cuDNN's where enabled: ``bioscale.models.attention``) instead
+    of the varlen kernel, and compiles to one static graph. Geneformer corpora of cells longer than the context are
+    such batches every step. Trailing empty segments (``segments_multiple_of``) are ignored; a padding segment makes
+    the lengths unequal unless it too has length ``L``, in which case it becomes a row of ``<pad>`` with -100 labels
+    (its own sequence either way). Batches with keys of other shapes are left alone.
+    """
+    cu = batch.get("cu_seq_lens_q")
+    input_ids = batch.get("input_ids")
+    if not isinstance(cu, torch.Tensor) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return batch
+    cu_k = batch.get("cu_seq_lens_k")
+    if input_ids.shape[0] != 1 or (isinstance(cu_k, torch.Tensor) and not torch.equal(cu_k, cu)):
+        return batch
+    lengths = cu.diff()
+    lengths = lengths[lengths > 0]
+    total = int(input_ids.shape[1])
+    if len(lengths) < 2 or bool((lengths != lengths[0]).any()) or int(lengths[0]) * len(lengths) != total:
+        return batch
+    rows, width = len(lengths), int(lengths[0])
+    packed_only = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in packed_only:
+            continue
+        if isinstance(value, torch.Tensor):
+            if tuple(value.shape) != (1, total):
+                return batch
+            value = value.reshape(rows, width)
+        out[key] = value
+    return out
+
+
 def pad_sequences(
     sequences: Sequence[TokenIds], *, pad_token_id: int = PAD_TOKEN_ID, pad_to_multiple_of: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -291,9 +331,11 @@ def count_tokens(batch: dict[str, torch.Tensor | int], *, pad_token_id: int = PA
         num_real = int(mask.sum())
         num_sequences = int((mask.sum(-1) > 0).sum()) if mask.dim() > 1 else 1
     else:
-        num_real = int((input_ids != pad_token_id).sum())
+        not_pad = input_ids != pad_token_id
+        num_real = int(not_pad.sum())
         cu = batch.get("cu_seq_lens_q")
-        num_sequences = 1
+        # Rows without a mask (uniform_pack_as_padded) are one sequence each: those holding any real token.
+        num_sequences = int(not_pad.reshape(input_ids.shape[0], -1).any(-1).sum()) if input_ids.dim() > 1 else 1
         if isinstance(cu, torch.Tensor):
             num_sequences = len(cu) - 1 - int(num_real < num_tokens)  # the last segment is padding if any
     labels = batch.get("labels")

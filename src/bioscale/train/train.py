@@ -37,7 +37,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer
+from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer, uniform_pack_as_padded
 from bioscale.data.images import (
     IMAGE_OBJECTIVE,
     build_image_dataloader,
@@ -421,11 +421,15 @@ def _next_micro_batches(
     device: torch.device,
 ) -> _StepData:  # fmt: skip
     """The step's ``grad_acc_steps`` micro-batches: counted, sharded for CP (labels shifted before the split for
-    CLM), label tokens counted on the host, then moved to ``device``."""
+    CLM), uniform packs laid out as rows (``data.dense_uniform_packs``), label tokens counted on the host, then moved
+    to ``device``."""
     micro_batches = [next(data_iter) for _ in range(cfg.grad_acc_steps)]
     counts = [count_tokens(batch, pad_token_id=pad_token_id) for batch in micro_batches]
     seq_len_sq_sum = sum(_sum_sq_seq_lens(b, c) for b, c in zip(micro_batches, counts))
     micro_batches, cp_layouts = cp.shard(micro_batches, causal=task == "causal_lm", pad_token_id=pad_token_id)
+    if cfg.data.dense_uniform_packs and cfg.parallelism.cp_size == 1:
+        # Counted above as packed; runs as the same sequences in rows (dense attention, one static shape).
+        micro_batches = [uniform_pack_as_padded(b) for b in micro_batches]
     local_labels = sum(num_label_tokens(batch) for batch in micro_batches)
     micro_batches = [
         _to_device(b, device, compiled=cfg.compile.enabled, max_seq_length=cfg.data.max_seq_length) for b in micro_batches
