@@ -141,10 +141,3 @@ def test_kv_cache_mask_is_aligned_to_the_end() -> None:
         device=torch.device("cpu"),
     )
     assert inputs.attention_mask.tolist() == [[[[False, False, True, True, True, True]]]]
-
-
-def test_cudnn_attention_never_applies_off_cuda() -> None:
-    from bioscale.models.attention import cudnn_attention_applies
-
-    q = torch.randn(2, 16, 4, 64, dtype=torch.bfloat16)
-    assert not cudnn_attention_applies(q, causal=False, dropout_p=0.0)

@@ -251,7 +251,7 @@ def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
     Same tokens, same positions (``position_ids`` restart at 0 per segment, so each row is ``0 .. L-1``), same labels:
     every loss term and gradient is the packed batch's (a CLM label at a segment start is -100 already, so shifting
     within rows drops no target). What changes is the kernel: an unmasked dense batch of one shape runs attention
-    through SDPA's dense kernels (FlashAttention-2, or cuDNN's where enabled: ``bioscale.models.attention``) instead
+    through SDPA's dense kernels (cuDNN's fused ones on Hopper with torch 2.11: ``bioscale.models.attention``) instead
     of the varlen kernel, and compiles to one static graph. Geneformer corpora of cells longer than the context are
     such batches every step. Trailing empty segments (``segments_multiple_of``) are ignored; a padding segment makes
     the lengths unequal unless it too has length ``L``, in which case it becomes a row of ``<pad>`` with -100 labels

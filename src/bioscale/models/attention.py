@@ -13,15 +13,12 @@ Backends:
 - ``varlen``: packed batches through ``torch.nn.attention.varlen.varlen_attn`` (flash varlen; CUDA, fp16/bf16).
 - ``flex``: FlexAttention with a document (packed) or padding mask.
 
-cuDNN for unmasked attention (opt-in: ``BIOSCALE_CUDNN_ATTENTION=1``). A padded batch that needs no mask (the ViT,
-batches without padding) can run bidirectional attention through cuDNN's fused kernel
-(``aten._scaled_dot_product_cudnn_attention``, which SDPA ranks below FA2). The kernel is fast: on an H200 (torch
-2.11, cuDNN 9.19, bf16, head size 64) forward + backward took 3.32 ms against FA2's 5.45 at Geneformer-104M's 32 x
-2,048 x 12 heads and 0.77 against 1.31 at ViT-B/16's 256 x 208; but each new shape costs ~160-260 ms of cuDNN graph
-building, and routing packed batches of equal lengths to it broke the compiled trainer step (an Inductor backward
-read an empty buffer once shapes went dynamic) and stalled it, so packed batches keep FA2 and the route is off by
-default (``benchmarks/results/2026-12-04-h200-attention-cudnn.md``). Conditions (:func:`cudnn_attention_applies`):
-CUDA with compute capability >= 9.0, fp16 / bf16, head size a multiple of 8 up to 128, no dropout, not causal.
+Unmasked bidirectional SDPA (the ViT, Geneformer cells cut to the context, any padded batch without padding) is
+left to SDPA's own choice: on Hopper with torch 2.11 (cuDNN 9.19) it runs cuDNN's fused kernels
+(``cudnn_generated_fort_native_sdpa_sm90_flash_*``) for these ``[B, S, H, D]`` views of the fused QKV projection,
+eagerly and compiled, ~1.6x faster than FA2 at head size 64 (profiled 2026-12-06,
+``benchmarks/results/2026-12-06-trainer-late-read-cudnn-attention.md``; an earlier opt-in route to
+``aten._scaled_dot_product_cudnn_attention`` changed no kernel and no step time, and was removed).
 
 Routing rule (applied by the builders, from ``config.attn_backend``): a *packed* batch uses ``varlen`` unless the
 config asks for ``flex``; where the varlen kernel cannot run (CPU, float32, torch without ``varlen_attn``) it falls
@@ -36,7 +33,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -107,52 +103,12 @@ def repeat_kv(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(batch, seq, heads, num_groups, dim).reshape(batch, seq, heads * num_groups, dim)
 
 
-@functools.cache
-def _cudnn_attention_on_this_machine() -> bool:
-    return (
-        os.environ.get("BIOSCALE_CUDNN_ATTENTION", "0") == "1"
-        and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-        and torch.cuda.is_available()
-        and torch.cuda.get_device_capability()[0] >= 9
-    )
-
-
-@torch.compiler.assume_constant_result
-def _cudnn_attention_enabled() -> bool:
-    # A constant for torch.compile (evaluated once while tracing): no graph break inside compiled blocks.
-    return _cudnn_attention_on_this_machine()
-
-
-def cudnn_attention_applies(q: torch.Tensor, *, causal: bool, dropout_p: float) -> bool:
-    """Whether unmasked attention over ``q`` ``[B, S, H, D]`` runs cuDNN's fused kernel (module docstring)."""
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 128
-        and not causal
-        and dropout_p == 0.0
-        and _cudnn_attention_enabled()
-    )
-
-
-def _cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Unmasked, bidirectional attention of ``[B, S, H, D]`` tensors (equal head counts) through cuDNN."""
-    needs_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, needs_lse, 0.0, False, False, scale=scale
-    )[0]
-    return out.transpose(1, 2)
-
-
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None
 ) -> torch.Tensor:
     # K/V are repeated explicitly: SDPA's enable_gqa is not supported by every kernel that takes a mask.
     groups = q.shape[2] // k.shape[2]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    if inputs.attention_mask is None and cudnn_attention_applies(q, causal=inputs.causal, dropout_p=inputs.dropout_p):
-        return _cudnn_attention(q, k, v, scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
