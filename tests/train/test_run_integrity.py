@@ -210,7 +210,7 @@ def test_non_finite_weights_are_never_checkpointed_or_exported(tmp_path, monkeyp
     import bioscale.train.train as train_module
     from bioscale.train.train import NonFiniteLossError
 
-    real_step = train_module.train_step
+    real_step = train_module.launch_step
 
     def train_step(model, *args, state, **kwargs):  # after step 3 a weight is NaN (as from a corrupted load)
         result = real_step(model, *args, state=state, **kwargs)
@@ -219,7 +219,7 @@ def test_non_finite_weights_are_never_checkpointed_or_exported(tmp_path, monkeyp
                 next(model.parameters()).view(-1)[0] = float("nan")
         return result
 
-    monkeypatch.setattr(train_module, "train_step", train_step)
+    monkeypatch.setattr(train_module, "launch_step", train_step)
     with pytest.raises(NonFiniteLossError, match=r"final weights hold non-finite values.*final_model was not written"):
         _run(tmp_path, "num_train_steps=4", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=5",
              "checkpoint.save_final_model=true", "nan_tolerance=10")  # fmt: skip

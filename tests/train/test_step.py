@@ -17,13 +17,17 @@ from torch.nn import functional as F
 
 from bioscale.constants import IGNORE_INDEX
 from bioscale.train.schedulers import build_lr_scheduler
-from bioscale.train.step import TrainState, num_label_tokens, train_step
+from bioscale.train.step import TrainState, launch_step, num_label_tokens, skips_on_device, train_step
 
 
-def _toy(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def _toy(
+    seed: int = 0, *, fused: bool = False
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # fused=True: the kernel that skips a non-finite step on the device (what bioscale train runs on CUDA); torch
+    # has it on CPU too, so the on-device path is tested here.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
     scheduler = build_lr_scheduler(optimizer, kind="warmup_cosine", warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
     return model, optimizer, scheduler
 
@@ -90,8 +94,10 @@ def test_the_loss_is_the_global_token_mean() -> None:
     assert result.loss == pytest.approx(total / 15, rel=1e-6)
 
 
-def test_a_non_finite_step_skips_the_update_but_advances_the_schedule_and_the_counters() -> None:
-    model, optimizer, scheduler = _toy()
+@pytest.mark.parametrize("fused", [False, True], ids=["host-decides", "skipped-on-device"])
+def test_a_non_finite_step_skips_the_update_but_advances_the_schedule_and_the_counters(fused: bool) -> None:
+    model, optimizer, scheduler = _toy(fused=fused)
+    assert skips_on_device(model, optimizer) == fused
     batches = [_batch([3, 4], seed=5)]
     state = TrainState()
     _step(model, optimizer, scheduler, batches, state)
@@ -101,6 +107,8 @@ def test_a_non_finite_step_skips_the_update_but_advances_the_schedule_and_the_co
         result, _ = _step(model, optimizer, scheduler, batches, state, loss_fn=lambda b: nan_loss(b) * math.nan)
         assert result.skipped and math.isnan(result.loss)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # Adam's moments and step count are untouched too: the next good step is the one a run without the bad ones takes
+    assert all(int(s["step"]) == 1 for s in optimizer.state.values())
     assert all(p.grad is None for p in model.parameters())  # zero_grad ran: no NaN gradient leaks into the next step
     assert (state.step, state.num_skipped_steps, state.num_consecutive_bad_steps) == (3, 2, 2)
     assert scheduler.last_epoch == 3  # the schedule moved on: step <-> lr stays as in a run without the bad steps
@@ -146,3 +154,24 @@ def test_train_state_is_stateful_plain_values_and_round_trips_through_dcp(tmp_pa
     assert restored == state
     with pytest.raises(AssertionError, match="unknown train-state keys"):
         TrainState().load_state_dict({"steps": 3})
+
+
+def test_skipping_on_the_device_trains_like_the_host_decision_and_reads_nothing_until_finish() -> None:
+    runs = []
+    for fused in (False, True):
+        model, optimizer, scheduler = _toy(fused=fused)
+        state, losses = TrainState(), []
+        for seed in range(4):
+            batches = [_batch([3, 5], seed=seed)]
+            launched = launch_step(model, optimizer, scheduler, batches, state=state, loss_fn=_sum_loss(model),
+                                   num_label_tokens=sum(num_label_tokens(b) for b in batches),
+                                   device=torch.device("cpu"), max_grad_norm=1.0)  # fmt: skip
+            assert state.step == seed + 1
+            if seed == 0:
+                assert state.first_loss is None  # the numbers are counted by finish(), not by the launch
+            losses.append(launched.finish(state).loss)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], state))
+    (host_losses, host_params, host_state), (device_losses, device_params, device_state) = runs
+    assert device_losses == pytest.approx(host_losses, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(host_params, device_params))
+    assert (device_state.step, device_state.num_skipped_steps) == (host_state.step, host_state.num_skipped_steps)

@@ -11,7 +11,11 @@
 - non-finite steps: a NaN/inf loss or gradient norm skips the update (the weights stay as they were) but still
   advances the schedule, so the step <-> data <-> lr mapping of a resumed run stays the same; the skipped and
   consecutive bad steps are counted in :class:`TrainState` (the caller decides when to stop);
-- gradient clipping, the FP8 scale refresh after the optimizer (FSDP2's FP8 all-gather), ``zero_grad``.
+- gradient clipping, the FP8 scale refresh after the optimizer (FSDP2's FP8 all-gather), ``zero_grad``;
+- no host sync inside the step where the optimizer can skip a non-finite update on the device (fused AdamW, as
+  ``bioscale train`` runs on CUDA): :func:`launch_step` queues the step and returns a :class:`LaunchedStep` whose
+  numbers are read later, so a loop can prepare and queue step N+1 while the GPU still runs step N.
+  :func:`train_step` is the two together (launch, then read), for loops that want each step's numbers at once.
 
 It takes explicit arguments (model, optimizer, scheduler, micro-batches, a loss function, a forward-context factory,
 the clipping norm), never a run config. :class:`TrainState` holds the counters that survive a restart; it is
@@ -30,6 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
 
 from bioscale.constants import IGNORE_INDEX
 from bioscale.distributed import all_reduce_sum, get_world_size, grad_sync
@@ -138,9 +147,78 @@ def train_step(
     Returns:
         A :class:`StepResult`. ``state.step`` has advanced by one; a non-finite step is counted in ``state``.
     """
+    return launch_step(
+        model, optimizer, scheduler, micro_batches, state=state, loss_fn=loss_fn, num_label_tokens=num_label_tokens,
+        device=device, max_grad_norm=max_grad_norm, forward_context=forward_context, fp8_all_gather=fp8_all_gather,
+        profile_range=profile_range,
+    ).finish(state)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchedStep:
+    """A step whose work is queued on the device and whose numbers are still there: :meth:`finish` reads them (the
+    step's one host sync) and counts the step in :class:`TrainState`. Until then the host is free to prepare and queue
+    the next step, so the GPU does not idle while the host loads data and launches kernels."""
+
+    step: int
+    loss: torch.Tensor  # the global mean loss, a device scalar
+    grad_norm: torch.Tensor  # before clipping; NaN without clipping
+    global_labels: torch.Tensor
+    lr: float
+    max_grad_norm: float | None
+
+    def finish(self, state: TrainState) -> StepResult:
+        loss, grad_norm, labels = torch.stack(
+            [self.loss.double(), self.grad_norm.double(), self.global_labels.double()]
+        ).tolist()
+        finite = _is_finite_step(loss, grad_norm, clipped=self.max_grad_norm is not None)
+        _count(state, loss, finite=finite, grad_norm=grad_norm, step=self.step)
+        return StepResult(loss, grad_norm, self.lr, not finite, labels)
+
+
+def _is_finite_step(loss: float, grad_norm: float, *, clipped: bool) -> bool:
+    return math.isfinite(loss) and (not clipped or math.isfinite(grad_norm))
+
+
+def skips_on_device(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a non-finite step by itself on the device, with no host sync before the update.
+
+    PyTorch's fused Adam / AdamW / SGD (``_step_supports_amp_scaling``) take a ``found_inf`` tensor, as
+    ``torch.amp.GradScaler`` passes it: a nonzero value leaves the weights, the moments and the step count as they
+    were. Sharded (DTensor) and Megatron-FSDP parameters keep the host-side decision: a plain ``found_inf`` tensor
+    among DTensor arguments is not a supported mix.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or is_megatron_fsdp(model):
+        return False
+    params = (p for group in optimizer.param_groups for p in group["params"])
+    return DTensor is None or not any(isinstance(p, DTensor) for p in params)
+
+
+def launch_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[Any],
+    *,
+    state: TrainState,
+    loss_fn: Callable[[Any], torch.Tensor],
+    num_label_tokens: int,
+    device: torch.device,
+    max_grad_norm: float | None,
+    forward_context: ContextFactory = _no_context,
+    fp8_all_gather: bool = False,
+    profile_range: Callable[[str], contextlib.AbstractContextManager] = _no_context,
+) -> LaunchedStep:
+    """:func:`train_step` without waiting for the device: forward, backward, clipping and the optimizer update are
+    queued, ``state.step`` and the scheduler advance, and the loss and gradient norm stay on the device until
+    :meth:`LaunchedStep.finish`. An optimizer that skips non-finite steps on the device (:func:`skips_on_device`:
+    fused AdamW, what ``bioscale train`` uses on CUDA) needs no sync at all; any other reads the loss and norm
+    here, before deciding whether to update. Arguments as for :func:`train_step`.
+    """
     state.step += 1
-    global_labels = all_reduce_sum(torch.tensor(num_label_tokens, device=device)).clamp(min=1).float()
-    loss_scale = get_world_size() / global_labels
+    # A fill, not torch.tensor(..., device=): a blocking host-to-device copy would wait for the queued work.
+    global_labels = all_reduce_sum(torch.full((), num_label_tokens, dtype=torch.int64, device=device)).clamp(min=1)
+    loss_scale = get_world_size() / global_labels.float()
     loss_sum = torch.zeros((), device=device)
     for index, batch in enumerate(micro_batches):
         with grad_sync(model, enabled=index == len(micro_batches) - 1):
@@ -154,21 +232,29 @@ def train_step(
             grad_norm = clip_grad_norm(model, max_grad_norm).float().to(device)
         else:
             grad_norm = torch.full((), math.nan, device=device)
-        loss = all_reduce_sum(loss_sum) / global_labels
-        loss_value, grad_norm_value = torch.stack([loss, grad_norm]).tolist()
+        loss = all_reduce_sum(loss_sum) / global_labels.float()
         lr = scheduler.get_last_lr()[0]
-        finite = math.isfinite(loss_value) and (max_grad_norm is None or math.isfinite(grad_norm_value))
-        if finite:
-            optimizer.step()
-            if fp8_all_gather:
+        if skips_on_device(model, optimizer):
+            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) if max_grad_norm is not None else True)
+            optimizer.found_inf = (~finite).float()  # read by the fused kernel (torch.amp.GradScaler's protocol)
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            if fp8_all_gather:  # weights unchanged by a skipped step: the same scales again
                 precompute_fp8_scales(model)
-        _count(state, loss_value, finite=finite, grad_norm=grad_norm_value)
+        else:
+            loss_value, grad_norm_value = torch.stack([loss, grad_norm]).tolist()
+            if _is_finite_step(loss_value, grad_norm_value, clipped=max_grad_norm is not None):
+                optimizer.step()
+                if fp8_all_gather:
+                    precompute_fp8_scales(model)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-    return StepResult(loss_value, grad_norm_value, lr, not finite, float(global_labels))
+    return LaunchedStep(state.step, loss, grad_norm, global_labels, lr, max_grad_norm)
 
 
-def _count(state: TrainState, loss: float, *, finite: bool, grad_norm: float) -> None:
+def _count(state: TrainState, loss: float, *, finite: bool, grad_norm: float, step: int) -> None:
     if finite:
         state.num_consecutive_bad_steps = 0
         if state.first_loss is None:
@@ -177,4 +263,4 @@ def _count(state: TrainState, loss: float, *, finite: bool, grad_norm: float) ->
         return
     state.num_skipped_steps += 1
     state.num_consecutive_bad_steps += 1
-    logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped", state.step, loss, grad_norm)
+    logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped", step, loss, grad_norm)

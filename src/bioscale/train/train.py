@@ -17,6 +17,7 @@ Everything reusable lives in the library: the strategy decision and the ``apply_
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -101,7 +102,7 @@ from bioscale.train.metrics import (
 from bioscale.train.optimizer import build_optimizer
 from bioscale.train.profiling import StepProfiler
 from bioscale.train.schedulers import build_lr_scheduler
-from bioscale.train.step import StepResult, TrainState, model_loss, num_label_tokens, train_step
+from bioscale.train.step import LaunchedStep, StepResult, TrainState, launch_step, model_loss, num_label_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +293,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         timing = _RunTiming(run_start, first_step=first_step, last_step=cfg.num_train_steps)
 
         # ---- 9. The loop ------------------------------------------------------------------------------------------
+        # A step's numbers (loss, gradient norm) are read one step late: the host queues step N, then reads step
+        # N-1's (the step's one sync) while the GPU runs N, then loads step N+1's data, so the GPU does not idle on
+        # the host's work. Steps the loop acts on at once (the first, logged, checkpointed and last ones) are read as
+        # soon as they are queued.
+        queued: collections.deque[tuple[LaunchedStep, _StepData, float]] = collections.deque()
+        last_read = start_time
         while state.step < cfg.num_train_steps:
             step = state.step + 1
             profiler.step_begin(step)
@@ -306,7 +313,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 # the data pipeline's batches, later steps trust it.
                 forward = partial(_forward_context, model, plan, cp, data.cp_layouts, device_type=device.type,
                                   validate=step == first_step)  # fmt: skip
-                result = train_step(
+                launched = launch_step(
                     model,
                     optimizer,
                     scheduler,
@@ -321,31 +328,44 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     profile_range=profiler.range,
                 )
             assert state.step == step, (state.step, step)
-            step_time = time.perf_counter() - step_start
             profiler.step_end(step)
             if quant_stats is not None:
                 quant_stats.end_step(step)
-            if state.num_consecutive_bad_steps >= cfg.nan_tolerance:
-                _stop_after_bad_steps(checkpointer, state, nan_tolerance=cfg.nan_tolerance)
+            queued.append((launched, data, step_start))
+            acts_now = step in (first_step, cfg.num_train_steps) or step % cfg.logging.log_every_n_steps == 0 or (
+                cfg.checkpoint.save_every_n_steps > 0 and step % cfg.checkpoint.save_every_n_steps == 0
+            )
+            while len(queued) > 1 or (queued and acts_now):
+                finished, finished_data, queued_at = queued.popleft()
+                result = finished.finish(state)
+                # Queued behind the step before it, a step's time is from that one's end to its own.
+                now = time.perf_counter()
+                step_time, last_read = now - max(queued_at, last_read), now
+                if state.num_consecutive_bad_steps >= cfg.nan_tolerance:
+                    _stop_after_bad_steps(checkpointer, state, nan_tolerance=cfg.nan_tolerance, step=finished.step)
 
-            # Token counts are of this rank's data stream; a CP group shares one stream, so each of its ranks counts
-            # 1/cp_size of it (summed over ranks at log time, every token counts once).
-            window.add(result, data, cp_share=1.0 / cfg.parallelism.cp_size, step_time=step_time)
-            timing.add(step, num_real_tokens=data.num_real_tokens / cfg.parallelism.cp_size, step_time=step_time)
-            if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
-                last_record = _log_record(window, result, state, world_size=world_size, device=device,
-                                          flops_per_token=flops_per_token, peak_flops=peak_flops)  # fmt: skip
-                if cfg.compile.enabled:  # a slow window with more graphs than the last one was a recompile
-                    last_record["graphs_compiled"] = compile_counters()["graphs_compiled"]
-                metrics.log(last_record)
-                window = _Window()
-            metrics.advance(step)
-            if cfg.checkpoint.save_every_n_steps and (
-                step % cfg.checkpoint.save_every_n_steps == 0 or step == cfg.num_train_steps
-            ):
-                if _save_checkpoint(checkpointer, stateful, model, step=step, device=device, config=run_config,
-                                    non_finite_steps=state.num_skipped_steps - skipped_at_checkpoint):  # fmt: skip
-                    skipped_at_checkpoint = state.num_skipped_steps
+                # Token counts are of this rank's data stream; a CP group shares one stream, so each of its ranks
+                # counts 1/cp_size of it (summed over ranks at log time, every token counts once).
+                window.add(result, finished_data, cp_share=1.0 / cfg.parallelism.cp_size, step_time=step_time)
+                timing.add(finished.step, num_real_tokens=finished_data.num_real_tokens / cfg.parallelism.cp_size,
+                           step_time=step_time)  # fmt: skip
+                metrics.advance(finished.step)
+                if finished.step != step:  # read late: logging and checkpoints wait for the step they name
+                    continue
+                if step % cfg.logging.log_every_n_steps == 0 or step == cfg.num_train_steps:
+                    last_record = _log_record(window, result, state, world_size=world_size, device=device,
+                                              flops_per_token=flops_per_token, peak_flops=peak_flops)  # fmt: skip
+                    if cfg.compile.enabled:  # a slow window with more graphs than the last one was a recompile
+                        last_record["graphs_compiled"] = compile_counters()["graphs_compiled"]
+                    metrics.log(last_record)
+                    window = _Window()
+                if cfg.checkpoint.save_every_n_steps and (
+                    step % cfg.checkpoint.save_every_n_steps == 0 or step == cfg.num_train_steps
+                ):
+                    if _save_checkpoint(checkpointer, stateful, model, step=step, device=device, config=run_config,
+                                        non_finite_steps=state.num_skipped_steps - skipped_at_checkpoint):  # fmt: skip
+                        skipped_at_checkpoint = state.num_skipped_steps
+        assert not queued, "every queued step is read by the last one"
 
         # ---- 10. Final export and summary ---------------------------------------------------------------------------
         checkpointer.close()
@@ -796,11 +816,13 @@ def _save_checkpoint(
     return True
 
 
-def _stop_after_bad_steps(checkpointer: CheckpointManager, state: TrainState, *, nan_tolerance: int) -> None:
+def _stop_after_bad_steps(
+    checkpointer: CheckpointManager, state: TrainState, *, nan_tolerance: int, step: int
+) -> None:
     checkpointer.close()
     latest = checkpointer.latest()
     raise NonFiniteLossError(
-        f"{state.num_consecutive_bad_steps} consecutive steps (up to step {state.step}) had a non-finite loss "
+        f"{state.num_consecutive_bad_steps} consecutive steps (up to step {step}) had a non-finite loss "
         f"or gradient norm (nan_tolerance={nan_tolerance}); stopping. Last good checkpoint: "
         f"{latest[1] if latest else 'none'}. Lower optimizer.lr, raise scheduler.warmup_steps or check "
         "the data, then resume with checkpoint.resume_from_checkpoint=true."
