@@ -56,16 +56,19 @@ def token_cross_entropy(
 def select_label_positions(hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``hidden_states`` ``[..., D]`` (and ``labels``) where a label is set: ``[N_label, D]``, ``[N_label]``.
 
-    Used to run an LM head only where the loss needs it. Boolean indexing costs one host sync (the count decides the
-    output shape).
+    Used to run an LM head only where the loss needs it. One host sync (the count decides the output shape): the
+    positions are found once and both tensors gathered at them, so the backward is a gather's ``index_add`` rather
+    than boolean indexing's ``index_put`` (which finds the positions again, a second sync, and sorts them).
     """
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match the hidden states' leading shape "
             f"{tuple(hidden_states.shape[:-1])}"
         )
-    keep = labels != IGNORE_INDEX
-    return hidden_states[keep], labels[keep]
+    labels = labels.reshape(-1)
+    positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    return hidden_states.index_select(0, positions), labels.index_select(0, positions)
 
 
 def shift_labels(
