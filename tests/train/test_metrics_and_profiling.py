@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -108,3 +110,29 @@ def test_nsys_mode_without_cuda_falls_back_to_a_torch_trace_with_a_warning(tmp_p
     profiler.step_end(1)
     assert "needs a CUDA device" in caplog.text
     assert (tmp_path / "profile" / "trace_rank0.json").is_file()
+
+
+def _sync_here() -> None:
+    # What torch.cuda.set_sync_debug_mode("warn") raises for a synchronizing operation (it needs a GPU).
+    warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+
+def test_sync_mode_counts_synchronizing_operations_by_call_stack_in_the_window(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    profiler = StepProfiler(
+        enabled=True, mode="syncs", start_step=2, end_step=3, run_dir=tmp_path, rank=1, device=torch.device("cpu")
+    )
+    for step in range(1, 5):
+        profiler.step_begin(step)
+        for _ in range(step):  # steps 2 and 3 count: 5 syncs from one call site
+            _sync_here()
+        warnings.warn("something else", RuntimeWarning, stacklevel=1)  # shown as usual, not counted
+        profiler.step_end(step)
+    report = (tmp_path / "profile" / "syncs_rank1.txt").read_text()
+    assert report.startswith("5 synchronizing CUDA operation(s), 1 distinct call stack(s)")
+    assert "==== 5 x" in report and "_sync_here()" in report
+    assert "no CUDA device" in caplog.text and "5 host syncs" in caplog.text
+    with warnings.catch_warnings(record=True) as seen:  # outside the window the filter is restored
+        warnings.simplefilter("always")
+        _sync_here()
+    assert len(seen) == 1

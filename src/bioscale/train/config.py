@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from bioscale.data.config import DataConfig
 from bioscale.data.images import ignored_image_settings
 from bioscale.distributed.parallelize import AC_MODES, COMPILE_PRESETS, RESHARD_POLICIES
+from bioscale.train.profiling import PROFILER_MODES
 from bioscale.models.attention import ATTENTION_BACKENDS
 from bioscale.models.flash_impl import AUTO as FLASH_AUTO
 from bioscale.models.flash_impl import FLASH_IMPLS
@@ -34,7 +35,6 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp2", "mfsdp")
 REDUCE_DTYPES = ("fp32", "bf16")
-PROFILER_MODES = ("nsys", "torch")
 SCHEDULER_KINDS = ("linear_warmup_linear_decay", "warmup_cosine")
 
 
