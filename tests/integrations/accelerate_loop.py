@@ -40,6 +40,9 @@ def main(state_dir: Path) -> None:
         optimizer.step()
         optimizer.zero_grad()
     accelerator.save_state(str(state_dir))
+    # save_state returns on each rank when that rank has written its part; without a barrier a fast rank can look
+    # for another rank's files before they exist (seen once on a loaded 2-core machine).
+    accelerator.wait_for_everyone()
     after = [next(stream) for _ in range(2)]
     accelerator.load_state(str(state_dir))  # rewinds every rank's loader to the saved position
     again = iter(loader)
