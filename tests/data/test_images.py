@@ -4,6 +4,7 @@ augmentation, the saved image processor, and the resumable loader."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -217,6 +218,32 @@ def test_batches_are_model_ready_and_count_as_one_token_per_image(tmp_path: Path
     assert set(batch) == {"pixel_values", "labels"} and batch["labels"].dtype == torch.long
     assert count_tokens(batch) == {"num_tokens": 4, "num_real_tokens": 4, "num_label_tokens": 4, "num_sequences": 4}
     assert loader.classes == ["cat", "dog", "eel"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_uint8_batches_normalised_on_the_device_equal_the_normalised_loader_bit_for_bit(tmp_path, num_workers) -> None:
+    # What bioscale train runs: uint8 pixels through the workers, normalize=False, then model_inputs after the copy.
+    cfg = _config(_folder(tmp_path / "imgs", per_class=8), num_workers=num_workers, mean=[0.485, 0.456, 0.406],
+                  std=[0.229, 0.224, 0.225])  # fmt: skip
+    floats, raw = (build_image_dataloader(cfg, image_size=16, normalize=n) for n in (True, False))
+    for batch, uint8_batch in zip(itertools.islice(floats, 5), itertools.islice(raw, 5)):  # past one epoch (24)
+        assert uint8_batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].dtype == torch.float32
+        ready = raw.model_inputs(uint8_batch)
+        assert torch.equal(ready["pixel_values"], batch["pixel_values"])
+        assert torch.equal(ready["labels"], batch["labels"])
+        assert floats.model_inputs(batch) is batch  # a normalised batch is left as it is
+    assert raw.policy_stats() == floats.policy_stats()
+
+
+@pytest.mark.gpu
+def test_uint8_batches_normalised_on_the_gpu_equal_the_loader_normalised_on_the_cpu_bit_for_bit(tmp_path) -> None:
+    # bioscale train's path on a GPU: the copy to the device, then model_inputs there (IEEE float32 there as here).
+    cfg = _config(_folder(tmp_path / "imgs", per_class=8), mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    floats, raw = (build_image_dataloader(cfg, image_size=16, normalize=n) for n in (True, False))
+    for batch, uint8_batch in zip(itertools.islice(floats, 3), itertools.islice(raw, 3)):
+        ready = raw.model_inputs({k: v.cuda() for k, v in uint8_batch.items()})
+        assert ready["pixel_values"].is_cuda
+        torch.testing.assert_close(ready["pixel_values"].cpu(), batch["pixel_values"], rtol=0, atol=0)
 
 
 def test_resume_continues_exactly_and_keeps_the_counts(tmp_path: Path) -> None:

@@ -247,3 +247,76 @@ def test_uniform_pack_as_rows_gives_the_packed_loss_and_gradients(family):
     assert grads_rows.keys() == grads_packed.keys()
     for name, grad in grads_packed.items():
         torch.testing.assert_close(grads_rows[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_pack_mostly_of_one_length_becomes_static_rows_plus_a_packed_rest():
+    from bioscale.data import collate_packed, rows_and_rest
+
+    full = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    packed = collate_packed([full[0], [20, 21, 22], full[1], full[2]], pad_to_multiple_of=16)  # T 16: 15 + pad 1
+    packed["labels"][0, 5] = IGNORE_INDEX
+    rows, rest = rows_and_rest(packed, max_tokens=16, pad_token_id=PAD_TOKEN_ID, multiple=1)
+    # the three 4-token sequences and one row of <pad> (the uniform packs' [16 // 4, 4] shape), no varlen metadata
+    assert set(rows) == {"input_ids", "position_ids", "labels"}
+    assert rows["input_ids"].tolist() == [*full, [PAD_TOKEN_ID] * 4]
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3]] * 4
+    assert rows["labels"].tolist() == [full[0], full[1], full[2], [IGNORE_INDEX] * 4]
+    # the short sequence and the padding segment, packed, positions as they were
+    assert rest["input_ids"].tolist() == [[20, 21, 22, PAD_TOKEN_ID]]
+    assert rest["labels"].tolist() == [[20, IGNORE_INDEX, 22, IGNORE_INDEX]]
+    assert rest["position_ids"].tolist() == [[0, 1, 2, 0]]
+    assert rest["cu_seq_lens_q"].tolist() == rest["cu_seq_lens_k"].tolist() == [0, 3, 4]
+    assert rest["cu_seq_lens_q"].dtype == packed["cu_seq_lens_q"].dtype and rest["max_length_q"] == 3
+    # every label once, nothing else scored
+    assert sorted(torch.cat([rows["labels"].flatten(), rest["labels"].flatten()]).tolist()) == sorted(
+        packed["labels"].flatten().tolist() + [IGNORE_INDEX] * 4)
+
+    # uniform: its rows alone; a rest without a label to score is left out
+    assert [p["input_ids"].shape for p in rows_and_rest(collate_packed(full), max_tokens=12)] == [(3, 4)]
+    no_labels = collate_packed([full[0], [20, 21, 22], full[1], full[2]], pad_to_multiple_of=16)
+    no_labels["labels"][0, 4:7] = IGNORE_INDEX
+    assert [p["input_ids"].shape for p in rows_and_rest(no_labels, max_tokens=16)] == [(4, 4)]
+    # unchanged: too many padding rows, one long sequence, a rest off the multiple, another tensor, a padded batch
+    for batch, kwargs in (
+        (packed, {"max_tokens": 32}),  # 8 rows of 4 for 3 sequences
+        (collate_packed([full[0], [20, 21]]), {"max_tokens": 8}),
+        (packed, {"max_tokens": 16, "multiple": 16}),  # a 4-token rest
+        ({**packed, "token_type_ids": torch.zeros_like(packed["input_ids"])}, {"max_tokens": 16}),
+        (pad_sequences(full), {"max_tokens": 16}),
+    ):
+        assert rows_and_rest(batch, **kwargs) == [batch]
+
+
+@pytest.mark.parametrize("family", ["geneformer", "llama3"])
+def test_rows_and_rest_give_the_packed_loss_sum_and_gradients(family):
+    """What the trainer runs: the micro-batches' summed loss sums and gradients equal the packed batch's (float32)."""
+    from bioscale.data import CLMCollator, MLMCollator, collate_packed, rows_and_rest
+    from bioscale.data.tokenizers import get_tokenizer
+    from bioscale.models import build_config, build_model
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = build_model(build_config(family, "debug"), device="cpu").eval()  # eval: no dropout
+    vocab = model.config.vocab_size
+    pieces = [rng.integers(5, min(vocab, 20), size=32) for _ in range(5)]
+    pieces.insert(2, rng.integers(5, min(vocab, 20), size=21))  # one shorter sequence
+    packed = collate_packed(pieces, pad_to_multiple_of=16)  # 181 tokens + a padding segment of 11
+    if family == "llama3":
+        packed = CLMCollator(get_tokenizer("nucleotide")).apply(packed)
+    else:
+        packed = MLMCollator(get_tokenizer("geneformer"), mlm_probability=0.3).apply(packed, np.random.default_rng(1))
+    pieces_out = rows_and_rest(packed, max_tokens=192, pad_token_id=PAD_TOKEN_ID, multiple=16)
+    assert [tuple(p["input_ids"].shape) for p in pieces_out] == [(6, 32), (1, 32)]
+
+    def loss_sum_and_grads(batches):
+        model.zero_grad()
+        total = sum(model(**b, loss_reduction="sum").loss for b in batches)
+        total.backward()
+        return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_packed, grads_packed = loss_sum_and_grads([packed])
+    loss_split, grads_split = loss_sum_and_grads(pieces_out)
+    torch.testing.assert_close(loss_split, loss_packed, rtol=1e-5, atol=1e-5)
+    assert grads_split.keys() == grads_packed.keys()
+    for name, grad in grads_packed.items():
+        torch.testing.assert_close(grads_split[name], grad, rtol=1e-4, atol=1e-5, msg=name)

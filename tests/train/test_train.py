@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import losses, run_in_process
@@ -243,29 +244,63 @@ def test_switches_this_machine_cannot_run_fail_clearly(tmp_path, override, named
         run_in_process("L0_sanity", tmp_path, ["num_train_steps=1", override])
 
 
+def _record_layouts(monkeypatch) -> list[list[tuple[int, ...]]]:
+    """The micro-batch shapes each step runs as (``rows_and_rest`` in the trainer), one list per packed batch."""
+    import bioscale.train.train as train_module
+
+    layouts: list[list[tuple[int, ...]]] = []
+    convert = train_module.rows_and_rest
+
+    def recording(batch, **kwargs):
+        pieces = convert(batch, **kwargs)
+        layouts.append([tuple(p["input_ids"].shape) for p in pieces])
+        return pieces
+
+    monkeypatch.setattr(train_module, "rows_and_rest", recording)
+    return layouts
+
+
 def test_uniform_packs_run_as_rows_with_the_same_losses(tmp_path: Path, shared_data: Path, monkeypatch) -> None:
     """Geneformer cells longer than the context pack into equal-length segments: with ``data.dense_uniform_packs``
     the trainer runs them as rows without a mask; the per-step losses equal the packed run's (float32, CPU)."""
-    import bioscale.train.train as train_module
-
     if not (shared_data / "genecorpus_500_samples.parquet").is_file():
         pytest.skip("genecorpus_500_samples.parquet not in the shared data folder")
-    layouts: list[tuple[int, ...]] = []
-    convert = train_module.uniform_pack_as_padded
-
-    def recording(batch):
-        out = convert(batch)
-        layouts.append(tuple(out["input_ids"].shape))
-        return out
-
-    monkeypatch.setattr(train_module, "uniform_pack_as_padded", recording)
+    layouts = _record_layouts(monkeypatch)
     overrides = ["num_train_steps=4", "data.use_sequence_packing=true", "data.max_seq_length=32",
                  "data.max_tokens_per_batch=128", "data.shuffle=false"]  # fmt: skip
     run_in_process("L0_sanity_geneformer", tmp_path / "rows", overrides)
-    assert layouts == [(4, 32)] * 4  # every step: 4 whole cells of 32 genes, as rows
+    assert layouts == [[(4, 32)]] * 4  # every step: 4 whole cells of 32 genes, as rows
     layouts.clear()
     run_in_process("L0_sanity_geneformer", tmp_path / "packed", [*overrides, "data.dense_uniform_packs=false"])
     assert layouts == []
     rows, packed = losses(tmp_path / "rows"), losses(tmp_path / "packed")
     assert len(rows) == 4
+    assert rows == pytest.approx(packed, rel=1e-5, abs=1e-6)
+
+
+def test_packs_with_a_shorter_cell_run_as_rows_plus_a_packed_rest_with_the_same_losses(tmp_path: Path,
+                                                                                      monkeypatch) -> None:  # fmt: skip
+    """A corpus of cells mostly longer than the context with a few short ones (the shared Genecorpus sample has 3 in
+    500): a pack holding a short cell runs as the static rows plus a packed micro-batch of the rest, in the same
+    step; the per-step losses equal the packed run's (float32, CPU)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    lengths = [40] * 24
+    lengths[2] = lengths[13] = 19  # two short cells
+    cells = [rng.integers(2, 25_000, size=n).tolist() for n in lengths]
+    pq.write_table(pa.table({"input_ids": cells, "length": lengths}), tmp_path / "cells.parquet")
+    layouts = _record_layouts(monkeypatch)
+    overrides = ["num_train_steps=5", "data.use_sequence_packing=true", "data.max_seq_length=32",
+                 "data.max_tokens_per_batch=128", "data.pad_to_multiple_of=16", "data.shuffle=false",
+                 f"data.source={tmp_path / 'cells.parquet'}"]  # fmt: skip
+    run_in_process("L0_sanity_geneformer", tmp_path / "rows", overrides)
+    flat = [shape for step in layouts for shape in step]
+    assert (4, 32) in flat and any(shape[0] == 1 for shape in flat), layouts  # rows and a packed rest both ran
+    assert all(step[0] == (4, 32) for step in layouts), layouts  # the rows keep one static shape
+    layouts.clear()
+    run_in_process("L0_sanity_geneformer", tmp_path / "packed", [*overrides, "data.dense_uniform_packs=false"])
+    rows, packed = losses(tmp_path / "rows"), losses(tmp_path / "packed")
+    assert len(rows) == 5
     assert rows == pytest.approx(packed, rel=1e-5, abs=1e-6)

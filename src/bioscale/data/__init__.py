@@ -18,6 +18,7 @@ from bioscale.data.packing import (
     greedy_pack,
     pack_sequences,
     pad_sequences,
+    rows_and_rest,
     uniform_pack_as_padded,
 )
 from bioscale.data.policy import InputPolicy, PolicyStats
@@ -72,6 +73,7 @@ __all__ = [
     "open_source",
     "pack_sequences",
     "pad_sequences",
+    "rows_and_rest",
     "uniform_pack_as_padded",
     "protein_tokenizer",
     "read_fasta",

@@ -67,7 +67,8 @@ class DataConfig:
     packing_buffer_size: int = 0
     # packed: a micro-batch of equal-length sequences that fills its budget exactly (Geneformer cells cut to the
     # context, every step) runs as the padded [N, L] batch without a mask: dense attention kernels, one static shape,
-    # the same loss (bioscale.data.packing.uniform_pack_as_padded). Applied by the trainer without context parallelism.
+    # the same loss (bioscale.data.packing.uniform_pack_as_padded); one mostly of its longest length as those rows
+    # plus a packed micro-batch of the rest (rows_and_rest). Applied by the trainer without context parallelism.
     dense_uniform_packs: bool = True
 
     # --- order and loading -----------------------------------------------------------------------------------------

@@ -244,6 +244,9 @@ def pack_sequences(
         yield collate_packed(group, pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
 
 
+_VARLEN_KEYS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
 def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
     """A packed micro-batch whose segments all have one length ``L`` and fill it exactly, as the padded ``[N, L]``
     batch of the same sequences, with no ``attention_mask`` (no key is padding); any other batch unchanged.
@@ -270,10 +273,9 @@ def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
     if len(lengths) < 2 or bool((lengths != lengths[0]).any()) or int(lengths[0]) * len(lengths) != total:
         return batch
     rows, width = len(lengths), int(lengths[0])
-    packed_only = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
     out: dict[str, Any] = {}
     for key, value in batch.items():
-        if key in packed_only:
+        if key in _VARLEN_KEYS:
             continue
         if isinstance(value, torch.Tensor):
             if tuple(value.shape) != (1, total):
@@ -281,6 +283,80 @@ def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
             value = value.reshape(rows, width)
         out[key] = value
     return out
+
+
+# At most this many rows of <pad> complete a pack's rows (rows_and_rest): each is a row of wasted compute, against the
+# varlen kernel's ~1.7x cost per attention call on the whole pack (H100 / H200, head size 64, torch 2.11).
+MAX_PAD_ROWS = 2
+_ROW_KEYS = frozenset({"input_ids", "labels", "position_ids"})
+
+
+def rows_and_rest(
+    batch: dict[str, Any], *, max_tokens: int, pad_token_id: int = PAD_TOKEN_ID, multiple: int = 1,
+    max_pad_rows: int = MAX_PAD_ROWS,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The micro-batches a packed micro-batch runs as, with the same loss terms and gradients (summed over them):
+
+    - a uniform pack (:func:`uniform_pack_as_padded`): its rows, ``[N, L]``;
+    - a pack mostly of segments of its longest length ``L`` (Geneformer cells cut to the context, with a few shorter
+      cells or an epoch's last cells): those segments as rows ``[max_tokens // L, L]``, completed by at most
+      ``max_pad_rows`` rows of ``<pad>`` (labels -100, their own sequences: no loss, no gradient), so the shape is
+      the uniform packs' one static shape; and the other segments as a packed micro-batch (``cu_seq_lens`` rebuilt,
+      positions as they were), left out when it has no label to score (nothing in the loss depends on it);
+    - any other batch: ``[batch]``.
+
+    Attention then runs the dense unmasked kernels on all but a few sequences; the trainer sums the micro-batches'
+    loss sums and divides once by the step's label count, so splitting a micro-batch changes no gradient. The rest
+    keeps ``T`` a multiple of ``multiple`` (``data.pad_to_multiple_of``) or the batch stays packed. Batches carrying
+    tensors other than ``input_ids`` / ``labels`` / ``position_ids`` and the varlen metadata are left alone (there is
+    no telling what a padding row of them would be).
+    """
+    rows = uniform_pack_as_padded(batch)
+    if rows is not batch:
+        return [rows]
+    cu, input_ids = batch.get("cu_seq_lens_q"), batch.get("input_ids")
+    if not isinstance(cu, torch.Tensor) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return [batch]
+    cu_k = batch.get("cu_seq_lens_k")
+    if input_ids.shape[0] != 1 or (isinstance(cu_k, torch.Tensor) and not torch.equal(cu_k, cu)):
+        return [batch]
+    total = int(input_ids.shape[1])
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in _VARLEN_KEYS}
+    if set(tensors) - _ROW_KEYS or "input_ids" not in tensors or any(v.shape != (1, total) for v in tensors.values()):
+        return [batch]
+    starts, lengths = cu[:-1].long(), cu.diff().long()
+    width = int(lengths.max())
+    full = (lengths == width).nonzero().squeeze(1)
+    count, num_rows = len(full), max_tokens // width
+    if count < 2 or count > num_rows or num_rows - count > max_pad_rows or (total - count * width) % max(multiple, 1):
+        return [batch]
+    token_index = (starts[full, None] + torch.arange(width)).reshape(-1)
+    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
+    padding = num_rows - count
+    out_rows: dict[str, Any] = {k: v for k, v in batch.items() if k not in _VARLEN_KEYS and k not in tensors}
+    for key, value in tensors.items():
+        value_rows = value[0, token_index].reshape(count, width)
+        if key == "position_ids":
+            pad = torch.arange(width, dtype=value.dtype).expand(padding, width)
+        else:
+            pad = value.new_full((padding, width), fill[key])
+        out_rows[key] = torch.cat([value_rows, pad]) if padding else value_rows
+    pieces = [out_rows]
+    rest_tokens = torch.ones(total, dtype=torch.bool)
+    rest_tokens[token_index] = False
+    rest_lengths = lengths[(lengths > 0) & (lengths != width)]
+    rest_labels = tensors.get("labels", tensors["input_ids"])[0, rest_tokens]
+    if len(rest_lengths) and bool((rest_labels != IGNORE_INDEX).any()):
+        rest: dict[str, Any] = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
+        rest.update({key: value[:, rest_tokens] for key, value in tensors.items()})
+        rest_cu = torch.zeros(len(rest_lengths) + 1, dtype=cu.dtype)
+        rest_cu[1:] = rest_lengths.cumsum(0)
+        rest.update(cu_seq_lens_q=rest_cu, cu_seq_lens_k=rest_cu.clone())
+        for key in ("max_length_q", "max_length_k"):
+            if key in batch:
+                rest[key] = int(rest_lengths.max())
+        pieces.append(rest)
+    return pieces
 
 
 def pad_sequences(

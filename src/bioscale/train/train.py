@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer, uniform_pack_as_padded
+from bioscale.data import build_dataloader, count_tokens, get_policy_stats, get_tokenizer, rows_and_rest
 from bioscale.data.images import (
     IMAGE_OBJECTIVE,
     build_image_dataloader,
@@ -247,12 +247,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ---- 7. Data: an endless, resumable stream of micro-batches for this data-parallel rank -------------------
         if images is not None:  # augmented images; the image processor is what the export saves as the "tokenizer"
             tokenizer = image_processor_for(model_config.image_size, cfg.data.image)
+            # uint8 pixels from the workers, normalised on the device (a quarter of the bytes through the loader)
             loader = build_image_dataloader(cfg.data, image_size=model_config.image_size, rank=cp.dp_rank,
-                                            world_size=cp.dp_size, source=images)  # fmt: skip
+                                            world_size=cp.dp_size, source=images, normalize=False)  # fmt: skip
+            model_inputs = loader.model_inputs
         else:
             tokenizer = get_tokenizer(cfg.data.tokenizer)
             _check_vocabulary(tokenizer, model_config)
             loader = build_dataloader(cfg.data, tokenizer, rank=cp.dp_rank, world_size=cp.dp_size)
+            model_inputs = None
         pad_token_id = getattr(tokenizer, "pad_token_id", None)  # None for images (nothing is padded)
 
         # ---- 8. Resume from the newest intact checkpoint (verified against its manifest; older ones if damaged) ---
@@ -308,7 +311,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with profiler.range(f"step_{step}"):
                 with profiler.range("data"):
                     data = _next_micro_batches(data_iter, cfg, cp, task=task, pad_token_id=pad_token_id,
-                                               device=device)  # fmt: skip
+                                               device=device, model_inputs=model_inputs)  # fmt: skip
                 # The model's value checks of its inputs cost a host sync per forward: the run's first step checks
                 # the data pipeline's batches, later steps trust it.
                 forward = partial(_forward_context, model, plan, cp, data.cp_layouts, device_type=device.type,
@@ -438,22 +441,28 @@ class _StepData(NamedTuple):
 
 def _next_micro_batches(
     data_iter: Iterator[dict[str, Any]], cfg: TrainConfig, cp: ContextParallel, *, task: str, pad_token_id: int,
-    device: torch.device,
+    device: torch.device, model_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> _StepData:  # fmt: skip
     """The step's ``grad_acc_steps`` micro-batches: counted, sharded for CP (labels shifted before the split for
     CLM), uniform packs laid out as rows (``data.dense_uniform_packs``), label tokens counted on the host, then moved
-    to ``device``."""
+    to ``device`` and finished there by ``model_inputs`` (images: uint8 pixels normalised on the GPU)."""
     micro_batches = [next(data_iter) for _ in range(cfg.grad_acc_steps)]
     counts = [count_tokens(batch, pad_token_id=pad_token_id) for batch in micro_batches]
     seq_len_sq_sum = sum(_sum_sq_seq_lens(b, c) for b, c in zip(micro_batches, counts))
     micro_batches, cp_layouts = cp.shard(micro_batches, causal=task == "causal_lm", pad_token_id=pad_token_id)
-    if cfg.data.dense_uniform_packs and cfg.parallelism.cp_size == 1:
-        # Counted above as packed; runs as the same sequences in rows (dense attention, one static shape).
-        micro_batches = [uniform_pack_as_padded(b) for b in micro_batches]
+    if cfg.data.use_sequence_packing and cfg.data.dense_uniform_packs and cfg.parallelism.cp_size == 1:
+        # Counted above as packed; runs as the same sequences in rows (dense attention, one static shape), a pack
+        # with a few shorter sequences as those rows plus a packed micro-batch of the rest (same summed loss).
+        micro_batches = [piece for batch in micro_batches for piece in rows_and_rest(
+            batch, max_tokens=cfg.data.max_tokens_per_batch, pad_token_id=pad_token_id,
+            multiple=cfg.data.pad_to_multiple_of or 1)]  # fmt: skip
+        cp_layouts = [None] * len(micro_batches)  # no CP here
     local_labels = sum(num_label_tokens(batch) for batch in micro_batches)
     micro_batches = [
         _to_device(b, device, compiled=cfg.compile.enabled, max_seq_length=cfg.data.max_seq_length) for b in micro_batches
     ]
+    if model_inputs is not None:
+        micro_batches = [model_inputs(b) for b in micro_batches]
     return _StepData(
         micro_batches,
         cp_layouts,
