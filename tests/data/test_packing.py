@@ -214,13 +214,15 @@ def test_uniform_pack_becomes_rows_without_a_mask_and_other_packs_stay():
 
 
 @pytest.mark.parametrize("family", ["geneformer", "llama3"])
-def test_uniform_pack_as_rows_gives_the_packed_loss_and_gradients(family):
+def test_uniform_pack_as_rows_gives_the_packed_loss_and_gradients(family, request):
     """The rows are the packed batch's sequences: loss and every gradient equal (float32, CPU), for a bidirectional
     model with absolute positions and for a causal one (labels shifted within rows)."""
     from bioscale.data import CLMCollator, MLMCollator, collate_packed, uniform_pack_as_padded
     from bioscale.data.tokenizers import get_tokenizer
     from bioscale.models import build_config, build_model
 
+    if family == "geneformer":
+        request.getfixturevalue("shared_data")  # the Geneformer tokenizer's gene vocabulary lives there
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = build_model(build_config(family, "debug"), device="cpu")
@@ -288,12 +290,14 @@ def test_a_pack_mostly_of_one_length_becomes_static_rows_plus_a_packed_rest():
 
 
 @pytest.mark.parametrize("family", ["geneformer", "llama3"])
-def test_rows_and_rest_give_the_packed_loss_sum_and_gradients(family):
+def test_rows_and_rest_give_the_packed_loss_sum_and_gradients(family, request):
     """What the trainer runs: the micro-batches' summed loss sums and gradients equal the packed batch's (float32)."""
     from bioscale.data import CLMCollator, MLMCollator, collate_packed, rows_and_rest
     from bioscale.data.tokenizers import get_tokenizer
     from bioscale.models import build_config, build_model
 
+    if family == "geneformer":
+        request.getfixturevalue("shared_data")  # the Geneformer tokenizer's gene vocabulary lives there
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = build_model(build_config(family, "debug"), device="cpu").eval()  # eval: no dropout

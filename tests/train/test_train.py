@@ -278,8 +278,9 @@ def test_uniform_packs_run_as_rows_with_the_same_losses(tmp_path: Path, shared_d
     assert rows == pytest.approx(packed, rel=1e-5, abs=1e-6)
 
 
-def test_packs_with_a_shorter_cell_run_as_rows_plus_a_packed_rest_with_the_same_losses(tmp_path: Path,
-                                                                                      monkeypatch) -> None:  # fmt: skip
+def test_packs_with_a_shorter_cell_run_as_rows_plus_a_packed_rest_with_the_same_losses(
+    tmp_path: Path, shared_data: Path, monkeypatch
+) -> None:  # shared_data: the Geneformer gene vocabulary
     """A corpus of cells mostly longer than the context with a few short ones (the shared Genecorpus sample has 3 in
     500): a pack holding a short cell runs as the static rows plus a packed micro-batch of the rest, in the same
     step; the per-step losses equal the packed run's (float32, CPU)."""
