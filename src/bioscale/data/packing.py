@@ -247,6 +247,18 @@ def pack_sequences(
 _VARLEN_KEYS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
 
 
+def _self_attending_pack(batch: dict[str, Any]) -> torch.Tensor | None:
+    """``cu_seq_lens_q`` of a packed ``[1, T]`` micro-batch whose queries and keys share the segments (what can be
+    laid out as rows); ``None`` for anything else."""
+    cu, input_ids = batch.get("cu_seq_lens_q"), batch.get("input_ids")
+    if not isinstance(cu, torch.Tensor) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return None
+    cu_k = batch.get("cu_seq_lens_k")
+    if input_ids.shape[0] != 1 or (isinstance(cu_k, torch.Tensor) and not torch.equal(cu_k, cu)):
+        return None
+    return cu
+
+
 def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
     """A packed micro-batch whose segments all have one length ``L`` and fill it exactly, as the padded ``[N, L]``
     batch of the same sequences, with no ``attention_mask`` (no key is padding); any other batch unchanged.
@@ -260,16 +272,12 @@ def uniform_pack_as_padded(batch: dict[str, Any]) -> dict[str, Any]:
     the lengths unequal unless it too has length ``L``, in which case it becomes a row of ``<pad>`` with -100 labels
     (its own sequence either way). Batches with keys of other shapes are left alone.
     """
-    cu = batch.get("cu_seq_lens_q")
-    input_ids = batch.get("input_ids")
-    if not isinstance(cu, torch.Tensor) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        return batch
-    cu_k = batch.get("cu_seq_lens_k")
-    if input_ids.shape[0] != 1 or (isinstance(cu_k, torch.Tensor) and not torch.equal(cu_k, cu)):
+    cu = _self_attending_pack(batch)
+    if cu is None:
         return batch
     lengths = cu.diff()
     lengths = lengths[lengths > 0]
-    total = int(input_ids.shape[1])
+    total = int(batch["input_ids"].shape[1])
     if len(lengths) < 2 or bool((lengths != lengths[0]).any()) or int(lengths[0]) * len(lengths) != total:
         return batch
     rows, width = len(lengths), int(lengths[0])
@@ -314,13 +322,10 @@ def rows_and_rest(
     rows = uniform_pack_as_padded(batch)
     if rows is not batch:
         return [rows]
-    cu, input_ids = batch.get("cu_seq_lens_q"), batch.get("input_ids")
-    if not isinstance(cu, torch.Tensor) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+    cu = _self_attending_pack(batch)
+    if cu is None:
         return [batch]
-    cu_k = batch.get("cu_seq_lens_k")
-    if input_ids.shape[0] != 1 or (isinstance(cu_k, torch.Tensor) and not torch.equal(cu_k, cu)):
-        return [batch]
-    total = int(input_ids.shape[1])
+    total = int(batch["input_ids"].shape[1])
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in _VARLEN_KEYS}
     if set(tensors) - _ROW_KEYS or "input_ids" not in tensors or any(v.shape != (1, total) for v in tensors.values()):
         return [batch]

@@ -23,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from bioscale.data.config import DataConfig
 from bioscale.data.images import ignored_image_settings
 from bioscale.distributed.parallelize import AC_MODES, COMPILE_PRESETS, RESHARD_POLICIES
-from bioscale.train.profiling import PROFILER_MODES
 from bioscale.models.attention import ATTENTION_BACKENDS
 from bioscale.models.flash_impl import AUTO as FLASH_AUTO
 from bioscale.models.flash_impl import FLASH_IMPLS
 from bioscale.precision.fp8 import FP8_RECIPES
+from bioscale.train.profiling import PROFILER_MODES
 
 SCHEMA_NAME = "bioscale_train"
 
