@@ -52,6 +52,7 @@ from bioscale.models.common import (
     keep_as_is,
     reject_unknown_kwargs,
 )
+from bioscale.models.fused import linear_relu
 from bioscale.models.geneformer.config import GeneformerConfig
 from bioscale.models.hf_contract import HFContractMixin, pop_forward_options
 from bioscale.models.layers import gelu
@@ -63,9 +64,10 @@ from bioscale.models.outputs import (
 )
 
 
-def activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The FFN / head activation named in the config (``"relu"`` or the exact erf ``"gelu"``)."""
-    return F.relu(x) if name == "relu" else gelu(x)
+def linear_activation(linear: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``act(linear(x))`` for the activation named in the config: ``"relu"`` as one GEMM with a ReLU epilogue
+    (:func:`bioscale.models.fused.linear_relu`, the same values), the exact erf ``"gelu"`` after the linear."""
+    return linear_relu(linear, x) if name == "relu" else gelu(linear(x))
 
 
 class GeneformerEmbeddings(nn.Module):
@@ -114,7 +116,7 @@ class GeneformerMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(activation(self.act, self.up_proj(hidden_states)))
+        return self.down_proj(linear_activation(self.up_proj, self.act, hidden_states))
 
 
 class GeneformerBlock(nn.Module):
@@ -160,7 +162,7 @@ class GeneformerLMHead(nn.Module):
         self.vocab_size = config.vocab_size
 
     def forward(self, hidden_states: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        x = self.layer_norm(activation(self.act, self.dense(hidden_states)))
+        x = self.layer_norm(linear_activation(self.dense, self.act, hidden_states))
         logits = F.linear(x, embedding_weight) + self.bias
         if logits.shape[-1] != self.vocab_size:
             logits = logits[..., : self.vocab_size]  # drop the vocabulary-padding columns
